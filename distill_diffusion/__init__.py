@@ -1,0 +1,1 @@
+"""distill-diffusion: few-step diffusion distillation."""

@@ -1,0 +1,207 @@
+"""Experiment configuration: typed dataclasses read from one flat YAML file plus ``key=value`` overrides.
+
+YAML only sets values; Python builds the objects. Unknown keys are an error that lists the valid ones. The method's
+own knobs live under a section named after the method (``dmd2:``), parsed into that method's config dataclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported as one line."""
+
+
+@dataclass
+class ModelConfig:
+    teacher: str = field(default="gmm", metadata={"help": "gmm | tiny:sd15 | tiny:sd21 | tiny:sdxl | diffusers dir"})
+    timesteps: list[int] = field(default_factory=lambda: [999], metadata={"help": "student sampling timesteps"})
+    critic: bool | None = field(default=None, metadata={"help": "build a fake critic (default: the method decides)"})
+    # the Gaussian-mixture known answer
+    gmm_classes: int = 8
+    gmm_radius: float = 4.0
+    gmm_std: float = 0.3
+    gmm_dim: int = 2
+    mlp_hidden: int = 128
+    mlp_layers: int = 3
+
+
+@dataclass
+class DataConfig:
+    prompts: list[str] = field(
+        default_factory=lambda: [f"a handwritten digit {w}" for w in
+                                 ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")]
+    )
+    prompt_file: str | None = field(default=None, metadata={"help": "one prompt per line; replaces `prompts`"})
+
+
+@dataclass
+class TrainConfig:
+    steps: int = field(default=1000, metadata={"help": "optimizer steps over all roles"})
+    batch_size: int = 64
+    seed: int = 0
+    grad_clip: float = 10.0
+    mixed_precision: str = field(default="no", metadata={"help": "no | fp16 | bf16"})
+    ema_decay: float = field(default=0.0, metadata={"help": "EMA of the student; 0 disables"})
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 50
+    sample_every: int = field(default=0, metadata={"help": "periodic samples / known-answer metrics; 0 = at end"})
+    eval_samples: int = 4000
+    gradient_checkpointing: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ConfigError(f"unknown mixed_precision {self.mixed_precision!r}; choose one of: no, fp16, bf16")
+        for name in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every", "eval_samples"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+@dataclass
+class Config:
+    method: str
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    method_args: Any = None  # the method's own dataclass, YAML section named after the method
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            self.method: _plain(dataclasses.asdict(self.method_args)),
+            "model": dataclasses.asdict(self.model),
+            "data": dataclasses.asdict(self.data),
+            "train": dataclasses.asdict(self.train),
+        }
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _plain(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+# ------------------------------------------------------------------------------------------------ parsing
+def from_dict(cls: type, data: dict[str, Any] | None, where: str) -> Any:
+    """Build dataclass ``cls`` from a dict, rejecting unknown keys and values of the wrong type."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown key {where}.{unknown[0]}; valid keys: {', '.join(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        item = args[0] if args else Any
+        out = [_coerce(v, item, where) for v in value]
+        if origin is tuple:
+            if len(args) == 2 and args[1] is not Ellipsis and len(out) != 2:
+                raise ConfigError(f"{where} must have 2 entries, got {value!r}")
+            return tuple(out)
+        return out
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``train.steps=100`` style overrides; values are parsed as YAML (``[999, 499]``, ``true``, ``1e-4``)."""
+    raw = dict(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (for example train.steps=100)")
+        key, text = item.split("=", 1)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ConfigError(f"override {item!r}: value is not valid YAML") from None
+        parts = key.strip().split(".")
+        node = raw
+        for p in parts[:-1]:
+            node[p] = dict(node.get(p) or {})
+            node = node[p]
+        node[parts[-1]] = value
+    return raw
+
+
+def parse_config(raw: dict[str, Any]) -> Config:
+    from distill_diffusion.methods import METHODS
+
+    if not isinstance(raw, dict):
+        raise ConfigError("config must be a YAML mapping with at least `method:`")
+    method = raw.get("method")
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; choose one of: {', '.join(sorted(METHODS))}")
+    sections = {"method", "model", "data", "train", method}
+    unknown = sorted(set(raw) - sections)
+    if unknown:
+        raise ConfigError(f"unknown key {unknown[0]!r}; valid top-level keys: {', '.join(sorted(sections))}")
+    return Config(
+        method=method,
+        model=from_dict(ModelConfig, raw.get("model"), "model"),
+        data=from_dict(DataConfig, raw.get("data"), "data"),
+        train=from_dict(TrainConfig, raw.get("train"), "train"),
+        method_args=from_dict(METHODS[method].config_class, raw.get(method), method),
+    )
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config {str(path)!r} is not valid YAML{where}") from None
+    return parse_config(apply_overrides(raw or {}, overrides or []))

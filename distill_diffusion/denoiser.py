@@ -1,0 +1,123 @@
+"""One calling convention for every network: ``denoiser(x_t, t, cond) -> x0_hat``.
+
+Like k-diffusion's ``external.py`` wrappers: whatever the wrapped network predicts (epsilon, v, x0, flow velocity),
+the adapter returns x0 through the teacher's `NoiseProcess`, so methods never look at ``prediction_type``.
+`Cond` carries everything a network is conditioned on, and the unconditional counterpart used by classifier-free
+guidance; methods never touch tokenizers or text encoders.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .process import NoiseProcess
+
+
+@dataclass
+class Cond:
+    """Conditioning for one batch.
+
+    embeds: prompt embeddings, ``encoder_hidden_states`` (B, L, D).
+    pooled, time_ids: SDXL's ``added_cond_kwargs`` (``text_embeds`` (B, P) and ``time_ids`` (B, 6)).
+    labels: class labels (B,) for class-conditional networks (``UNet2DModel`` class embedding, the mixture teacher);
+        -1 means "no class" (the unconditional branch of the mixture teacher).
+    uncond: the same fields for the null prompt / null class, batch-aligned; classifier-free guidance uses it.
+    """
+
+    embeds: Tensor | None = None
+    pooled: Tensor | None = None
+    time_ids: Tensor | None = None
+    labels: Tensor | None = None
+    uncond: Cond | None = None
+
+    def _tensors(self) -> dict[str, Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
+
+    @property
+    def batch_size(self) -> int:
+        return len(next(iter(self._tensors().values())))
+
+    def map(self, fn: Any) -> Cond:
+        """Apply ``fn`` to every tensor, the unconditional branch included."""
+        out = {k: fn(v) for k, v in self._tensors().items()}
+        return replace(self, **out, uncond=None if self.uncond is None else self.uncond.map(fn))
+
+    def __getitem__(self, index: Any) -> Cond:
+        return self.map(lambda v: v[index])
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Cond:
+        def move(v: Tensor) -> Tensor:
+            return v.to(device, dtype) if dtype is not None and v.is_floating_point() else v.to(device)
+
+        return self.map(move)
+
+    def repeat(self, n: int) -> Cond:
+        """Each row repeated n times in place (row i becomes rows i*n .. i*n+n-1)."""
+        return self.map(lambda v: v.repeat_interleave(n, dim=0))
+
+    @staticmethod
+    def cat(conds: list[Cond]) -> Cond:
+        first = conds[0]
+        out = {k: torch.cat([c._tensors()[k] for c in conds]) for k in first._tensors()}
+        uncond = None if first.uncond is None else Cond.cat([c.uncond for c in conds])
+        return replace(first, **out, uncond=uncond)
+
+
+class Denoiser(nn.Module):
+    """``denoiser(x_t, t, cond) -> x0_hat`` around a diffusers model or a module of this package.
+
+    Supported networks: ``UNet2DConditionModel`` (SD 1.x / 2.x, SDXL through ``cond.pooled`` / ``cond.time_ids``),
+    ``UNet2DModel`` (class labels through ``cond.labels``), and any module with ``net(x_t, t, cond) -> prediction``.
+    """
+
+    def __init__(self, net: nn.Module, process: NoiseProcess, prediction_type: str | None = None):
+        super().__init__()
+        self.net = net
+        self.process = process
+        self.prediction_type = prediction_type or process.prediction_type
+
+    def raw(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        """The wrapped network's own output (its native prediction)."""
+        from diffusers import UNet2DConditionModel, UNet2DModel
+
+        net = self.net
+        param = next(iter(net.parameters()), None)
+        dtype = param.dtype if param is not None and param.is_floating_point() else x_t.dtype
+        x_in = x_t.to(dtype)
+        if isinstance(net, UNet2DConditionModel):
+            added = None
+            if cond.pooled is not None:
+                added = {"text_embeds": cond.pooled.to(dtype), "time_ids": cond.time_ids.to(dtype)}
+            return net(x_in, t, encoder_hidden_states=cond.embeds.to(dtype), added_cond_kwargs=added).sample
+        if isinstance(net, UNet2DModel):
+            return net(x_in, t, class_labels=cond.labels).sample
+        return net(x_in, t, cond)
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        t = _as_batch(t, x_t)
+        return self.process.to_x0(self.raw(x_t, t, cond), x_t, t, self.prediction_type)
+
+
+def guided_x0(denoiser: nn.Module, x_t: Tensor, t: Tensor, cond: Cond, guidance: float = 1.0) -> Tensor:
+    """Classifier-free guidance in x0 space (Ho & Salimans 2022), Imagen convention: 1 means no guidance.
+
+    ``x0_u + w (x0_c - x0_u)``; x0, epsilon and v are affine in each other at fixed (x_t, t), so this equals guiding
+    the native prediction. Both branches run as one batch.
+    """
+    if guidance == 1.0:
+        return denoiser(x_t, t, cond)
+    if cond.uncond is None:
+        raise ValueError("classifier-free guidance needs cond.uncond (the null-prompt conditioning)")
+    t = _as_batch(t, x_t)
+    both = Cond.cat([replace(cond.uncond, uncond=None), replace(cond, uncond=None)])
+    x0_u, x0_c = denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), both).chunk(2)
+    return x0_u + guidance * (x0_c - x0_u)
+
+
+def _as_batch(t: Tensor | float | int, x: Tensor) -> Tensor:
+    t = torch.as_tensor(t, device=x.device)
+    return t.expand(x.shape[0]) if t.ndim == 0 else t

@@ -1,0 +1,121 @@
+"""The known-answer teacher: the exact denoiser of a class-conditional Gaussian mixture.
+
+Data: class k has x0 ~ N(mu_k, s^2 I) in any dimension d, classes equally likely. Under x_t = a x0 + sigma eps,
+x_t | k ~ N(a mu_k, v I) with v = a^2 s^2 + sigma^2, so the posterior mean (Tweedie) is
+
+    E[x0 | x_t, k] = mu_k + (a s^2 / v) (x_t - a mu_k)
+
+and without a class, E[x0 | x_t] = sum_k p(k | x_t) E[x0 | x_t, k] with p(k | x_t) a softmax of
+-|x_t - a mu_k|^2 / (2 v). This is the exact score of the data under the same `NoiseProcess` a real teacher uses, so a
+distilled student can be compared with true samples: the one place where the right answer is known.
+
+Students and critics are this teacher plus a small MLP correction whose last layer starts at zero, so both start equal
+to the teacher (and the 1-step student starts as the teacher's 1-step DDIM).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .denoiser import Cond
+from .process import NoiseProcess
+
+
+class GaussianMixture:
+    """Equal-weight isotropic mixture; ``ring`` places the means on a circle (first two coordinates)."""
+
+    def __init__(self, means: Tensor, std: float):
+        if means.ndim != 2:
+            raise ValueError("means must be (classes, dim)")
+        if std <= 0:
+            raise ValueError(f"mixture std must be > 0, got {std}")
+        self.means = means.float()
+        self.std = float(std)
+
+    @classmethod
+    def ring(cls, classes: int = 8, radius: float = 4.0, std: float = 0.3, dim: int = 2) -> GaussianMixture:
+        if classes < 1 or dim < 2:
+            raise ValueError(f"a ring mixture needs classes >= 1 and dim >= 2, got classes={classes}, dim={dim}")
+        angle = torch.arange(classes, dtype=torch.float64) * 2 * math.pi / classes
+        means = torch.zeros(classes, dim, dtype=torch.float64)
+        means[:, 0], means[:, 1] = radius * angle.cos(), radius * angle.sin()
+        return cls(means.float(), std)
+
+    @property
+    def classes(self) -> int:
+        return self.means.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    def sample(self, labels: Tensor, generator: torch.Generator) -> Tensor:
+        eps = torch.randn(len(labels), self.dim, generator=generator, device=generator.device)
+        return self.means.to(eps.device)[labels] + self.std * eps
+
+    def balanced_labels(self, n: int, device: torch.device | str = "cpu") -> Tensor:
+        return torch.arange(n, device=device) % self.classes
+
+
+class MixtureDenoiserNet(nn.Module):
+    """Exact E[x0 | x_t, class] (class -1: unconditional), predicting x0 ("sample" prediction)."""
+
+    def __init__(self, mixture: GaussianMixture, process: NoiseProcess):
+        super().__init__()
+        self.register_buffer("means", mixture.means.clone())
+        self.std = mixture.std
+        self.process = process
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        x_t = x_t.double()
+        a, sigma = self.process.alpha_sigma(t, x_t)  # (B, 1)
+        mu = self.means.double()  # (K, d)
+        v = a**2 * self.std**2 + sigma**2  # (B, 1)
+        gain = a * self.std**2 / v  # (B, 1)
+        # per-class posterior means: (B, K, d)
+        per_class = mu[None] + gain[:, :, None] * (x_t[:, None, :] - a[:, :, None] * mu[None])
+        logits = -((x_t[:, None, :] - a[:, :, None] * mu[None]) ** 2).sum(-1) / (2 * v)  # (B, K)
+        weights = logits.softmax(-1)
+        labels = cond.labels if cond.labels is not None else torch.full((len(x_t),), -1, device=x_t.device)
+        known = labels >= 0
+        onehot = torch.zeros_like(weights)
+        onehot[known] = nn.functional.one_hot(labels[known].long(), weights.shape[1]).double()
+        weights = torch.where(known[:, None], onehot, weights)
+        return (weights[:, :, None] * per_class).sum(1).float()
+
+
+class ResidualMLP(nn.Module):
+    """``base(x_t, t, cond) + MLP(c_in x_t, log-SNR features, class)``, the MLP's last layer zero at init."""
+
+    def __init__(self, base: nn.Module, process: NoiseProcess, dim: int, classes: int, hidden: int = 128,
+                 layers: int = 3, data_var: float = 1.0):
+        super().__init__()
+        self.base = base
+        self.process = process
+        self.data_var = float(data_var)
+        self.classes = classes
+        self.label_embed = nn.Embedding(classes + 1, hidden)  # index `classes` is the null class
+        self.inp = nn.Linear(dim + 16, hidden)
+        blocks: list[nn.Module] = []
+        for _ in range(layers - 1):
+            blocks += [nn.SiLU(), nn.Linear(hidden, hidden)]
+        self.body = nn.Sequential(*blocks, nn.SiLU())
+        self.out = nn.Linear(hidden, dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        a, sigma = self.process.alpha_sigma(t, x_t)
+        c_in = 1 / (a**2 * self.data_var + sigma**2).sqrt()
+        log_snr = (2 * (a / sigma).log()).reshape(-1, 1)
+        freqs = 2 ** torch.arange(8, device=x_t.device, dtype=x_t.dtype) * math.pi / 16
+        feats = torch.cat([torch.sin(log_snr * freqs), torch.cos(log_snr * freqs)], -1)
+        labels = cond.labels if cond.labels is not None else torch.full((len(x_t),), -1, device=x_t.device)
+        labels = torch.where(labels < 0, torch.full_like(labels, self.classes), labels).long()
+        h = self.body(self.inp(torch.cat([c_in * x_t, feats], -1)) + self.label_embed(labels))
+        return self.base(x_t, t, cond) + self.out(h)

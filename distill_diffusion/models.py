@@ -1,0 +1,116 @@
+"""The one factory that builds the three roles from a config; the only place model files are read.
+
+Teachers: ``gmm`` (the exact Gaussian-mixture denoiser), ``tiny:sd15`` / ``tiny:sd21`` / ``tiny:sdxl`` (tiny random
+diffusers pipelines built offline from config), or a diffusers pipeline directory holding a
+``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``. Students and critics start as copies of the teacher.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ConfigError, ModelConfig
+from .denoiser import Denoiser
+from .gmm import GaussianMixture, MixtureDenoiserNet, ResidualMLP
+from .process import NoiseProcess
+from .roles import Models, Student, Teacher
+from .text import TextConditioner
+
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
+
+def build_models(cfg: ModelConfig, need_critic: bool, seed: int = 0) -> Models:
+    """Teacher, student and (when ``need_critic``) critic for ``cfg.teacher``; fresh weights are seeded by ``seed``."""
+    want_critic = need_critic if cfg.critic is None else cfg.critic
+    if cfg.teacher == "gmm":
+        return _build_mixture(cfg, want_critic, seed)
+    return _build_diffusers(cfg, want_critic, load_pipeline(cfg.teacher))
+
+
+def _build_mixture(cfg: ModelConfig, want_critic: bool, seed: int) -> Models:
+    from diffusers import DDPMScheduler
+
+    # SD 1.5's schedule: 1000 steps, scaled_linear 0.00085 .. 0.012, so alpha_bar(999) ~ 0.0047 > 0.
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
+    process = NoiseProcess.from_scheduler_config(dict(scheduler.config, prediction_type="sample"))
+    mixture = GaussianMixture.ring(cfg.gmm_classes, cfg.gmm_radius, cfg.gmm_std, cfg.gmm_dim)
+    exact = MixtureDenoiserNet(mixture, process)
+    data_var = float((mixture.means**2).sum(1).mean() / mixture.dim + mixture.std**2)
+    gen = torch.Generator().manual_seed(seed)
+
+    def mlp() -> Denoiser:
+        with torch.random.fork_rng():
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+            net = ResidualMLP(exact, process, mixture.dim, mixture.classes, cfg.mlp_hidden, cfg.mlp_layers, data_var)
+        return Denoiser(net, process)
+
+    return Models(
+        process=process,
+        teacher=Teacher(Denoiser(exact, process)),
+        student=Student(mlp(), cfg.timesteps),
+        critic=mlp() if want_critic else None,
+        family="gmm",
+        sample_shape=(mixture.dim,),
+        mixture=mixture,
+        pipeline=scheduler,
+    )
+
+
+def load_pipeline(spec: str) -> Any:
+    """A diffusers pipeline from ``tiny:<kind>`` or a local directory (offline; never downloads)."""
+    from diffusers import DiffusionPipeline
+
+    if spec.startswith("tiny:"):
+        from .tiny import tiny_pipeline
+
+        return tiny_pipeline(spec.split(":", 1)[1])
+    path = Path(spec)
+    if not path.is_dir():
+        raise ConfigError(
+            f"teacher {spec!r} is not a directory; give gmm, tiny:sd15, tiny:sd21, tiny:sdxl or a diffusers "
+            "pipeline directory (hub ids are not downloaded: save the pipeline locally first)"
+        )
+    if not (path / "model_index.json").is_file():
+        raise ConfigError(f"teacher {spec!r} is not a diffusers pipeline directory (no model_index.json)")
+    return DiffusionPipeline.from_pretrained(path, local_files_only=True, safety_checker=None)
+
+
+def _build_diffusers(cfg: ModelConfig, want_critic: bool, pipe: Any) -> Models:
+    from diffusers import UNet2DConditionModel
+
+    name = type(pipe).__name__
+    if name not in SUPPORTED_PIPELINES or not isinstance(getattr(pipe, "unet", None), UNet2DConditionModel):
+        raise ConfigError(f"teacher pipeline class {name!r} is not supported; choose one of: "
+                          f"{', '.join(SUPPORTED_PIPELINES)}")
+    process = NoiseProcess.from_scheduler(pipe.scheduler)
+    unet = pipe.unet
+    sdxl = name == "StableDiffusionXLPipeline"
+    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    size = unet.config.sample_size * vae_scale
+    if sdxl:
+        text = TextConditioner([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2],
+                               sdxl=True, force_zeros_for_empty_prompt=pipe.config.force_zeros_for_empty_prompt,
+                               image_size=(size, size))
+    else:
+        text = TextConditioner([pipe.tokenizer], [pipe.text_encoder])
+    for module in (pipe.vae, *text.encoders):
+        module.requires_grad_(False).eval()
+    teacher = Teacher(Denoiser(unet, process))
+    student_unet = copy.deepcopy(unet).requires_grad_(True).train()
+    critic = Denoiser(copy.deepcopy(unet).requires_grad_(True).train(), process) if want_critic else None
+    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    return Models(
+        process=process,
+        teacher=teacher,
+        student=Student(Denoiser(student_unet, process), cfg.timesteps),
+        critic=critic,
+        family="sdxl" if sdxl else "sd",
+        sample_shape=shape,
+        text=text,
+        vae=pipe.vae,
+        pipeline=pipe,
+    )

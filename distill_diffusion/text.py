@@ -1,0 +1,59 @@
+"""Prompt -> `Cond`, exactly as diffusers' SD and SDXL pipelines encode prompts (so exports reproduce training).
+
+SD 1.x / 2.x: the text encoder's last hidden state; the unconditional branch encodes the empty prompt.
+SDXL: the penultimate hidden states of both encoders concatenated, pooled ``text_embeds`` from the second encoder, and
+``time_ids = (H, W, 0, 0, H, W)``; with ``force_zeros_for_empty_prompt`` the unconditional embeddings are zeros.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .denoiser import Cond
+
+
+class TextConditioner:
+    def __init__(self, tokenizers: list[Any], encoders: list[Any], sdxl: bool = False,
+                 force_zeros_for_empty_prompt: bool = True, image_size: tuple[int, int] = (1024, 1024)):
+        self.tokenizers = tokenizers
+        self.encoders = encoders
+        self.sdxl = sdxl
+        self.force_zeros = force_zeros_for_empty_prompt
+        self.image_size = image_size
+
+    def _ids(self, tokenizer: Any, prompts: list[str], device: torch.device) -> Tensor:
+        out = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt")
+        return out.input_ids.to(device)
+
+    @torch.no_grad()
+    def _encode(self, prompts: list[str]) -> tuple[Tensor, Tensor | None]:
+        if not self.sdxl:
+            enc = self.encoders[0]
+            return enc(self._ids(self.tokenizers[0], prompts, enc.device))[0], None
+        hidden, pooled = [], None
+        for tok, enc in zip(self.tokenizers, self.encoders):
+            out = enc(self._ids(tok, prompts, enc.device), output_hidden_states=True)
+            pooled = out[0]  # the last encoder's projected pooled output (text_embeds)
+            hidden.append(out.hidden_states[-2])
+        return torch.cat(hidden, dim=-1), pooled
+
+    def encode(self, prompts: list[str]) -> Cond:
+        """Conditioning for ``prompts`` with the empty-prompt unconditional branch, batch-aligned."""
+        embeds, pooled = self._encode(list(prompts))
+        n = len(prompts)
+        if not self.sdxl:
+            null, _ = self._encode([""])
+            return Cond(embeds=embeds, uncond=Cond(embeds=null.expand(n, -1, -1).clone()))
+        h, w = self.image_size
+        time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=embeds.dtype, device=embeds.device).repeat(n, 1)
+        if self.force_zeros:
+            null, null_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
+        else:
+            null, null_pooled = self._encode([""])
+            null, null_pooled = null.expand(n, -1, -1).clone(), null_pooled.expand(n, -1).clone()
+        uncond = Cond(embeds=null, pooled=null_pooled, time_ids=time_ids.clone())
+        return Cond(embeds=embeds, pooled=pooled, time_ids=time_ids, uncond=uncond)

@@ -1,0 +1,300 @@
+"""The training loop: one readable loop on accelerate that knows no method.
+
+Each step the method names the role that updates (``method.phase(step)``) and gives its loss; the trainer owns
+devices, precision, one optimizer per trainable role, clipping, the student's EMA, checkpoints, logs and previews.
+
+Run directory layout::
+
+    RUN/config.yaml            the resolved config (resume refuses a different one)
+    RUN/logs.jsonl             one line per log interval
+    RUN/checkpoints/step_N/    accelerate state (safetensors weights) + trainer_state.json + rng/ema safetensors
+    RUN/final/                 student.safetensors (+ student_ema.safetensors), metrics.json
+    RUN/samples/               periodic previews
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .config import Config, ConfigError, parse_config
+from .data import build_data
+from .models import build_models
+from .preview import preview
+from .roles import Models
+
+CHECKPOINT_PREFIX = "step_"
+# config sections a resumed run may change: how long it runs and how it reports, never what it computes
+RESUMABLE_KEYS = {"steps", "checkpoint_every", "keep_checkpoints", "log_every", "sample_every", "eval_samples",
+                  "progress"}
+
+
+class EMA:
+    """Exponential moving average of the student's trainable weights (kept in fp32)."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: p.detach().float().clone() for k, p in module.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        for k, p in module.named_parameters():
+            if k in self.shadow:
+                self.shadow[k].lerp_(p.detach().float(), 1 - self.decay)
+
+    def copy_to(self, module: torch.nn.Module) -> None:
+        params = dict(module.named_parameters())
+        with torch.no_grad():
+            for k, v in self.shadow.items():
+                params[k].copy_(v.to(params[k].dtype))
+
+
+def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights a role trains (frozen parts such as the mixture teacher inside a residual MLP are left out)."""
+    names = {k for k, p in module.named_parameters() if p.requires_grad}
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items() if k in names}
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / "trainer_state.json").is_file()]
+    return sorted(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = _checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def _check_same_config(saved: dict, current: dict) -> None:
+    for section in set(saved) | set(current):
+        a, b = saved.get(section), current.get(section)
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in set(a) | set(b):
+                if section == "train" and key in RESUMABLE_KEYS:
+                    continue
+                if a.get(key) != b.get(key):
+                    raise ConfigError(f"cannot resume: {section}.{key} was {a.get(key)!r} in the saved run, now "
+                                      f"{b.get(key)!r}; use the saved config or a new --out directory")
+        elif a != b:
+            raise ConfigError(f"cannot resume: {section} was {a!r} in the saved run, now {b!r}")
+
+
+def _prepare_run_dir(cfg: Config, run_dir: Path, resume: bool) -> Path | None:
+    saved_cfg = run_dir / "config.yaml"
+    if resume:
+        if not saved_cfg.is_file():
+            raise ConfigError(f"cannot resume: {str(run_dir)!r} holds no run (no config.yaml)")
+        _check_same_config(yaml.safe_load(saved_cfg.read_text()), cfg.to_dict())
+        return latest_checkpoint(run_dir)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(f"run directory {str(run_dir)!r} is not empty; pass --resume to continue it or choose "
+                          "another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False):
+        from distill_diffusion.methods import METHODS
+
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.resume_from = _prepare_run_dir(cfg, self.run_dir, resume)
+        cfg.save(self.run_dir / "config.yaml")
+        tc = cfg.train
+        self.accelerator = Accelerator(mixed_precision=tc.mixed_precision)
+        device = self.accelerator.device
+
+        # 1. roles and method; fresh weights are seeded, so two runs with one seed start identical
+        method_cls = METHODS[cfg.method]
+        self.models: Models = build_models(cfg.model, need_critic="critic" in method_cls.roles, seed=tc.seed)
+        self.method = method_cls(cfg.method_args, self.models)
+        for module in (self.models.teacher, self.models.vae):
+            if module is not None:
+                module.to(device)
+        if self.models.text is not None:
+            for enc in self.models.text.encoders:
+                enc.to(device)
+        self.data = build_data(self.models, cfg.data, device)
+
+        # 2. one optimizer per trainable role
+        roles = {r: m for r, m in self.models.trainable().items() if r in method_cls.roles}
+        for module in roles.values():
+            net = getattr(module, "denoiser", module).net
+            if tc.gradient_checkpointing and hasattr(net, "enable_gradient_checkpointing"):
+                net.enable_gradient_checkpointing()
+        self.params = {r: [p for p in m.parameters() if p.requires_grad] for r, m in roles.items()}
+        ma = cfg.method_args
+        optimizers = [torch.optim.AdamW(self.params[r], lr=self.method.lr(r), betas=tuple(ma.adam_betas),
+                                        eps=ma.adam_eps, weight_decay=ma.weight_decay) for r in roles]
+        prepared = self.accelerator.prepare(*roles.values(), *optimizers)
+        self.roles = dict(zip(roles, prepared[: len(roles)]))
+        self.optimizers = dict(zip(roles, prepared[len(roles):]))
+        self.ema = EMA(self.models.student, tc.ema_decay) if tc.ema_decay > 0 else None
+        self.generator = torch.Generator(device).manual_seed(tc.seed)
+        self.step = 0
+        self.counts = {r: 0 for r in roles}
+        self.skipped = 0
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> Path:
+        """Write to a temporary directory, then rename: a kill mid-write leaves the previous checkpoint intact."""
+        root = self.run_dir / "checkpoints"
+        final = root / f"{CHECKPOINT_PREFIX}{self.step:08d}"
+        tmp = root / f".tmp_{final.name}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        self.accelerator.save_state(str(tmp), safe_serialization=True)
+        if self.accelerator.is_main_process:
+            save_file({"generator": self.generator.get_state()}, str(tmp / "rng.safetensors"))
+            if self.ema is not None:
+                save_file({k: v.contiguous() for k, v in self.ema.shadow.items()}, str(tmp / "ema.safetensors"))
+            state = {"step": self.step, "counts": self.counts, "skipped": self.skipped}
+            (tmp / "trainer_state.json").write_text(json.dumps(state))  # written last: marks the checkpoint complete
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in _checkpoints(self.run_dir)[: -self.cfg.train.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        self.accelerator.load_state(str(path))
+        self.generator.set_state(load_file(str(path / "rng.safetensors"))["generator"].to(torch.uint8))
+        if self.ema is not None:
+            self.ema.shadow = load_file(str(path / "ema.safetensors"))
+        state = json.loads((path / "trainer_state.json").read_text())
+        self.step, self.counts, self.skipped = state["step"], state["counts"], state["skipped"]
+
+    # ------------------------------------------------------------------------------------------- the loop
+    def train(self) -> dict[str, float]:
+        tc = self.cfg.train
+        if self.resume_from is not None:
+            self.load_checkpoint(self.resume_from)
+        bar = tqdm(total=tc.steps, initial=self.step, disable=not (tc.progress and self.accelerator.is_main_process),
+                   desc=f"{self.cfg.method}", dynamic_ncols=True)
+        sums: dict[str, float] = {}
+        n_logged, bad_in_a_row, t0 = 0, 0, time.time()
+        while self.step < tc.steps:
+            phase = self.method.phase(self.step)
+            # only the updating role's weights take gradients (others may still pass gradients through, as in SiD)
+            for role, params in self.params.items():
+                for p in params:
+                    p.requires_grad_(role == phase)
+            batch = self.data.sample(tc.batch_size, self.generator)
+            with self.accelerator.autocast():
+                loss, logs = self.method.loss(phase, batch, self.generator)
+            opt = self.optimizers[phase]
+            opt.zero_grad(set_to_none=True)
+            if not torch.isfinite(loss):
+                # a non-finite loss never reaches the weights; too many in a row means the run is broken
+                self.skipped += 1
+                bad_in_a_row += 1
+                if bad_in_a_row >= 10:
+                    raise RuntimeError(f"{bad_in_a_row} non-finite losses in a row at step {self.step} "
+                                       f"(phase {phase}); lower the learning rate or check the teacher")
+            else:
+                bad_in_a_row = 0
+                self.accelerator.backward(loss)
+                if tc.grad_clip > 0:
+                    logs[f"grad_norm_{phase}"] = float(self.accelerator.clip_grad_norm_(self.params[phase],
+                                                                                         tc.grad_clip))
+                opt.step()
+                self.counts[phase] += 1
+                if phase == "student" and self.ema is not None:
+                    self.ema.update(self.models.student)
+            self.step += 1
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n_logged += 1
+            bar.update(1)
+            if self.step % tc.log_every == 0 or self.step == tc.steps:
+                means = {k: v / n_logged for k, v in sums.items()}
+                bar.set_postfix({k: f"{v:.3g}" for k, v in means.items() if k.startswith("loss")})
+                self._log({"step": self.step, **self.counts, "skipped": self.skipped,
+                           "seconds": round(time.time() - t0, 2), **means})
+                sums, n_logged = {}, 0
+            if tc.sample_every and self.step % tc.sample_every == 0 and self.step < tc.steps:
+                self._log({"step": self.step, **self._preview(f"step_{self.step:08d}")})
+            if self.step % tc.checkpoint_every == 0 and self.step < tc.steps:
+                self.save_checkpoint()
+        bar.close()
+        return self._finish()
+
+    def _preview(self, name: str) -> dict[str, float]:
+        if not self.accelerator.is_main_process:
+            return {}
+        return preview(self.models, self.cfg, self.run_dir / "samples" / name)
+
+    def _log(self, record: dict) -> None:
+        if self.accelerator.is_main_process:
+            with open(self.run_dir / "logs.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _finish(self) -> dict[str, float]:
+        """Final checkpoint, student weights (raw and EMA) and the end-of-run preview/metrics."""
+        self.save_checkpoint()
+        final = self.run_dir / "final"
+        metrics: dict[str, float] = {}
+        if self.accelerator.is_main_process:
+            tmp = self.run_dir / ".tmp_final"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            student = self.models.student
+            save_file(trainable_state(student), str(tmp / "student.safetensors"))
+            if self.ema is not None:
+                self.ema.copy_to(student)  # previews and `sample` use the EMA weights when there are some
+                save_file(trainable_state(student), str(tmp / "student_ema.safetensors"))
+            metrics = preview(self.models, self.cfg, tmp / "samples")
+            metrics = {"step": self.step, **{k: v for k, v in metrics.items() if not math.isnan(v)}}
+            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            self._log({"final": True, **metrics})
+        self.accelerator.wait_for_everyone()
+        return metrics
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
+    return parse_config(yaml.safe_load(path.read_text()))
+
+
+def load_student(run_dir: str | Path, ema: bool = True) -> tuple[Config, Models]:
+    """The config and models of a finished run, with the student's trained (EMA if any) weights loaded."""
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    weights = run_dir / "final" / ("student_ema.safetensors" if ema else "student.safetensors")
+    if not weights.is_file():
+        weights = run_dir / "final" / "student.safetensors"
+    if not weights.is_file():
+        raise ConfigError(f"run {str(run_dir)!r} has no trained student (no final/student.safetensors); "
+                          "finish or resume the run first")
+    models = build_models(cfg.model, need_critic=False, seed=cfg.train.seed)
+    missing = set(trainable_state(models.student)) - set(load_file(str(weights)))
+    if missing:
+        raise ConfigError(f"{str(weights)!r} does not match the run's student ({len(missing)} weights missing)")
+    models.student.load_state_dict(load_file(str(weights)), strict=False)
+    return cfg, models

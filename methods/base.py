@@ -1,0 +1,66 @@
+"""The plugin interface every method implements, and the config fields the trainer reads from every method.
+
+A method says which role updates at a step (`phase`) and what that role's loss is (`loss`). It never sees an
+accelerator, a device, an optimizer, a logger or a file: the trainer owns those.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from distill_diffusion.config import ConfigError
+from distill_diffusion.data import Batch
+from distill_diffusion.roles import Models
+
+
+@dataclass
+class MethodConfig:
+    """Optimizer settings per role; each method overrides the defaults with its paper's."""
+
+    lr_student: float = 1e-5
+    lr_critic: float = 1e-5
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.lr_student <= 0 or self.lr_critic <= 0:
+            raise ConfigError(f"learning rates must be > 0, got lr_student={self.lr_student}, "
+                              f"lr_critic={self.lr_critic}")
+        if not all(0 <= b < 1 for b in self.adam_betas):
+            raise ConfigError(f"adam_betas must lie in [0, 1), got {list(self.adam_betas)}")
+        if self.weight_decay < 0 or self.adam_eps <= 0:
+            raise ConfigError("weight_decay must be >= 0 and adam_eps > 0")
+
+
+class Method(ABC):
+    """Base class: ``phase(step) -> role`` and ``loss(phase, batch, generator) -> (loss, logs)``."""
+
+    config_class: type[MethodConfig] = MethodConfig
+    roles: tuple[str, ...] = ("student",)  # the roles this method trains
+
+    def __init__(self, cfg: MethodConfig, models: Models):
+        missing = [r for r in self.roles if r not in models.trainable()]
+        if missing:
+            raise ConfigError(f"method {type(self).__name__} needs a {missing[0]}; set model.critic: true")
+        self.cfg = cfg
+        self.models = models
+
+    def phase(self, step: int) -> str:
+        return "student"
+
+    @abstractmethod
+    def loss(self, phase: str, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        """The scalar loss of role ``phase`` on ``batch`` and a dict of floats to log."""
+
+    def lr(self, role: str) -> float:
+        return {"student": self.cfg.lr_student, "critic": self.cfg.lr_critic}[role]
+
+
+def randn(shape: torch.Size | tuple[int, ...], generator: torch.Generator, like: Tensor) -> Tensor:
+    """Standard normal noise drawn from ``generator``, on ``like``'s device and dtype."""
+    return torch.randn(shape, generator=generator, device=generator.device).to(like.device, like.dtype)

@@ -1,0 +1,1 @@
+"""Export to diffusers and few-step sampling pipelines."""

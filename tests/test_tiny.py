@@ -1,0 +1,146 @@
+"""Tests for distill_diffusion.tiny: offline tiny Stable Diffusion pipelines (CPU, a few seconds)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import huggingface_hub.constants
+import numpy as np
+import pytest
+import torch
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from transformers import CLIPTextModelWithProjection
+
+from distill_diffusion.tiny import PROMPT_WORDS, TINY_KINDS, build_tokenizer, tiny_pipeline
+
+PROMPT = "a handwritten digit seven"
+
+
+def _generate(pipe: DiffusionPipeline) -> np.ndarray:
+    out = pipe(PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np")
+    return np.asarray(out.images)
+
+
+def _state(pipe: DiffusionPipeline) -> dict[str, torch.Tensor]:
+    """Every weight of every model in the pipeline, keyed by component and parameter name."""
+    return {
+        f"{name}.{key}": value
+        for name, component in pipe.components.items()
+        if isinstance(component, torch.nn.Module)
+        for key, value in component.state_dict().items()
+    }
+
+
+@pytest.fixture(autouse=True)
+def single_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread; with two, a busy core makes OpenMP spin and a 0.03 s call take 4 s."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads the variable once, at import: patch the constant too so any HTTP request would fail
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.mark.parametrize("kind", TINY_KINDS)
+def test_build_generate_save_reload(kind: str, tmp_path: Path, offline: None) -> None:
+    pipe = tiny_pipeline(kind)
+    image = _generate(pipe)
+    assert image.shape == (1, 16, 16, 3)
+    assert np.isfinite(image).all()
+
+    pipe.save_pretrained(tmp_path)
+    reloaded = DiffusionPipeline.from_pretrained(tmp_path)
+    assert type(reloaded) is type(pipe)
+    original_unet, reloaded_unet = pipe.unet.state_dict(), reloaded.unet.state_dict()
+    assert original_unet.keys() == reloaded_unet.keys()
+    for key, value in original_unet.items():
+        assert torch.equal(value, reloaded_unet[key]), key
+    assert np.abs(_generate(reloaded) - image).max() < 1e-5
+
+
+@pytest.mark.parametrize("kind", TINY_KINDS)
+def test_shapes_and_configs(kind: str) -> None:
+    pipe = tiny_pipeline(kind)
+    unet, vae, scheduler = pipe.unet.config, pipe.vae.config, pipe.scheduler.config
+    assert tuple(unet.block_out_channels) == (32, 64) and unet.layers_per_block == 1
+    assert unet.sample_size == 8 and unet.in_channels == unet.out_channels == 4
+    assert tuple(vae.block_out_channels) == (32, 64) and vae.latent_channels == 4
+    assert pipe.vae_scale_factor == 2
+    assert scheduler.num_train_timesteps == 1000 and scheduler.beta_schedule == "scaled_linear"
+    assert (scheduler.beta_start, scheduler.beta_end) == (0.00085, 0.012)
+    assert scheduler.steps_offset == 1 and scheduler.clip_sample is False and scheduler.set_alpha_to_one is False
+    assert scheduler.prediction_type == ("v_prediction" if kind == "sd21" else "epsilon")
+    tokenizer, encoder = pipe.tokenizer, pipe.text_encoder.config
+    assert encoder.hidden_size == 32 and encoder.num_hidden_layers == 2
+    assert (encoder.bos_token_id, encoder.eos_token_id) == (tokenizer.bos_token_id, tokenizer.eos_token_id)
+    assert encoder.pad_token_id == tokenizer.pad_token_id
+    if kind == "sdxl":
+        assert isinstance(pipe, StableDiffusionXLPipeline)
+        assert isinstance(pipe.text_encoder_2, CLIPTextModelWithProjection)
+        assert unet.addition_embed_type == "text_time"
+        projection_dim = pipe.text_encoder_2.config.projection_dim
+        assert unet.projection_class_embeddings_input_dim == 6 * unet.addition_time_embed_dim + projection_dim
+        assert unet.cross_attention_dim == encoder.hidden_size + pipe.text_encoder_2.config.hidden_size
+    else:
+        assert isinstance(pipe, StableDiffusionPipeline)
+        assert pipe.safety_checker is None and pipe.feature_extractor is None
+        assert unet.cross_attention_dim == encoder.hidden_size
+        assert unet.use_linear_projection is (kind == "sd21")
+
+
+def test_prompt_words_are_single_tokens() -> None:
+    tokenizer = build_tokenizer()
+    assert tokenizer.model_max_length == 16
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    assert tokenizer.convert_ids_to_tokens([bos, eos]) == ["<|startoftext|>", "<|endoftext|>"]
+    required = {"a", "handwritten", "digit", "photo", "of", "cat", "dog", "red", "blue", "green", "car", "tree"}
+    required |= {"house", "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"}
+    assert required <= set(PROMPT_WORDS)
+    for word in PROMPT_WORDS:
+        ids = tokenizer(word).input_ids
+        assert len(ids) == 3 and ids[0] == bos and ids[-1] == eos, (word, tokenizer.convert_ids_to_tokens(ids))
+        assert tokenizer(word.upper()).input_ids == ids  # lower-cased like CLIP
+    vocab = tokenizer.get_vocab()
+    assert sum(len(token) == 1 for token in vocab) == 256 and sum(token.endswith("</w>") for token in vocab) >= 256
+    # an unknown word still tokenizes, into several known (byte-level) pieces, none of them the unknown token
+    ids = tokenizer("xylophone!").input_ids
+    assert len(ids) > 4 and eos not in ids[1:-1]
+    word_ids = [vocab[word + "</w>"] for word in PROMPT.split()]
+    assert tokenizer(PROMPT, padding="max_length").input_ids == [bos, *word_ids] + [eos] * (16 - 1 - len(word_ids))
+
+
+def test_custom_words_and_length() -> None:
+    tokenizer = build_tokenizer(["Zebra", "at", "cat"], max_length=8)
+    assert tokenizer.model_max_length == 8
+    for word in ("zebra", "at", "cat"):
+        assert len(tokenizer(word).input_ids) == 3
+    with pytest.raises(ValueError, match="letters"):
+        build_tokenizer(["sd15"])
+
+
+def test_seed_determinism_and_global_rng_untouched() -> None:
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    first = _state(tiny_pipeline("sd15", seed=0))
+    assert torch.equal(torch.rand(3), expected)  # building does not consume the caller's random numbers
+    second = _state(tiny_pipeline("sd15", seed=0))
+    other = _state(tiny_pipeline("sd15", seed=1))
+    assert first.keys() == second.keys() == other.keys()
+    assert all(torch.equal(value, second[key]) for key, value in first.items())
+    assert not torch.equal(first["unet.conv_in.weight"], other["unet.conv_in.weight"])
+    (embedding,) = [key for key in first if key.startswith("text_encoder.") and key.endswith("token_embedding.weight")]
+    assert not torch.equal(first[embedding], other[embedding])
+
+
+def test_unknown_kind() -> None:
+    with pytest.raises(ValueError, match="sd15") as info:
+        tiny_pipeline("sd3")
+    assert str(info.value) == "unknown tiny model kind 'sd3'; choose one of: sd15, sd21, sdxl"

@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     try:
         args.func(args)
-    except ConfigError as e:
+    except (ConfigError, ValueError) as e:  # bad input: one line, no traceback
         print(f"distill-diffusion: error: {e}", file=sys.stderr)
         return 2
     return 0

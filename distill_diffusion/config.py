@@ -143,6 +143,11 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             raise ConfigError(f"{where} must be an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{where} must be a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} must be a number, got {value!r}")
         return float(value)
@@ -155,6 +160,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """``train.steps=100`` style overrides; values are parsed as YAML (``[999, 499]``, ``true``, ``1e-4``)."""
+    if not isinstance(raw, dict):
+        raise ConfigError("config must be a YAML mapping with at least `method:`")
     raw = dict(raw)
     for item in overrides:
         if "=" not in item:
@@ -166,7 +173,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             raise ConfigError(f"override {item!r}: value is not valid YAML") from None
         parts = key.strip().split(".")
         node = raw
-        for p in parts[:-1]:
+        for i, p in enumerate(parts[:-1]):
+            if node.get(p) is not None and not isinstance(node[p], dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
             node[p] = dict(node.get(p) or {})
             node = node[p]
         node[parts[-1]] = value

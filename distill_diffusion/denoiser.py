@@ -62,6 +62,9 @@ class Cond:
     @staticmethod
     def cat(conds: list[Cond]) -> Cond:
         first = conds[0]
+        keys = set(first._tensors())
+        if any(set(c._tensors()) != keys for c in conds):
+            raise ValueError("Cond.cat needs the same fields in every Cond (e.g. labels=-1 for the null class)")
         out = {k: torch.cat([c._tensors()[k] for c in conds]) for k in first._tensors()}
         uncond = None if first.uncond is None else Cond.cat([c.uncond for c in conds])
         return replace(first, **out, uncond=uncond)

@@ -34,6 +34,7 @@ from .preview import preview
 from .roles import Models
 
 CHECKPOINT_PREFIX = "step_"
+MAX_NONFINITE_IN_A_ROW = 10
 # config sections a resumed run may change: how long it runs and how it reports, never what it computes
 RESUMABLE_KEYS = {"steps", "checkpoint_every", "keep_checkpoints", "log_every", "sample_every", "eval_samples",
                   "progress"}
@@ -102,7 +103,6 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, resume: bool) -> Path | None:
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"run directory {str(run_dir)!r} is not empty; pass --resume to continue it or choose "
                           "another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
     return None
 
 
@@ -119,7 +119,6 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.resume_from = _prepare_run_dir(cfg, self.run_dir, resume)
-        cfg.save(self.run_dir / "config.yaml")
         tc = cfg.train
         self.accelerator = Accelerator(mixed_precision=tc.mixed_precision)
         device = self.accelerator.device
@@ -135,6 +134,9 @@ class Trainer:
             for enc in self.models.text.encoders:
                 enc.to(device)
         self.data = build_data(self.models, cfg.data, device)
+        # the run directory is written only once everything above has been accepted
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(self.run_dir / "config.yaml")
 
         # 2. one optimizer per trainable role
         roles = {r: m for r, m in self.models.trainable().items() if r in method_cls.roles}
@@ -154,6 +156,7 @@ class Trainer:
         self.step = 0
         self.counts = {r: 0 for r in roles}
         self.skipped = 0
+        self.bad_in_a_row = 0
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
@@ -187,6 +190,38 @@ class Trainer:
         self.step, self.counts, self.skipped = state["step"], state["counts"], state["skipped"]
 
     # ------------------------------------------------------------------------------------------- the loop
+    def train_step(self) -> tuple[str, dict[str, float]]:
+        """One iteration: the method's phase picks the role; only that role's optimizer steps."""
+        phase = self.method.phase(self.step)
+        # only the updating role's weights take gradients (others may still pass gradients through, as in SiD)
+        for role, params in self.params.items():
+            for p in params:
+                p.requires_grad_(role == phase)
+        batch = self.data.sample(self.cfg.train.batch_size, self.generator)
+        with self.accelerator.autocast():
+            loss, logs = self.method.loss(phase, batch, self.generator)
+        opt = self.optimizers[phase]
+        opt.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            # a non-finite loss never reaches the weights; too many in a row means the run is broken
+            self.skipped += 1
+            self.bad_in_a_row += 1
+            if self.bad_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                raise RuntimeError(f"{self.bad_in_a_row} non-finite losses in a row at step {self.step} "
+                                   f"(phase {phase}); lower the learning rate or check the teacher")
+        else:
+            self.bad_in_a_row = 0
+            self.accelerator.backward(loss)
+            if self.cfg.train.grad_clip > 0:
+                norm = self.accelerator.clip_grad_norm_(self.params[phase], self.cfg.train.grad_clip)
+                logs[f"grad_norm_{phase}"] = float(norm)
+            opt.step()
+            self.counts[phase] += 1
+            if phase == "student" and self.ema is not None:
+                self.ema.update(self.models.student)
+        self.step += 1
+        return phase, logs
+
     def train(self) -> dict[str, float]:
         tc = self.cfg.train
         if self.resume_from is not None:
@@ -194,36 +229,9 @@ class Trainer:
         bar = tqdm(total=tc.steps, initial=self.step, disable=not (tc.progress and self.accelerator.is_main_process),
                    desc=f"{self.cfg.method}", dynamic_ncols=True)
         sums: dict[str, float] = {}
-        n_logged, bad_in_a_row, t0 = 0, 0, time.time()
+        n_logged, t0 = 0, time.time()
         while self.step < tc.steps:
-            phase = self.method.phase(self.step)
-            # only the updating role's weights take gradients (others may still pass gradients through, as in SiD)
-            for role, params in self.params.items():
-                for p in params:
-                    p.requires_grad_(role == phase)
-            batch = self.data.sample(tc.batch_size, self.generator)
-            with self.accelerator.autocast():
-                loss, logs = self.method.loss(phase, batch, self.generator)
-            opt = self.optimizers[phase]
-            opt.zero_grad(set_to_none=True)
-            if not torch.isfinite(loss):
-                # a non-finite loss never reaches the weights; too many in a row means the run is broken
-                self.skipped += 1
-                bad_in_a_row += 1
-                if bad_in_a_row >= 10:
-                    raise RuntimeError(f"{bad_in_a_row} non-finite losses in a row at step {self.step} "
-                                       f"(phase {phase}); lower the learning rate or check the teacher")
-            else:
-                bad_in_a_row = 0
-                self.accelerator.backward(loss)
-                if tc.grad_clip > 0:
-                    logs[f"grad_norm_{phase}"] = float(self.accelerator.clip_grad_norm_(self.params[phase],
-                                                                                         tc.grad_clip))
-                opt.step()
-                self.counts[phase] += 1
-                if phase == "student" and self.ema is not None:
-                    self.ema.update(self.models.student)
-            self.step += 1
+            _, logs = self.train_step()
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
             n_logged += 1
@@ -239,6 +247,9 @@ class Trainer:
             if self.step % tc.checkpoint_every == 0 and self.step < tc.steps:
                 self.save_checkpoint()
         bar.close()
+        for params in self.params.values():  # back to the as-built trainable set (phases toggled it)
+            for p in params:
+                p.requires_grad_(True)
         return self._finish()
 
     def _preview(self, name: str) -> dict[str, float]:

@@ -1,0 +1,79 @@
+"""The command line as a user runs it: a subprocess per command, one-line errors with exit status 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "distill_diffusion.cli", *args]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_distill_then_sample_the_mixture(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    r = cli("distill", "configs/gmm_dmd2.yaml", "--out", str(run), "train.steps=60", "train.checkpoint_every=30",
+            "train.eval_samples=200", "train.progress=false")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["step"] == 60
+    assert (run / "final" / "student.safetensors").is_file() and (run / "config.yaml").is_file()
+    out = tmp_path / "samples"
+    r = cli("sample", str(run), "--out", str(out), "--num-samples", "400")
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"energy_distance", "std_ratio", "coverage"}
+    assert (out / "samples.png").is_file() and (out / "samples.safetensors").is_file()
+
+
+def test_distill_and_sample_a_tiny_sd_student(tmp_path: Path, tiny_dirs: dict[str, str]) -> None:
+    run = tmp_path / "run"
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(f"method: dmd2\nmodel:\n  teacher: {tiny_dirs['sd15']}\n  timesteps: [999, 499]\n"
+                   "train:\n  steps: 4\n  batch_size: 2\n  progress: false\n")
+    r = cli("distill", str(cfg), "--out", str(run))
+    assert r.returncode == 0, r.stderr
+    assert (run / "final" / "samples" / "grid.png").is_file()
+    out = tmp_path / "samples"
+    r = cli("sample", str(run), "--out", str(out), "--prompt", "a handwritten digit two", "--prompt",
+            "a photo of a cat", "--num-per-prompt", "2")
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(lines) == 4 and all((out / x["file"]).is_file() for x in lines)
+    assert lines[0]["prompt"] == "a handwritten digit two" and lines[0]["timesteps"] == [999, 499]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["distill", "configs/gmm_dmd2.yaml", "method=dmd3"], "unknown method 'dmd3'; choose one of: dmd2"),
+        (["distill", "configs/gmm_dmd2.yaml", "train.stepz=3"], "unknown key train.stepz; valid keys: steps"),
+        (["distill", "configs/gmm_dmd2.yaml", "model.timesteps=[499, 999]"], "strictly descending"),
+        (["distill", "configs/gmm_dmd2.yaml", "model.timesteps=[1000]"], "out of range"),
+        (["distill", "configs/gmm_dmd2.yaml", "model.teacher=/nonexistent/sd15"], "is not a directory"),
+        (["distill", "configs/nope.yaml"], "not found"),
+        (["sample", "/nonexistent/run", "--out", "x"], "is not a run directory"),
+    ],
+)
+def test_errors_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    args = [a if a != "x" else str(tmp_path / "x") for a in args]
+    r = cli(*args, "--out", str(tmp_path / "out")) if args[0] == "distill" else cli(*args)
+    assert r.returncode == 2
+    err = r.stderr.strip()
+    assert "\n" not in err and message in err, err
+    assert err.startswith("distill-diffusion: error:")
+
+
+def test_distill_refuses_a_non_empty_out_dir(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    r = cli("distill", "configs/gmm_dmd2.yaml", "--out", str(out), "train.steps=3")
+    assert r.returncode == 2 and "not empty" in r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]

@@ -1,0 +1,120 @@
+"""Config: YAML loading, round trips for every method, key=value overrides and one-line errors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distill_diffusion.config import Config, ConfigError, apply_overrides, load_config, parse_config
+from distill_diffusion.methods import METHODS, DMD2Config
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "gmm_dmd2.yaml"
+
+
+def _round_trip(cfg: Config) -> Config:
+    return parse_config(yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))
+
+
+def _error(fn: Callable[..., object], *args: object) -> str:
+    """The message of the ConfigError that fn(*args) raises; it must be one line."""
+    with pytest.raises(ConfigError) as info:
+        fn(*args)
+    message = str(info.value)
+    assert "\n" not in message, message
+    return message
+
+
+def test_example_config_loads() -> None:
+    cfg = load_config(CONFIG)
+    assert cfg.method == "dmd2"
+    assert isinstance(cfg.method_args, DMD2Config)
+    assert cfg.method_args.guidance == 1.0 and cfg.method_args.critic_updates == 5
+    assert cfg.method_args.lr_student == cfg.method_args.lr_critic == 1e-3
+    assert cfg.model.teacher == "gmm" and cfg.model.timesteps == [999]
+    assert (cfg.train.steps, cfg.train.batch_size, cfg.train.checkpoint_every) == (6000, 256, 3000)
+    # keys the file leaves out keep their defaults
+    assert cfg.train.mixed_precision == "no" and cfg.method_args.t_min == 0.02
+
+
+def test_example_config_round_trips_through_yaml(tmp_path: Path) -> None:
+    cfg = load_config(CONFIG)
+    assert _round_trip(cfg) == cfg
+    cfg.save(tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml") == cfg
+    assert isinstance(_round_trip(cfg).method_args.adam_betas, tuple)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_round_trips(method: str) -> None:
+    cfg = parse_config({"method": method})
+    assert isinstance(cfg.method_args, METHODS[method].config_class)
+    assert cfg.method_args == METHODS[method].config_class()  # the method's defaults
+    assert _round_trip(cfg) == cfg
+    data = cfg.to_dict()
+    assert set(data) == {"method", method, "model", "data", "train"}
+
+
+def test_overrides_apply() -> None:
+    cfg = load_config(CONFIG, ["train.steps=7", "model.timesteps=[999,499]", "dmd2.guidance=2"])
+    assert cfg.train.steps == 7
+    assert cfg.model.timesteps == [999, 499]
+    assert cfg.method_args.guidance == 2.0 and isinstance(cfg.method_args.guidance, float)
+    assert cfg.train.batch_size == 256  # untouched keys keep the file's values
+    # overrides never modify the dict they are given
+    raw = {"method": "dmd2", "train": {"steps": 5}}
+    assert apply_overrides(raw, ["train.steps=6", "model.teacher=tiny:sd15"])["train"]["steps"] == 6
+    assert raw == {"method": "dmd2", "train": {"steps": 5}}
+
+
+def test_override_errors() -> None:
+    assert "integer" in _error(load_config, CONFIG, ["train.steps=abc"])
+    message = _error(load_config, CONFIG, ["train.stepz=1"])
+    assert "train.stepz" in message and "steps" in message.replace("stepz", "") and "batch_size" in message
+    assert "key=value" in _error(load_config, CONFIG, ["train.steps"])
+    assert "list" in _error(load_config, CONFIG, ["model.timesteps=999"])
+
+
+@pytest.mark.parametrize(
+    ("override", "words"),
+    [
+        ("dmd2.critic_updates=0", ["critic_updates", ">= 1"]),
+        ("dmd2.guidance=-1", ["guidance", ">= 0"]),
+        ("train.mixed_precision=fp8", ["fp8", "no, fp16, bf16"]),
+        ("dmd2.critic_target=x0", ["x0", "native"]),
+        ("dmd2.lr_student=0", ["lr_student"]),
+        ("train.ema_decay=1.0", ["ema_decay"]),
+        ("train.progress=maybe", ["true or false"]),
+    ],
+)
+def test_invalid_values_rejected(override: str, words: list[str]) -> None:
+    message = _error(load_config, CONFIG, [override])
+    for word in words:
+        assert word in message, message
+
+
+def test_unknown_method_and_sections() -> None:
+    message = _error(parse_config, {"method": "dmd3"})
+    assert "dmd3" in message and "dmd2" in message
+    assert "dmd2" in _error(parse_config, {})
+    assert "trian" in _error(parse_config, {"method": "dmd2", "trian": {"steps": 1}})
+    # another method's section is not allowed either
+    assert "valid top-level keys" in _error(parse_config, {"method": "dmd2", "consistency": {}})
+    message = _error(parse_config, {"method": "dmd2", "dmd2": {"guidence": 2}})
+    assert "dmd2.guidence" in message and "guidance" in message.replace("guidence", "")
+    assert "mapping" in _error(parse_config, {"method": "dmd2", "train": [1, 2]})
+
+
+def test_file_errors(tmp_path: Path) -> None:
+    assert "not found" in _error(load_config, tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: dmd2\ntrain:\n  steps: 5: 6\n")
+    message = _error(load_config, bad)
+    assert "not valid YAML" in message and "line 3" in message
+    bad.write_text("method: dmd2\nmodel:\n  timesteps: [999, 499\ntrain:\n  steps: 5\n")
+    assert "not valid YAML at line" in _error(load_config, bad)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert "dmd2" in _error(load_config, empty)  # no method given: the valid ones are listed

@@ -1,0 +1,61 @@
+"""Checkpoint and resume: a run stopped after a checkpoint and resumed equals an uninterrupted run, bit for bit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from distill_diffusion.config import ConfigError, parse_config
+from distill_diffusion.trainer import Trainer, latest_checkpoint
+
+
+def config(steps: int, **model: object):
+    return parse_config({
+        "method": "dmd2",
+        "dmd2": {"guidance": 1.0, "critic_updates": 2, "lr_student": 1e-3, "lr_critic": 1e-3},
+        "model": {"teacher": "gmm", "timesteps": [999, 499], **model},
+        "train": {"steps": steps, "batch_size": 64, "checkpoint_every": 30, "ema_decay": 0.9, "progress": False,
+                  "eval_samples": 200},
+    })
+
+
+def weights(run: Path, name: str) -> dict:
+    return load_file(str(run / name))
+
+
+def test_resume_is_bit_identical(tmp_path: Path) -> None:
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    Trainer(config(90), straight).train()
+    Trainer(config(45), split).train()  # stops at 45: checkpoints at 30 and 45
+    assert latest_checkpoint(split).name == "step_00000045"
+    Trainer(config(90), split, resume=True).train()
+    for name in ("final/student.safetensors", "final/student_ema.safetensors"):
+        a, b = weights(straight, name), weights(split, name)
+        assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), name
+    ca, cb = latest_checkpoint(straight), latest_checkpoint(split)
+    assert ca.name == cb.name == "step_00000090"
+    for f in ("model.safetensors", "model_1.safetensors"):  # student and critic
+        a, b = weights(ca, f), weights(cb, f)
+        assert all((a[k] == b[k]).all() for k in a), f
+
+
+def test_resume_refuses_a_different_config(tmp_path: Path) -> None:
+    Trainer(config(30), tmp_path / "run").train()
+    with pytest.raises(ConfigError, match="model.timesteps"):
+        Trainer(config(60, timesteps=[999]), tmp_path / "run", resume=True)
+
+
+def test_new_run_refuses_a_used_directory(tmp_path: Path) -> None:
+    Trainer(config(30), tmp_path / "run").train()
+    before = (tmp_path / "run" / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match="--resume"):
+        Trainer(config(60), tmp_path / "run")
+    assert (tmp_path / "run" / "config.yaml").read_text() == before
+
+
+def test_keeps_only_the_newest_checkpoints(tmp_path: Path) -> None:
+    Trainer(config(120), tmp_path / "run").train()
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert names == ["step_00000090", "step_00000120"]

@@ -309,3 +309,24 @@ def test_cond_to_casts_floats_only_in_both_branches() -> None:
         assert branch.labels.dtype == torch.int64
     _aligned(moved, [0, 1, 2, 3])
     assert _cond().to("cpu").embeds.dtype == torch.float32
+
+
+def test_class_conditional_unet2dmodel_through_labels() -> None:
+    """UNet2DModel (pixel, class-conditional) sees cond.labels as class_labels; v-prediction converts to x0."""
+    from diffusers import UNet2DModel
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 64),
+                           layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                           up_block_types=("AttnUpBlock2D", "UpBlock2D"), num_class_embeds=10).eval()
+    process = NoiseProcess.from_scheduler_config(dict(_sd_scheduler().config, prediction_type="v_prediction"))
+    denoiser = Denoiser(unet, process)
+    x_t, t, labels = torch.randn(3, 3, 8, 8, generator=_gen(3)), torch.tensor([999, 400, 3]), torch.tensor([1, 7, 7])
+    with torch.no_grad():
+        x0 = denoiser(x_t, t, Cond(labels=labels))
+        v = unet(x_t, t, class_labels=labels).sample
+        other = denoiser(x_t, t, Cond(labels=torch.tensor([2, 2, 2])))
+    abar = process.alphas_cumprod[t].float().reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(x0, abar.sqrt() * x_t - (1 - abar).sqrt() * v, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(x0, other)  # the labels reach the network

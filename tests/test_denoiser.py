@@ -4,7 +4,6 @@ diffusers' own prompt encoding and prediction types."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from functools import cache
 
 import pytest
@@ -21,15 +20,6 @@ from distill_diffusion.tiny import tiny_pipeline
 
 TIMESTEPS = [0, 1, 250, 500, 999]
 PROMPTS = ["a handwritten digit seven", "a photo of a red car"]
-
-
-@pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    """Tiny UNets run ~50x faster on one thread when the other core is busy (OpenMP spin-waits)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _gen(seed: int) -> torch.Generator:

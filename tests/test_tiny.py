@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -30,15 +29,6 @@ def _state(pipe: DiffusionPipeline) -> dict[str, torch.Tensor]:
         if isinstance(component, torch.nn.Module)
         for key, value in component.state_dict().items()
     }
-
-
-@pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread; with two, a busy core makes OpenMP spin and a 0.03 s call take 4 s."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -75,9 +75,28 @@ def _sample(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def _zoo_train_digits(args: argparse.Namespace) -> None:
+    from .zoo.train_digits import train_digits
+
+    out = Path(args.out_dir)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise ConfigError(f"output directory {str(out)!r} is not empty; pass --overwrite or choose another")
+    print(json.dumps(train_digits(out, vae_steps=args.vae_steps, unet_steps=args.unet_steps, seed=args.seed)))
+
+
+def _zoo_train_classifier(args: argparse.Namespace) -> None:
+    from .zoo.classifier import train_classifier
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ConfigError(f"{str(out)!r} exists; pass --overwrite or choose another path")
+    _, stats = train_classifier(out, seed=args.seed)
+    print(json.dumps(stats))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distill-diffusion", description="Few-step diffusion distillation.")
-    sub = parser.add_subparsers(dest="command", metavar="{distill,sample}")
+    sub = parser.add_subparsers(dest="command", metavar="{distill,sample,zoo}")
     sub.required = True
     d = sub.add_parser("distill", help="train a few-step student from a YAML config")
     d.add_argument("config", help="experiment YAML, e.g. configs/gmm_dmd2.yaml")
@@ -93,6 +112,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-samples", type=int, default=4000, help="mixture runs: number of samples")
     s.add_argument("--seed", type=int, default=None)
     s.set_defaults(func=_sample)
+    z = sub.add_parser("zoo", help="re-create the embedded models").add_subparsers(dest="zoo_command")
+    z.required = True
+    td = z.add_parser("train-digits", help="train the embedded digits teacher from scratch (~20 min on 2 cores)")
+    td.add_argument("out_dir")
+    td.add_argument("--vae-steps", type=int, default=800)
+    td.add_argument("--unet-steps", type=int, default=7000)
+    td.add_argument("--seed", type=int, default=0)
+    td.add_argument("--overwrite", action="store_true")
+    td.set_defaults(func=_zoo_train_digits)
+    tc = z.add_parser("train-classifier", help="train the digits classifier (FID features, prompt accuracy)")
+    tc.add_argument("out")
+    tc.add_argument("--seed", type=int, default=0)
+    tc.add_argument("--overwrite", action="store_true")
+    tc.set_defaults(func=_zoo_train_classifier)
     return parser
 
 

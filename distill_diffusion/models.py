@@ -68,11 +68,15 @@ def load_pipeline(spec: str) -> Any:
         from .tiny import tiny_pipeline
 
         return tiny_pipeline(spec.split(":", 1)[1])
+    if spec.startswith("embedded:"):
+        from . import zoo
+
+        return zoo.load(spec)
     path = Path(spec)
     if not path.is_dir():
         raise ConfigError(
-            f"teacher {spec!r} is not a directory; give gmm, tiny:sd15, tiny:sd21, tiny:sdxl or a diffusers "
-            "pipeline directory (hub ids are not downloaded: save the pipeline locally first)"
+            f"teacher {spec!r} is not a directory; give gmm, embedded:digits, tiny:sd15, tiny:sd21, tiny:sdxl or a "
+            "diffusers pipeline directory (hub ids are not downloaded: save the pipeline locally first)"
         )
     if not (path / "model_index.json").is_file():
         raise ConfigError(f"teacher {spec!r} is not a diffusers pipeline directory (no model_index.json)")

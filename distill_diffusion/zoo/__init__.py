@@ -1,0 +1,43 @@
+"""The embedded models, shipped as package data so every method, export and sweep runs offline on a laptop CPU.
+
+- ``digits``: a Stable-Diffusion-shaped text-to-image pipeline trained on scikit-learn's handwritten digits
+  (`train_digits.py`; re-create with ``distill-diffusion zoo train-digits OUT_DIR``);
+- ``digits_classifier``: the classifier that gives the digits FID feature space and prompt accuracy
+  (`classifier.py`; re-create with ``distill-diffusion zoo train-classifier OUT``).
+
+``load("digits")`` returns the diffusers pipeline; ``embedded:digits`` names it anywhere a teacher path is accepted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+WEIGHTS = Path(__file__).resolve().parent / "weights"
+EMBEDDED = {"digits": WEIGHTS / "digits", "digits_classifier": WEIGHTS / "digits_classifier.safetensors"}
+PREFIX = "embedded:"
+
+
+def path(name: str) -> Path:
+    name = name.removeprefix(PREFIX)
+    if name not in EMBEDDED:
+        raise ValueError(f"unknown embedded model {name!r}; choose one of: {', '.join(EMBEDDED)}")
+    p = EMBEDDED[name]
+    if not p.exists():
+        raise ValueError(f"embedded model {name!r} is missing from this installation ({p}); re-create it with "
+                         "`distill-diffusion zoo train-digits` / `zoo train-classifier`")
+    return p
+
+
+def load(name: str) -> Any:
+    """``digits`` -> StableDiffusionPipeline; ``digits_classifier`` -> DigitsClassifier (both offline)."""
+    name = name.removeprefix(PREFIX)
+    if name == "digits_classifier":
+        from .classifier import load_classifier
+
+        return load_classifier(path(name))
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(path(name), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,155 @@
+"""Re-create the embedded "digits" teacher: a Stable-Diffusion-shaped text-to-image model trained on sklearn digits.
+
+Components are exactly SD 1.5's kinds (``StableDiffusionPipeline``): an ``AutoencoderKL`` (16x16x3 images <-> 8x8x4
+latents; the source digits are 8x8), a CLIP text encoder with a ``CLIPTokenizer`` built from local vocab/merges
+(frozen at its seeded random initialisation: the ten prompts differ in one token, which cross-attention learns to
+read), and a ``UNet2DConditionModel`` with epsilon prediction on SD's scaled_linear schedule. Prompts are "a
+handwritten digit seven" etc., dropped to "" 10% of the time so classifier-free guidance works.
+
+``distill-diffusion zoo train-digits OUT_DIR`` runs `train_digits`; the weights shipped in the package are what
+that command produced (time and settings in docs/BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..tiny import _scheduler, _text_config, build_tokenizer
+from .digits_data import PROMPTS, digits_split, shift_augment
+
+PROMPT_DROPOUT = 0.1
+TEACHER_SIZE = 16  # pixels; latents are 8x8x4
+
+
+def build_vae():  # noqa: ANN201
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=TEACHER_SIZE,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32,
+    )
+
+
+def build_unet():  # noqa: ANN201
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=TEACHER_SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
+        norm_num_groups=32,
+    )
+
+
+def _rgb(x: torch.Tensor) -> torch.Tensor:
+    return (x * 2 - 1).repeat(1, 3, 1, 1)  # gray [0, 1] -> RGB [-1, 1], SD's pixel range
+
+
+def train_vae(vae, images: torch.Tensor, steps: int, gen: torch.Generator, progress: bool) -> None:  # noqa: ANN001
+    """Reconstruction MSE + 1e-6 KL (SD's autoencoder trades off the same way, without the GAN/LPIPS terms)."""
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    vae.train()
+    for _ in tqdm(range(steps), desc="vae", disable=not progress):
+        idx = torch.randint(0, len(images), (64,), generator=gen)
+        x = _rgb(shift_augment(images[idx], 1, gen))
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        loss = F.mse_loss(vae.decode(z).sample, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    vae.eval()
+
+
+def train_digits(out_dir: str | Path, vae_steps: int = 800, unet_steps: int = 7000, batch_size: int = 64,
+                 seed: int = 0, progress: bool = True) -> dict:
+    """Train VAE then UNet from scratch and save a ``StableDiffusionPipeline`` directory (safetensors) at out_dir."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    images, labels = digits_split(TEACHER_SIZE)["train"]
+
+    # 1. autoencoder; its scaling factor makes the latents unit-variance, as SD's 0.18215 does
+    vae = build_vae()
+    train_vae(vae, images, vae_steps, gen, progress)
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(_rgb(images[i : i + 256])).latent_dist.mean
+                             for i in range(0, len(images), 256)])
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    t_vae = time.time() - t0
+
+    # 2. frozen text encoder; the prompt embeddings are computed once
+    tokenizer = build_tokenizer()
+    text_encoder = CLIPTextModel(_text_config(tokenizer, "quick_gelu")).eval().requires_grad_(False)
+    ids = tokenizer(list(PROMPTS) + [""], padding="max_length", max_length=tokenizer.model_max_length,
+                    return_tensors="pt").input_ids
+    with torch.no_grad():
+        embeds = text_encoder(ids)[0]  # (11, L, 32); index 10 is the empty prompt
+
+    # 3. the UNet: epsilon prediction on SD's schedule, shifted digits encoded on the fly (posterior samples)
+    scheduler = _scheduler("epsilon")
+    unet = build_unet()
+    ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=unet_steps, pct_start=0.05)
+    abar = scheduler.alphas_cumprod
+    unet.train()
+    losses = []
+    for step in tqdm(range(unet_steps), desc="unet", disable=not progress):
+        idx = torch.randint(0, len(images), (batch_size,), generator=gen)
+        with torch.no_grad():
+            post = vae.encode(_rgb(shift_augment(images[idx], 1, gen))).latent_dist
+            x0 = (post.mean + post.std * torch.randn(post.mean.shape, generator=gen)) * vae.config.scaling_factor
+        y = labels[idx].clone()
+        y[torch.rand(batch_size, generator=gen) < PROMPT_DROPOUT] = 10
+        t = torch.randint(0, 1000, (batch_size,), generator=gen)
+        eps = torch.randn(x0.shape, generator=gen)
+        a = abar[t].sqrt().reshape(-1, 1, 1, 1)
+        s = (1 - abar[t]).sqrt().reshape(-1, 1, 1, 1)
+        pred = unet(a * x0 + s * eps, t, encoder_hidden_states=embeds[y]).sample
+        loss = F.mse_loss(pred, eps)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for k, v in unet.state_dict().items():
+                ema[k].lerp_(v, 1 - decay) if v.is_floating_point() else ema[k].copy_(v)
+        losses.append(loss.item())
+    unet.load_state_dict(ema)
+    unet.eval()
+
+    # 4. save as a plain diffusers pipeline, atomically
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    tmp = out_dir.with_name(f".tmp_{out_dir.name}")
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    info = {
+        "seconds_total": round(time.time() - t0, 1), "seconds_vae": round(t_vae, 1), "vae_steps": vae_steps,
+        "unet_steps": unet_steps, "batch_size": batch_size, "seed": seed,
+        "unet_params": sum(p.numel() for p in unet.parameters()),
+        "vae_params": sum(p.numel() for p in vae.parameters()),
+        "final_loss_mean_last_500": sum(losses[-500:]) / len(losses[-500:]),
+        "torch": torch.__version__,
+    }
+    (tmp / "training.json").write_text(json.dumps(info, indent=1))
+    if out_dir.exists():
+        import shutil
+
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return info

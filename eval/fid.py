@@ -1,0 +1,163 @@
+"""FID and KID over any feature space, with reference statistics cached as ``.npz``.
+
+FID (Heusel et al. 2017): ||mu_1 - mu_2||^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2)), the matrix square root by
+``scipy.linalg.sqrtm`` as pytorch-fid and clean-fid compute it. KID (Binkowski et al. 2018): the unbiased MMD^2 with
+the cubic polynomial kernel k(x, y) = (x.y / d + 1)^3, averaged over random subsets.
+
+Feature backends (`feature_backend`):
+- ``"clean"``: clean-fid's Inception-V3 with its anti-aliased "clean" resize (the GigaGAN / DMD2 / SiD protocol;
+  needs the Inception weights, which clean-fid downloads once: use it on a networked GPU machine);
+- ``"torchmetrics"``: torchmetrics' FID Inception (torch-fidelity weights, likewise downloaded once);
+- any ``nn.Module``: its ``features(images)`` method if it has one, else ``module(images)``; for example the
+  package's digits classifier, which works offline.
+
+Images everywhere are uint8 arrays (N, H, W, 3), as diffusers pipelines return with ``output_type="np"`` scaled to
+0..255, or float tensors (N, 3, H, W) in [0, 1].
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import linalg
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+FeatureFn = Callable[[Tensor], Tensor]  # float (B, 3, H, W) in [0, 1] -> (B, D)
+
+
+def as_float_images(images: np.ndarray | Tensor) -> Tensor:
+    """uint8 NHWC (array or tensor) or float NCHW in [0, 1] -> float NCHW in [0, 1]."""
+    x = torch.as_tensor(images)
+    if x.dtype == torch.uint8:
+        return x.permute(0, 3, 1, 2).float() / 255.0
+    if x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        x = x.permute(0, 3, 1, 2)
+    return x.float()
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+@dataclass
+class FeatureStats:
+    mu: np.ndarray
+    sigma: np.ndarray
+    features: np.ndarray  # kept for KID and for re-use at other sample sizes
+
+    @classmethod
+    def from_features(cls, features: np.ndarray | Tensor) -> FeatureStats:
+        f = np.asarray(torch.as_tensor(features).double().cpu().numpy(), dtype=np.float64)
+        if f.ndim != 2 or len(f) < 2:
+            raise ValueError(f"need at least 2 feature vectors of shape (N, D), got {f.shape}")
+        return cls(f.mean(0), np.cov(f, rowvar=False), f)
+
+    @property
+    def n(self) -> int:
+        return len(self.features)
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, mu=self.mu, sigma=self.sigma, features=self.features)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> FeatureStats:
+        with np.load(path, allow_pickle=False) as d:
+            return cls(d["mu"], d["sigma"], d["features"])
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2)."""
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"feature dimensions differ: {mu1.shape} vs {mu2.shape}")
+    diff = mu1 - mu2
+    covmean, _ = linalg.sqrtm(sigma1.dot(sigma2), disp=False)
+    if not np.isfinite(covmean).all():  # near-singular product: regularise as pytorch-fid does
+        offset = np.eye(sigma1.shape[0]) * 1e-6
+        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def fid_from_stats(a: FeatureStats, b: FeatureStats) -> float:
+    return frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
+
+
+def kid(a: np.ndarray, b: np.ndarray, subsets: int = 100, subset_size: int = 1000,
+        seed: int = 0) -> tuple[float, float]:
+    """Kernel Inception Distance (mean, std over subsets), unbiased MMD^2 with the cubic polynomial kernel."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    m = min(len(a), len(b), subset_size)
+    d = a.shape[1]
+    rng = np.random.default_rng(seed)
+    vals = []
+    for _ in range(subsets):
+        x = a[rng.choice(len(a), m, replace=False)]
+        y = b[rng.choice(len(b), m, replace=False)]
+        kxx, kyy, kxy = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3
+        mmd = (kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+        vals.append(mmd - 2 * kxy.mean())
+    return float(np.mean(vals)), float(np.std(vals))
+
+
+# ------------------------------------------------------------------------------------------------ features
+def feature_backend(backend: str | nn.Module, device: torch.device | str = "cpu") -> FeatureFn:
+    """A function from float images (B, 3, H, W) in [0, 1] to features (B, D)."""
+    if isinstance(backend, nn.Module):
+        module = backend.to(device).eval()
+        fn = getattr(module, "features", module)
+        return lambda x: fn(x.to(device))
+    if backend == "clean":
+        from cleanfid.features import build_feature_extractor
+        from cleanfid.resize import build_resizer
+
+        model = build_feature_extractor("clean", torch.device(device))
+        resize = build_resizer("clean")
+
+        def clean(x: Tensor) -> Tensor:
+            imgs = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            batch = np.stack([resize(img) for img in imgs]).transpose(0, 3, 1, 2)
+            return model(torch.from_numpy(batch).float().to(device))
+
+        return clean
+    if backend == "torchmetrics":
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"]).to(device).eval()
+        return lambda x: net((x.clamp(0, 1) * 255).round().to(torch.uint8).to(device)).reshape(len(x), -1)
+    raise ValueError(f"unknown feature backend {backend!r}; choose one of: clean, torchmetrics, or an nn.Module")
+
+
+@torch.no_grad()
+def extract(images: np.ndarray | Tensor, features: FeatureFn, batch_size: int = 256, progress: bool = False) -> Tensor:
+    x = as_float_images(images)
+    out = [features(x[i : i + batch_size]).double().cpu()
+           for i in tqdm(range(0, len(x), batch_size), desc="features", disable=not progress)]
+    return torch.cat(out)
+
+
+def cached_stats(images: np.ndarray | Tensor, features: FeatureFn, cache: str | Path | None) -> FeatureStats:
+    """Feature statistics of a reference set, computed once and cached at ``cache`` (an .npz path)."""
+    if cache is not None and Path(cache).is_file():
+        return FeatureStats.load(cache)
+    stats = FeatureStats.from_features(extract(images, features))
+    if cache is not None:
+        stats.save(cache)
+    return stats
+
+
+def cache_key(*parts: object) -> str:
+    return hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:12]
+
+
+def fid(images: np.ndarray | Tensor, reference: FeatureStats, features: FeatureFn) -> float:
+    """FID of a set of images against reference statistics in the same feature space."""
+    return fid_from_stats(FeatureStats.from_features(extract(images, features)), reference)

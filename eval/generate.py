@@ -1,0 +1,108 @@
+"""Generate images from any model the toolkit names, with per-image seeds, timing every batch.
+
+A model is ``embedded:digits``, a diffusers pipeline directory (sampled by the pipeline itself with a stock
+scheduler: ``ddim``, ``euler`` or ``dpmpp``, trailing timestep spacing), or a run directory of this toolkit (its
+student's own few-step sampler). Image i always starts from ``torch.randn`` of a generator seeded with seeds[i]
+and shape (1, C, h, w), as diffusers draws per-image noise from a list of generators, so a teacher and a student
+sampled with the same seeds start from the same noise.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+SOLVERS = ("ddim", "euler", "dpmpp")
+
+
+def make_scheduler(name: str, config: Any) -> Any:
+    """A stock diffusers scheduler for the teacher's config, with trailing spacing so step 1 starts at t=T-1."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    if name == "ddim":
+        return DDIMScheduler.from_config(config, timestep_spacing="trailing", set_alpha_to_one=False)
+    if name == "euler":
+        return EulerDiscreteScheduler.from_config(config, timestep_spacing="trailing")
+    if name == "dpmpp":
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2,
+                                                       timestep_spacing="trailing")
+    raise ValueError(f"unknown solver {name!r}; choose one of: {', '.join(SOLVERS)}")
+
+
+@dataclass
+class Model:
+    name: str
+    pipeline: Any = None  # a diffusers pipeline (teachers)
+    run: tuple | None = None  # (config, Models) of a distilled student
+
+    @property
+    def is_student(self) -> bool:
+        return self.run is not None
+
+    @property
+    def student_steps(self) -> int:
+        return len(self.run[1].student.timesteps)
+
+
+def load_model(spec: str) -> Model:
+    from distill_diffusion.config import ConfigError
+
+    if spec.startswith("embedded:"):
+        from distill_diffusion import zoo
+
+        return Model(spec, pipeline=zoo.load(spec))
+    path = Path(spec)
+    if (path / "config.yaml").is_file():
+        from distill_diffusion.trainer import load_student
+
+        return Model(spec, run=load_student(path))
+    if (path / "model_index.json").is_file():
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True)
+        pipe.set_progress_bar_config(disable=True)
+        return Model(spec, pipeline=pipe)
+    raise ConfigError(f"model {spec!r} is neither embedded:<name>, a diffusers pipeline directory nor a run directory")
+
+
+def _noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.cat([torch.randn((1, *shape), generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
+def _to_uint8(images: np.ndarray) -> np.ndarray:
+    return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+
+
+@torch.no_grad()
+def generate(model: Model, prompts: list[str], seeds: list[int], steps: int | None = None, guidance: float = 1.0,
+             solver: str = "ddim", batch_size: int = 250, progress: bool = True) -> tuple[np.ndarray, float]:
+    """uint8 images (N, H, W, 3) for prompts[i] / seeds[i], and the total sampling seconds (model time only)."""
+    if len(prompts) != len(seeds):
+        raise ValueError("prompts and seeds must have the same length")
+    out, seconds = [], 0.0
+    for i in tqdm(range(0, len(prompts), batch_size), desc=f"{Path(model.name).name} {solver}/{steps}",
+                  disable=not progress):
+        p, s = prompts[i : i + batch_size], seeds[i : i + batch_size]
+        t0 = time.perf_counter()
+        if model.is_student:
+            from distill_diffusion.preview import decode
+
+            _, models = model.run
+            cond = models.text.encode(p)
+            x = models.student.sample(_noise(s, models.sample_shape), cond, torch.Generator().manual_seed(s[0]))
+            images = decode(models, x)
+        else:
+            pipe = model.pipeline
+            pipe.scheduler = make_scheduler(solver, pipe.scheduler.config)
+            shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+            images = _to_uint8(pipe(prompt=p, num_inference_steps=steps, guidance_scale=guidance,
+                                    latents=_noise(s, shape), output_type="np").images)
+        seconds += time.perf_counter() - t0
+        out.append(images)
+    return np.concatenate(out), seconds

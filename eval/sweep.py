@@ -1,0 +1,162 @@
+"""The FID-vs-NFE sweep: teachers at many NFEs with their solvers, with and without CFG; students at their own steps.
+
+NFE counts network evaluations: with classifier-free guidance (scale > 1) every step costs two, so a teacher row at
+NFE n runs n // 2 steps. Every row also records latency per image and throughput, measured in the same run, and, on
+the digits teacher, prompt accuracy (share of images the digits classifier reads as the prompted digit).
+
+Writes ``sweep.json`` (all rows), ``sweep.md`` (the table) and ``fid_vs_nfe.png`` (log-x, one line per
+model / solver / guidance) into the output directory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distill_diffusion.config import ConfigError
+
+from .fid import FeatureStats, cached_stats, extract, feature_backend, fid_from_stats, kid
+from .generate import Model, generate, load_model
+
+
+def reference_images(ref: str) -> np.ndarray:
+    """``digits`` (the embedded teacher's training split, rendered as its images) or a folder of same-size images."""
+    if ref == "digits":
+        from distill_diffusion.zoo.digits_data import digits_split
+        from distill_diffusion.zoo.train_digits import TEACHER_SIZE
+
+        x, _ = digits_split(TEACHER_SIZE)["train"]
+        return (x.repeat(1, 3, 1, 1).permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+    folder = Path(ref)
+    if not folder.is_dir():
+        raise ConfigError(f"reference {ref!r} is neither 'digits', a folder of images nor a .npz of statistics")
+    from PIL import Image
+
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    if not files:
+        raise ConfigError(f"reference folder {ref!r} holds no .png/.jpg/.webp images")
+    images = []
+    for f in files:
+        try:
+            images.append(np.asarray(Image.open(f).convert("RGB")))
+        except OSError:
+            raise ConfigError(f"reference image {str(f)!r} cannot be read") from None
+    if len({im.shape for im in images}) != 1:
+        raise ConfigError(f"reference images in {ref!r} differ in size; resize them to one size first")
+    return np.stack(images)
+
+
+def digit_prompts(n: int) -> list[str]:
+    from distill_diffusion.zoo.digits_data import PROMPTS
+
+    return [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+
+
+def prompt_accuracy(images: np.ndarray, prompts: list[str], classifier: torch.nn.Module) -> float:
+    from distill_diffusion.zoo.digits_data import label_of_prompt
+
+    want = torch.tensor([label_of_prompt(p) for p in prompts])
+    return float((classifier.predict(torch.as_tensor(images)) == want).float().mean())
+
+
+def _settings(model: Model, nfes: list[int], solvers: list[str], guidances: list[float]) -> list[tuple]:
+    if model.is_student:
+        return [("student", 1.0, model.student_steps, model.student_steps)]
+    out = []
+    for solver in solvers:
+        for w in guidances:
+            per_step = 2 if w > 1 else 1
+            for nfe in nfes:
+                steps = nfe // per_step
+                if steps >= 1 and (solver, w, steps) not in [(s, g, k) for s, g, k, _ in out]:
+                    out.append((solver, w, steps, steps * per_step))
+    return out
+
+
+def run_sweep(models: list[str], ref: str, nfes: list[int], solvers: list[str], guidances: list[float],
+              num_samples: int, out_dir: str | Path, features: str = "auto", batch_size: int = 250,
+              prompts: list[str] | None = None, cache_dir: str | Path | None = None,
+              progress: bool = True) -> list[dict]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    digits = ref == "digits"
+    classifier = None
+    if digits:
+        from distill_diffusion import zoo
+
+        classifier = zoo.load("digits_classifier")
+    backend = classifier if features == "auto" and digits else ("clean" if features == "auto" else features)
+    feat = feature_backend(backend)
+    if ref.endswith(".npz"):
+        reference = FeatureStats.load(ref)
+    else:
+        cache = None if cache_dir is None else Path(cache_dir) / f"ref_{Path(ref).name}_{features}.npz"
+        reference = cached_stats(reference_images(ref), feat, cache)
+    if prompts is None:
+        if not digits:
+            raise ConfigError("a sweep against a non-digits reference needs prompts (--prompts FILE)")
+        prompts = digit_prompts(num_samples)
+    prompts = [prompts[i % len(prompts)] for i in range(num_samples)]
+    seeds = list(range(num_samples))
+    rows = []
+    for spec in models:
+        model = load_model(spec)
+        for solver, w, steps, nfe in _settings(model, nfes, solvers, guidances):
+            images, seconds = generate(model, prompts, seeds, steps, w, solver, batch_size, progress)
+            stats = FeatureStats.from_features(extract(images, feat))
+            row = {"model": spec, "solver": solver, "guidance": w, "steps": steps, "nfe": nfe, "n": num_samples,
+                   "fid": fid_from_stats(stats, reference),
+                   "kid": kid(stats.features, reference.features, subsets=20, subset_size=min(500, num_samples))[0],
+                   "ms_per_image": 1000 * seconds / num_samples, "images_per_s": num_samples / seconds,
+                   "batch_size": batch_size}
+            if classifier is not None:
+                row["prompt_accuracy"] = prompt_accuracy(images, prompts, classifier)
+            rows.append(row)
+            if progress:
+                print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    write_outputs(rows, out_dir, reference_n=reference.n)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    acc = any("prompt_accuracy" in r for r in rows)
+    head = "| model | solver | CFG | steps | NFE | FID | KID | " + ("prompt acc. | " if acc else "")
+    head += "ms / image | images / s |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        cells = [Path(r["model"]).name or r["model"], r["solver"], f"{r['guidance']:g}", str(r["steps"]),
+                 str(r["nfe"]), f"{r['fid']:.3f}", f"{r['kid']:.4f}"]
+        if acc:
+            cells.append(f"{r.get('prompt_accuracy', float('nan')):.3f}")
+        cells += [f"{r['ms_per_image']:.2f}", f"{r['images_per_s']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_outputs(rows: list[dict], out_dir: Path, reference_n: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (out_dir / "sweep.json").write_text(json.dumps({"reference_n": reference_n, "rows": rows}, indent=1))
+    (out_dir / "sweep.md").write_text(table(rows) + "\n")
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((Path(r["model"]).name or r["model"], r["solver"], r["guidance"]), []).append(r)
+    for (model, solver, w), rs in groups.items():
+        rs = sorted(rs, key=lambda r: r["nfe"])
+        style = "o" if solver == "student" else ".-"
+        ax.plot([r["nfe"] for r in rs], [r["fid"] for r in rs], style, label=f"{model} {solver} CFG {w:g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("NFE (network evaluations per image)")
+    ax.set_ylabel("FID")
+    ax.legend(fontsize=6)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "fid_vs_nfe.png")
+    plt.close(fig)

@@ -1,7 +1,11 @@
 """``distill-diffusion``: the command line.
 
     distill-diffusion distill CONFIG [--out DIR] [--resume] [key=value ...]
-    distill-diffusion sample RUN_DIR --out DIR [--prompt TEXT ...] [--num-per-prompt N] [--num-samples N] [--seed S]
+    distill-diffusion sample MODEL --out DIR [--prompt TEXT ... | --prompts FILE] [--num-per-prompt N] [--steps K]
+                             [--guidance W] [--scheduler ddim|euler|dpmpp] [--seed S]
+    distill-diffusion eval sweep MODEL... --ref REF --out DIR [--nfe 1,2,4,...] [--solvers ddim,euler,dpmpp]
+                             [--guidance 1,3] [--num-samples N]
+    distill-diffusion zoo train-digits OUT_DIR | zoo train-classifier OUT
 
 Errors are one line naming what was wrong and what is allowed; the exit status is then 2.
 """
@@ -28,51 +32,114 @@ def _distill(args: argparse.Namespace) -> None:
     print(json.dumps({"run": str(out), **metrics}))
 
 
-def _sample(args: argparse.Namespace) -> None:
+def _read_prompt_args(args: argparse.Namespace) -> list[str] | None:
+    if args.prompts is None:
+        return args.prompt
+    path = Path(args.prompts)
+    if not path.is_file():
+        raise ConfigError(f"prompt file {str(path)!r} not found")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError(f"prompt file {str(path)!r} has no non-blank line")
+    return (args.prompt or []) + prompts
+
+
+def _sample_mixture(args: argparse.Namespace, models, tmp: Path, seed: int) -> None:  # noqa: ANN001
     from safetensors.torch import save_file
 
     from .denoiser import Cond
     from .eval.mixture import mixture_metrics
-    from .preview import PREVIEW_SEED, decode, scatter, student_samples
-    from .trainer import load_student
+    from .preview import scatter, student_samples
+
+    if args.prompt or args.prompts:
+        raise ConfigError("a mixture run takes no --prompt; use --num-samples")
+    labels = models.mixture.balanced_labels(args.num_samples)
+    x = student_samples(models, Cond(labels=labels), len(labels), seed)
+    metrics = mixture_metrics(x, labels, models.mixture)
+    save_file({"samples": x.contiguous(), "labels": labels}, str(tmp / "samples.safetensors"))
+    scatter(x, labels, tmp / "samples.png", " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    print(json.dumps(metrics))
+
+
+def _sample(args: argparse.Namespace) -> None:
+    """One PNG per image and a samples.jsonl line per image, for a teacher pipeline or a distilled student."""
+    from PIL import Image
+
+    from .eval.generate import check_solver, load_model
+    from .preview import PREVIEW_SEED
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"output directory {str(out)!r} is not empty; choose another --out")
-    cfg, models = load_student(args.run_dir)
+    prompts = _read_prompt_args(args)
+    model = load_model(args.model)
+    if args.guidance is not None and args.guidance < 0:
+        raise ConfigError(f"--guidance must be >= 0 (1 = no guidance), got {args.guidance}")
+    if args.scheduler is not None:
+        check_solver(args.scheduler)
     seed = PREVIEW_SEED if args.seed is None else args.seed
     tmp = out.with_name(f".tmp_{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    if models.family == "gmm":
-        if args.prompt:
-            raise ConfigError("a mixture run takes no --prompt; use --num-samples")
-        labels = models.mixture.balanced_labels(args.num_samples)
-        x = student_samples(models, Cond(labels=labels), len(labels), seed)
-        metrics = mixture_metrics(x, labels, models.mixture)
-        save_file({"samples": x.contiguous(), "labels": labels}, str(tmp / "samples.safetensors"))
-        scatter(x, labels, tmp / "samples.png", " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        print(json.dumps(metrics))
-    else:
-        from PIL import Image
+    try:
+        if model.is_student and model.run[1].family == "gmm":
+            _sample_mixture(args, model.run[1], tmp, seed)
+        else:
+            from .eval.generate import generate
 
-        prompts = args.prompt or cfg.data.prompts
-        lines = []
-        for i, prompt in enumerate(prompts):
-            for j in range(args.num_per_prompt):
-                s = seed + j
-                latents = student_samples(models, models.text.encode([prompt]), 1, s)
-                name = f"{i:04d}_{j:03d}.png"
-                Image.fromarray(decode(models, latents)[0]).save(tmp / name)
-                lines.append(json.dumps({"file": name, "prompt": prompt, "seed": s,
-                                         "steps": len(models.student.timesteps), "guidance": 1.0,
-                                         "timesteps": models.student.timesteps}))
-        (tmp / "samples.jsonl").write_text("\n".join(lines) + "\n")
+            if model.is_student:
+                if args.steps is not None or args.scheduler is not None or args.guidance is not None:
+                    raise ConfigError("a distilled student samples on its own timesteps without CFG; "
+                                      "drop --steps / --scheduler / --guidance")
+                prompts = prompts or model.run[0].data.prompts
+                steps, guidance, solver = model.student_steps, 1.0, "student"
+            else:
+                if not prompts:
+                    raise ConfigError("give --prompt TEXT (repeatable) or --prompts FILE")
+                steps, guidance, solver = args.steps or 50, 1.0 if args.guidance is None else args.guidance, \
+                    args.scheduler or "ddim"
+            all_prompts = [p for p in prompts for _ in range(args.num_per_prompt)]
+            seeds = [seed + j for _ in prompts for j in range(args.num_per_prompt)]
+            images, _ = generate(model, all_prompts, seeds, steps, guidance, solver, progress=False)
+            lines = []
+            for k, (img, prompt, s) in enumerate(zip(images, all_prompts, seeds)):
+                name = f"{k:05d}.png"
+                Image.fromarray(img).save(tmp / name)
+                record = {"file": name, "prompt": prompt, "seed": s, "steps": steps, "guidance": guidance,
+                          "scheduler": solver}
+                if model.is_student:
+                    record["timesteps"] = model.run[1].student.timesteps
+                lines.append(json.dumps(record))
+            (tmp / "samples.jsonl").write_text("\n".join(lines) + "\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out.exists():
         out.rmdir()
     os.replace(tmp, out)
     print(f"wrote {out}")
+
+
+def _eval_sweep(args: argparse.Namespace) -> None:
+    from .eval.sweep import run_sweep
+
+    def ints(text: str) -> list[int]:
+        try:
+            return [int(v) for v in text.split(",")]
+        except ValueError:
+            raise ConfigError(f"{text!r} is not a comma-separated list of integers, e.g. 1,2,4,8") from None
+
+    prompts = _read_prompt_args(args) if args.prompts else None
+    guidances = [float(v) for v in args.guidance.split(",")]
+    solvers = args.solvers.split(",")
+    for s in solvers:
+        from .eval.generate import check_solver
+
+        check_solver(s)
+    run_sweep(args.models, args.ref, ints(args.nfe), solvers, guidances, args.num_samples, args.out,
+              features=args.features, batch_size=args.batch_size, prompts=prompts, cache_dir=args.cache_dir)
+    print((Path(args.out) / "sweep.md").read_text())
 
 
 def _zoo_train_digits(args: argparse.Namespace) -> None:
@@ -96,7 +163,7 @@ def _zoo_train_classifier(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distill-diffusion", description="Few-step diffusion distillation.")
-    sub = parser.add_subparsers(dest="command", metavar="{distill,sample,zoo}")
+    sub = parser.add_subparsers(dest="command", metavar="{distill,sample,eval,zoo}")
     sub.required = True
     d = sub.add_parser("distill", help="train a few-step student from a YAML config")
     d.add_argument("config", help="experiment YAML, e.g. configs/gmm_dmd2.yaml")
@@ -104,14 +171,35 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     d.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=200")
     d.set_defaults(func=_distill)
-    s = sub.add_parser("sample", help="sample a trained student")
-    s.add_argument("run_dir")
+    s = sub.add_parser("sample", help="sample a teacher (embedded:digits, a diffusers dir) or a run's student")
+    s.add_argument("model", help="embedded:digits, a diffusers pipeline directory, or a run directory")
     s.add_argument("--out", required=True)
-    s.add_argument("--prompt", action="append", help="prompt (repeatable); default: the run's prompts")
+    s.add_argument("--prompt", action="append", help="prompt (repeatable); a run's own prompts by default")
+    s.add_argument("--prompts", help="file with one prompt per line")
     s.add_argument("--num-per-prompt", type=int, default=1)
+    s.add_argument("--steps", type=int, help="teacher sampling steps (default 50)")
+    s.add_argument("--guidance", type=float, help="teacher CFG scale (default 1: none)")
+    s.add_argument("--scheduler", help="teacher solver: ddim (default), euler, dpmpp")
+    s.add_argument("--seed", type=int, default=None, help="first seed; image j of a prompt uses seed + j")
     s.add_argument("--num-samples", type=int, default=4000, help="mixture runs: number of samples")
-    s.add_argument("--seed", type=int, default=None)
     s.set_defaults(func=_sample)
+    e = sub.add_parser("eval", help="evaluation").add_subparsers(dest="eval_command")
+    e.required = True
+    sw = e.add_parser("sweep", help="FID (and prompt accuracy) against NFE, with latency and throughput")
+    sw.add_argument("models", nargs="+", help="teachers (embedded:digits, diffusers dirs) and run directories")
+    sw.add_argument("--ref", required=True, help="digits, a folder of images, or a .npz of feature statistics")
+    sw.add_argument("--nfe", default="1,2,4,8,16,32,50", help="network evaluations per image (CFG costs two a step)")
+    sw.add_argument("--solvers", default="ddim,euler,dpmpp")
+    sw.add_argument("--guidance", default="1", help="teacher CFG scales, comma-separated (1 = none)")
+    sw.add_argument("--num-samples", type=int, default=1000)
+    sw.add_argument("--features", default="auto", help="auto (digits classifier for --ref digits, else clean), "
+                    "clean, torchmetrics")
+    sw.add_argument("--prompts", help="prompt file (required unless --ref digits)")
+    sw.add_argument("--prompt", action="append", help=argparse.SUPPRESS)
+    sw.add_argument("--batch-size", type=int, default=250)
+    sw.add_argument("--cache-dir", default=None, help="where reference statistics are cached")
+    sw.add_argument("--out", required=True)
+    sw.set_defaults(func=_eval_sweep)
     z = sub.add_parser("zoo", help="re-create the embedded models").add_subparsers(dest="zoo_command")
     z.required = True
     td = z.add_parser("train-digits", help="train the embedded digits teacher from scratch (~20 min on 2 cores)")

@@ -21,6 +21,12 @@ from tqdm.auto import tqdm
 SOLVERS = ("ddim", "euler", "dpmpp")
 
 
+def check_solver(name: str) -> str:
+    if name not in SOLVERS:
+        raise ValueError(f"unknown solver {name!r}; choose one of: {', '.join(SOLVERS)}")
+    return name
+
+
 def make_scheduler(name: str, config: Any) -> Any:
     """A stock diffusers scheduler for the teacher's config, with trailing spacing so step 1 starts at t=T-1."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler

@@ -58,7 +58,7 @@ def test_distill_and_sample_a_tiny_sd_student(tmp_path: Path, tiny_dirs: dict[st
         (["distill", "configs/gmm_dmd2.yaml", "model.timesteps=[1000]"], "out of range"),
         (["distill", "configs/gmm_dmd2.yaml", "model.teacher=/nonexistent/sd15"], "is not a directory"),
         (["distill", "configs/nope.yaml"], "not found"),
-        (["sample", "/nonexistent/run", "--out", "x"], "is not a run directory"),
+        (["sample", "/nonexistent/run", "--out", "x"], "is neither embedded:<name>, a diffusers"),
     ],
 )
 def test_errors_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:

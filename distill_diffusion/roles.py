@@ -53,7 +53,7 @@ class Student(nn.Module):
     def forward(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         return self.denoiser(x_t, t, cond)
 
-    def sample(self, noise: Tensor, cond: Cond, generator: torch.Generator) -> Tensor:
+    def sample(self, noise: Tensor, cond: Cond, generator: torch.Generator | list[torch.Generator]) -> Tensor:
         return multistep(lambda x, t: self(x, t, cond), noise, self.timesteps, self.process, generator)
 
     def rollout(self, noise: Tensor, cond: Cond, k: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:

@@ -30,8 +30,20 @@ def ddim(x0_fn: X0Fn, noise: Tensor, timesteps: Sequence[float], process: NoiseP
     return x
 
 
+def randn(shape: Sequence[int], generator: torch.Generator | list[torch.Generator], like: Tensor) -> Tensor:
+    """Standard normal noise; with a list of generators, row i is drawn from generator i (as diffusers does), so a
+    sample does not depend on which batch it was drawn in."""
+    if isinstance(generator, list):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        rows = [torch.randn((1, *shape[1:]), generator=g, device=g.device) for g in generator]
+        return torch.cat(rows).to(like.device, like.dtype)
+    return torch.randn(tuple(shape), generator=generator, device=generator.device).to(like.device, like.dtype)
+
+
 def multistep(
-    x0_fn: X0Fn, noise: Tensor, timesteps: Sequence[float], process: NoiseProcess, generator: torch.Generator
+    x0_fn: X0Fn, noise: Tensor, timesteps: Sequence[float], process: NoiseProcess,
+    generator: torch.Generator | list[torch.Generator],
 ) -> Tensor:
     """Few-step student sampling (DMD2, LCM): predict x0, re-noise it with fresh noise to the next timestep.
 
@@ -42,6 +54,5 @@ def multistep(
     for i, t in enumerate(timesteps):
         x0 = x0_fn(x, _t(t, x))
         if i + 1 < len(timesteps):
-            eps = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device, x0.dtype)
-            x = process.add_noise(x0, eps, _t(timesteps[i + 1], x))
+            x = process.add_noise(x0, randn(x0.shape, generator, x0), _t(timesteps[i + 1], x))
     return x0

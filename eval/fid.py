@@ -79,7 +79,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"feature dimensions differ: {mu1.shape} vs {mu2.shape}")
     diff = mu1 - mu2
-    covmean, _ = linalg.sqrtm(sigma1.dot(sigma2), disp=False)
+    covmean = linalg.sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():  # near-singular product: regularise as pytorch-fid does
         offset = np.eye(sigma1.shape[0]) * 1e-6
         covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
@@ -155,7 +155,17 @@ def cached_stats(images: np.ndarray | Tensor, features: FeatureFn, cache: str | 
 
 
 def cache_key(*parts: object) -> str:
-    return hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:12]
+    """A short stable hash; an nn.Module contributes its weights, so two nets of one shape never share a cache."""
+    h = hashlib.sha1()
+    for part in parts:
+        if isinstance(part, nn.Module):
+            for name, tensor in sorted(part.state_dict().items()):
+                h.update(name.encode())
+                h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        else:
+            h.update(str(part).encode())
+        h.update(b"|")
+    return h.hexdigest()[:16]
 
 
 def fid(images: np.ndarray | Tensor, reference: FeatureStats, features: FeatureFn) -> float:

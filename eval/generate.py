@@ -101,7 +101,10 @@ def generate(model: Model, prompts: list[str], seeds: list[int], steps: int | No
 
             _, models = model.run
             cond = models.text.encode(p)
-            x = models.student.sample(_noise(s, models.sample_shape), cond, torch.Generator().manual_seed(s[0]))
+            # per-image generators: image i's start noise and re-noising depend on seeds[i] alone
+            gens = [torch.Generator().manual_seed(k) for k in s]
+            noise = torch.cat([torch.randn((1, *models.sample_shape), generator=g) for g in gens])
+            x = models.student.sample(noise, cond, gens)
             images = decode(models, x)
         else:
             pipe = model.pipeline

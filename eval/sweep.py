@@ -10,6 +10,7 @@ model / solver / guidance) into the output directory.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch
 
 from distill_diffusion.config import ConfigError
 
-from .fid import FeatureStats, cached_stats, extract, feature_backend, fid_from_stats, kid
+from .fid import FeatureStats, cache_key, cached_stats, extract, feature_backend, fid_from_stats, kid
 from .generate import Model, generate, load_model
 
 
@@ -93,8 +94,10 @@ def run_sweep(models: list[str], ref: str, nfes: list[int], solvers: list[str], 
     if ref.endswith(".npz"):
         reference = FeatureStats.load(ref)
     else:
-        cache = None if cache_dir is None else Path(cache_dir) / f"ref_{Path(ref).name}_{features}.npz"
-        reference = cached_stats(reference_images(ref), feat, cache)
+        images = reference_images(ref)
+        key = cache_key(ref, backend, images.shape, hashlib.sha1(images.tobytes()).hexdigest())
+        cache = None if cache_dir is None else Path(cache_dir) / f"ref_{key}.npz"
+        reference = cached_stats(images, feat, cache)
     if prompts is None:
         if not digits:
             raise ConfigError("a sweep against a non-digits reference needs prompts (--prompts FILE)")

@@ -1,0 +1,337 @@
+"""Tests for distill_diffusion.eval: FID/KID known answers, cached statistics, CLIP score, generation and the sweep.
+
+Everything is offline: feature spaces are small fixed random conv nets (clean-fid's Inception and torch-fidelity's
+weights need downloads), the CLIP model is open_clip's ViT-B-32 with random weights, and images come from the tiny
+sd15 pipeline of ``conftest.tiny_dirs``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from PIL import Image
+from torch import Tensor, nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+
+from distill_diffusion.config import ConfigError
+from distill_diffusion.eval.clip_score import ClipScorer
+from distill_diffusion.eval.fid import (
+    FeatureStats,
+    cached_stats,
+    extract,
+    feature_backend,
+    fid,
+    fid_from_stats,
+    frechet_distance,
+    kid,
+)
+from distill_diffusion.eval.generate import SOLVERS, Model, generate, make_scheduler
+from distill_diffusion.eval.sweep import run_sweep
+
+PROMPTS = ["a photo of a cat", "a red car", "a dog", "a green tree"]
+
+
+class RandomConvFeatures(nn.Module):
+    """A fixed random feature map: float images (B, 3, 16, 16) in [0, 1] -> (B, dim)."""
+
+    def __init__(self, dim: int = 32, seed: int = 0):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2)
+        self.fc = nn.Linear(8 * 7 * 7, dim)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(torch.tanh(self.conv(x)).flatten(1))
+
+
+class FromUint8(nn.Module):
+    """What torchmetrics hands a custom feature module (with ``normalize=False``) is the ``update`` tensor itself,
+    uint8 (B, 3, H, W) in 0..255, unresized; this maps it to what ``eval.fid.extract`` gives the same net
+    (``x.float() / 255``) and records every input it sees."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+        self.seen: list[tuple[torch.dtype, tuple[int, ...]]] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.seen.append((x.dtype, tuple(x.shape)))
+        return self.net(x.float() / 255.0)
+
+
+def _sqrt_psd(s: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh(s)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def _reference_fid(x: np.ndarray, y: np.ndarray) -> float:
+    """FID with Tr((S1^1/2 S2 S1^1/2)^1/2) from symmetric eigen-decompositions instead of sqrtm(S1 S2)."""
+    m1, m2 = x.mean(0), y.mean(0)
+    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    r = _sqrt_psd(s1)
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(r @ s2 @ r), 0, None)).sum()
+    return float(((m1 - m2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+
+
+def _closed_form(mu1: np.ndarray, a: np.ndarray, mu2: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance of Gaussians whose covariances share eigenvectors, with eigenvalues a and b."""
+    return float(((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum())
+
+
+def _image_sets(n: int = 300, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two sets of uint8 (n, 16, 16, 3) images: uniform noise, and a darker-contrast, brighter version of it."""
+    rng = np.random.default_rng(seed)
+    real = rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8)
+    fake = np.clip(rng.integers(0, 256, (n, 16, 16, 3)) * 0.8 + 40, 0, 255).astype(np.uint8)
+    return real, fake
+
+
+# ------------------------------------------------------------------------------------------------ Frechet distance
+def test_frechet_distance_diagonal_gaussians_closed_form() -> None:
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=8), rng.normal(size=8)
+    a, b = rng.uniform(0.1, 3.0, 8), rng.uniform(0.1, 3.0, 8)
+    want = _closed_form(mu1, a, mu2, b)
+    assert want > 1
+    assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(want, abs=1e-8)
+    # one dimension as full 1x1 matrices: (m1 - m2)^2 + (s1 - s2)^2 with standard deviations s
+    assert frechet_distance(np.array([1.0, 0.0]), np.diag([4.0, 1.0]), np.array([3.0, 0.0]),
+                            np.diag([9.0, 1.0])) == pytest.approx(4.0 + 1.0, abs=1e-8)
+
+
+def test_frechet_distance_commuting_covariances_closed_form_symmetric_and_zero() -> None:
+    rng = np.random.default_rng(1)
+    d = 12
+    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    a, b = rng.uniform(0.1, 3.0, d), rng.uniform(0.1, 3.0, d)
+    s1, s2 = q @ np.diag(a) @ q.T, q @ np.diag(b) @ q.T
+    assert np.abs(s1 @ s2 - s2 @ s1).max() < 1e-12  # they commute but are far from diagonal
+    assert np.abs(s1 - np.diag(np.diag(s1))).max() > 0.1
+    want = _closed_form(mu1, a, mu2, b)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(want, abs=1e-8)
+    assert frechet_distance(mu2, s2, mu1, s1) == pytest.approx(want, abs=1e-8)
+    assert frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-8)
+    # a general (non-commuting) pair: symmetric, zero against itself, and equal to the eigen-based reference
+    x, y = rng.normal(size=(200, d)), 0.5 + rng.normal(size=(200, d)) @ rng.normal(size=(d, d)) / 3
+    sx, sy = FeatureStats.from_features(x), FeatureStats.from_features(y)
+    assert fid_from_stats(sx, sy) == pytest.approx(fid_from_stats(sy, sx), rel=1e-10)
+    assert fid_from_stats(sx, sy) == pytest.approx(_reference_fid(x, y), rel=1e-8)
+    assert fid_from_stats(sy, sy) == pytest.approx(0.0, abs=1e-8)
+    with pytest.raises(ValueError, match="dimensions"):
+        frechet_distance(mu1, s1, mu2[:-1], s2[:-1, :-1])
+
+
+# ------------------------------------------------------------------------------------------------ FID from images
+def test_fid_matches_eigen_reference_and_torchmetrics_with_the_same_feature_net() -> None:
+    real, fake = _image_sets()
+    net = RandomConvFeatures(dim=32)
+    feat = feature_backend(net)
+    f_real, f_fake = extract(real, feat, batch_size=128), extract(fake, feat, batch_size=128)
+    assert f_real.shape == (300, 32) and f_real.dtype == torch.float64
+    reference = FeatureStats.from_features(f_real)
+    ours = fid(fake, reference, feat)
+    assert ours == pytest.approx(fid_from_stats(FeatureStats.from_features(f_fake), reference), rel=1e-12)
+    assert ours > 1  # the two sets are far apart in this feature space
+
+    # 1. an independent computation from the same features
+    assert ours == pytest.approx(_reference_fid(f_fake.numpy(), f_real.numpy()), rel=1e-6)
+
+    # 2. torchmetrics with the same net behind a uint8 -> [0, 1] wrapper
+    wrapped = FromUint8(net)
+    metric = FrechetInceptionDistance(feature=wrapped, input_img_size=(3, 16, 16))
+    metric.update(torch.from_numpy(real).permute(0, 3, 1, 2), real=True)
+    metric.update(torch.from_numpy(fake).permute(0, 3, 1, 2), real=False)
+    theirs = float(metric.compute())
+    assert theirs == pytest.approx(ours, rel=1e-3)
+    # one dummy call to infer the feature width, then each update's tensor untouched: uint8 NCHW, not resized
+    assert wrapped.seen == [(torch.uint8, (1, 3, 16, 16)), (torch.uint8, (300, 3, 16, 16)),
+                            (torch.uint8, (300, 3, 16, 16))]
+
+
+def test_feature_stats_save_load_round_trip(tmp_path: Path) -> None:
+    stats = FeatureStats.from_features(np.random.default_rng(0).normal(size=(50, 6)))
+    path = tmp_path / "sub" / "ref.npz"
+    stats.save(path)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["ref.npz"]  # no temporary file left behind
+    with np.load(path, allow_pickle=False) as d:
+        assert sorted(d.files) == ["features", "mu", "sigma"]
+    loaded = FeatureStats.load(path)
+    assert loaded.n == 50
+    for name in ("mu", "sigma", "features"):
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(stats, name))
+        assert getattr(loaded, name).dtype == np.float64
+    np.testing.assert_allclose(loaded.sigma, np.cov(loaded.features, rowvar=False), rtol=1e-12)
+
+
+def test_cached_stats_computes_once_then_loads(tmp_path: Path) -> None:
+    images, _ = _image_sets(n=40)
+    net = RandomConvFeatures(dim=8)
+    calls = []
+
+    def counting(x: Tensor) -> Tensor:
+        calls.append(len(x))
+        return net(x)
+
+    cache = tmp_path / "ref.npz"
+    first = cached_stats(images, counting, cache)
+    assert sum(calls) == 40 and cache.is_file()
+    second = cached_stats(images, counting, cache)
+    assert sum(calls) == 40  # loaded, not recomputed
+    np.testing.assert_array_equal(second.features, first.features)
+    np.testing.assert_array_equal(second.sigma, first.sigma)
+    cached_stats(images, counting, None)
+    assert sum(calls) == 80  # no cache: computed every time
+
+
+# ------------------------------------------------------------------------------------------------ KID
+def _unbiased_mmd2(x: np.ndarray, y: np.ndarray) -> float:
+    d, m = x.shape[1], len(x)
+    k = lambda a, b: (a @ b.T / d + 1) ** 3  # noqa: E731
+    kxx, kyy = k(x, x), k(y, y)
+    off = lambda s: (s.sum() - np.trace(s)) / (m * (m - 1))  # noqa: E731
+    return float(off(kxx) + off(kyy) - 2 * k(x, y).sum() / m**2)
+
+
+def test_kid_near_zero_for_one_distribution_positive_for_a_shift_and_deterministic() -> None:
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(400, 16)), rng.normal(size=(400, 16))
+    same, _ = kid(a, b, subsets=50, subset_size=100, seed=0)
+    shifted, _ = kid(a, b + 0.5, subsets=50, subset_size=100, seed=0)
+    assert shifted > 0.5
+    assert abs(same) < 0.05 * shifted
+    assert kid(a, b + 0.5, subsets=50, subset_size=100, seed=0) == kid(a, b + 0.5, subsets=50, subset_size=100,
+                                                                          seed=0)
+    assert kid(a, b, subsets=50, subset_size=100, seed=1) != kid(a, b, subsets=50, subset_size=100, seed=0)
+    # subsets as large as the sets are the sets themselves: the exact unbiased MMD^2, no spread
+    mean, std = kid(a, b + 0.5, subsets=3, subset_size=1000)
+    assert mean == pytest.approx(_unbiased_mmd2(a, b + 0.5), rel=1e-10)
+    assert std < 1e-10
+
+
+# ------------------------------------------------------------------------------------------------ CLIP score
+def test_clip_score_random_vit_b_32() -> None:
+    scorer = ClipScorer("ViT-B-32", pretrained=None)
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    scores = scorer.per_image(images, PROMPTS)
+    assert scores.shape == (4,) and np.isfinite(scores).all()
+    assert ((scores >= 0) & (scores <= 100)).all()
+    np.testing.assert_array_equal(scorer.per_image(images, PROMPTS), scores)
+    np.testing.assert_allclose(scorer.per_image(images, PROMPTS, batch_size=3), scores, atol=1e-3)
+    assert scorer(images, PROMPTS) == pytest.approx(float(scores.mean()), abs=1e-5)
+    with pytest.raises(ValueError, match="3 prompts"):
+        scorer.per_image(images, PROMPTS[:3])
+
+
+# ------------------------------------------------------------------------------------------------ generation
+@pytest.fixture(scope="module")
+def sd15(tiny_dirs: dict[str, str]) -> Iterator[Model]:
+    pipe = DiffusionPipeline.from_pretrained(tiny_dirs["sd15"], local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    yield Model("sd15", pipeline=pipe)
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_generate_per_image_seeds(sd15: Model, solver: str, steps: int) -> None:
+    images, seconds = generate(sd15, PROMPTS, [0, 1, 2, 3], steps, solver=solver, batch_size=1, progress=False)
+    assert images.shape == (4, 16, 16, 3) and images.dtype == np.uint8
+    assert seconds > 0
+    batched, _ = generate(sd15, PROMPTS, [0, 1, 2, 3], steps, solver=solver, batch_size=4, progress=False)
+    np.testing.assert_array_equal(batched, images)
+    other, _ = generate(sd15, PROMPTS, [4, 5, 6, 7], steps, solver=solver, batch_size=4, progress=False)
+    for i in range(4):
+        assert np.abs(other[i].astype(int) - images[i]).mean() > 5
+
+
+def test_generate_with_guidance_is_batch_invariant_and_checks_lengths(sd15: Model) -> None:
+    one, _ = generate(sd15, PROMPTS, [0, 1, 2, 3], 1, guidance=2.0, batch_size=1, progress=False)
+    four, _ = generate(sd15, PROMPTS, [0, 1, 2, 3], 1, guidance=2.0, batch_size=4, progress=False)
+    np.testing.assert_array_equal(one, four)
+    with pytest.raises(ValueError, match="same length"):
+        generate(sd15, PROMPTS, [0, 1], 1, progress=False)
+
+
+def test_make_scheduler_trailing_spacing_and_unknown_solver(sd15: Model) -> None:
+    config = sd15.pipeline.scheduler.config
+    for solver in SOLVERS:
+        scheduler = make_scheduler(solver, config)
+        scheduler.set_timesteps(4)
+        assert scheduler.timesteps.tolist() == [999, 749, 499, 249], solver
+    with pytest.raises(ValueError, match="ddim"):
+        make_scheduler("heun", config)
+
+
+# ------------------------------------------------------------------------------------------------ sweep
+def _write_reference(folder: Path, n: int, sizes: tuple[int, ...] = (16,)) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        size = sizes[i % len(sizes)]
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+
+
+def test_run_sweep_end_to_end(tmp_path: Path, tiny_dirs: dict[str, str]) -> None:
+    ref = tmp_path / "ref"
+    _write_reference(ref, 40)
+    out = tmp_path / "out"
+    # 8 features so that 16 samples give a full-rank covariance
+    rows = run_sweep([tiny_dirs["sd15"]], str(ref), nfes=[1, 2], solvers=["ddim"], guidances=[1.0, 2.0],
+                     num_samples=16, out_dir=out, features=RandomConvFeatures(dim=8), prompts=PROMPTS[:2],
+                     cache_dir=tmp_path / "cache", progress=False)
+    # CFG 2 costs two NFEs a step: skipped at NFE 1, one step at NFE 2
+    assert [(r["guidance"], r["steps"], r["nfe"]) for r in rows] == [(1.0, 1, 1), (1.0, 2, 2), (2.0, 1, 2)]
+    for r in rows:
+        assert r["solver"] == "ddim" and r["n"] == 16
+        assert np.isfinite(r["fid"]) and r["fid"] > 0 and np.isfinite(r["kid"])
+        assert r["ms_per_image"] > 0
+        assert r["images_per_s"] == pytest.approx(1000 / r["ms_per_image"])
+    saved = json.loads((out / "sweep.json").read_text())
+    assert saved["reference_n"] == 40 and saved["rows"] == rows
+    md = (out / "sweep.md").read_text().strip().splitlines()
+    assert len(md) == 2 + len(rows) and "FID" in md[0]
+    assert (out / "fid_vs_nfe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
+
+
+def test_run_sweep_rejects_bad_reference_folders(tmp_path: Path, tiny_dirs: dict[str, str]) -> None:
+    kwargs = dict(nfes=[1], solvers=["ddim"], guidances=[1.0], num_samples=4, features=RandomConvFeatures(dim=8),
+                  prompts=PROMPTS, progress=False)
+    mixed = tmp_path / "mixed"
+    _write_reference(mixed, 4, sizes=(16, 24))
+    with pytest.raises(ConfigError, match="size"):
+        run_sweep([tiny_dirs["sd15"]], str(mixed), out_dir=tmp_path / "out1", **kwargs)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="no .png"):
+        run_sweep([tiny_dirs["sd15"]], str(empty), out_dir=tmp_path / "out2", **kwargs)
+
+
+def test_multistep_student_images_do_not_depend_on_the_batch() -> None:
+    """Start noise and every re-noising of image i come from seeds[i] alone, as for the teacher pipelines."""
+    from distill_diffusion.config import ModelConfig
+    from distill_diffusion.models import build_models
+
+    models = build_models(ModelConfig(teacher="tiny:sd15", timesteps=[999, 499]), need_critic=False)
+    model = Model("student", run=(None, models))
+    prompts = ["a photo of a cat"] * 4
+    one, _ = generate(model, prompts, [0, 1, 2, 3], batch_size=1, progress=False)
+    four, _ = generate(model, prompts, [0, 1, 2, 3], batch_size=4, progress=False)
+    np.testing.assert_array_equal(one, four)
+    assert np.abs(one[0].astype(int) - one[1]).max() > 0
+
+
+def test_frechet_distance_one_dimensional() -> None:
+    from distill_diffusion.eval.fid import frechet_distance
+
+    # N(1, 4) vs N(3, 9): (1-3)^2 + (2-3)^2 = 5
+    assert frechet_distance(np.array([1.0]), np.array([[4.0]]), np.array([3.0]), np.array([[9.0]])) == pytest.approx(5)

@@ -16,6 +16,9 @@ from typing import Any
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 EMBEDDED = {"digits": WEIGHTS / "digits", "digits_classifier": WEIGHTS / "digits_classifier.safetensors"}
 PREFIX = "embedded:"
+# the digits teacher's best CFG scale at 50 DDIM steps (lowest digits-FID, prompt accuracy 0.994;
+# `python bench/digits_teacher.py`, docs/BENCHMARKS.md)
+DIGITS_BEST_GUIDANCE = 2.0
 
 
 def path(name: str) -> Path:

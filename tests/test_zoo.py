@@ -1,0 +1,75 @@
+"""The embedded models: shipped weights load offline, meet their quality floors, and the re-creation commands run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distill_diffusion import zoo
+from distill_diffusion.eval.generate import generate, load_model
+from distill_diffusion.eval.sweep import digit_prompts, prompt_accuracy
+from distill_diffusion.zoo.digits_data import PROMPTS, digits_split, label_of_prompt
+
+ROOT = Path(__file__).resolve().parents[1]
+BEST_GUIDANCE = zoo.DIGITS_BEST_GUIDANCE
+
+
+def test_classifier_held_out_accuracy() -> None:
+    clf = zoo.load("embedded:digits_classifier")
+    x, y = digits_split()["test"]
+    acc = (clf.predict(x) == y).float().mean().item()
+    assert acc >= 0.97, acc
+
+
+def test_digits_teacher_loads_offline_as_a_stable_diffusion_pipeline() -> None:
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    pipe = zoo.load("digits")
+    assert isinstance(pipe, StableDiffusionPipeline)
+    assert isinstance(pipe.unet, UNet2DConditionModel) and isinstance(pipe.vae, AutoencoderKL)
+    assert isinstance(pipe.scheduler, DDPMScheduler)
+    assert pipe.scheduler.config.prediction_type == "epsilon"
+    assert pipe.scheduler.config.beta_schedule == "scaled_linear"
+    files = [p for p in zoo.WEIGHTS.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 25 * 2**20
+    assert not [p for p in files if p.suffix in (".bin", ".pt", ".pkl", ".ckpt")]  # safetensors only
+
+
+def test_digits_teacher_follows_its_prompts() -> None:
+    """At 50 DDIM steps and the best CFG scale, the classifier reads the prompted digit in >= 90% of 300 images."""
+    model = load_model("embedded:digits")
+    prompts = digit_prompts(300)
+    images, _ = generate(model, prompts, list(range(300)), steps=50, guidance=BEST_GUIDANCE, solver="ddim",
+                         batch_size=300, progress=False)
+    assert images.shape == (300, 16, 16, 3)
+    acc = prompt_accuracy(images, prompts, zoo.load("digits_classifier"))
+    assert acc >= 0.90, acc
+
+
+def test_prompt_labels() -> None:
+    assert [label_of_prompt(p) for p in PROMPTS] == list(range(10))
+    assert label_of_prompt("a photo of a cat") == -1
+
+
+def test_unknown_embedded_model() -> None:
+    with pytest.raises(ValueError, match="choose one of: digits"):
+        zoo.path("embedded:cats")
+
+
+def test_train_digits_command_writes_a_loadable_pipeline(tmp_path: Path) -> None:
+    out = tmp_path / "digits"
+    cmd = [sys.executable, "-m", "distill_diffusion.cli", "zoo", "train-digits", str(out), "--vae-steps", "2",
+           "--unet-steps", "3"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    info = json.loads((out / "training.json").read_text())
+    assert info["unet_steps"] == 3 and info["vae_steps"] == 2
+    model = load_model(str(out))
+    images, _ = generate(model, ["a handwritten digit one"], [0], steps=2, progress=False)
+    assert images.shape == (1, 16, 16, 3)
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "not empty" in r.stderr  # an existing teacher is never overwritten by accident

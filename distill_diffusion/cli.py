@@ -148,7 +148,8 @@ def _zoo_train_digits(args: argparse.Namespace) -> None:
     out = Path(args.out_dir)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise ConfigError(f"output directory {str(out)!r} is not empty; pass --overwrite or choose another")
-    print(json.dumps(train_digits(out, vae_steps=args.vae_steps, unet_steps=args.unet_steps, seed=args.seed)))
+    print(json.dumps(train_digits(out, vae_steps=args.vae_steps, unet_steps=args.unet_steps, seed=args.seed,
+                                  lr=args.lr, max_shift=args.max_shift, init_from=args.init_from)))
 
 
 def _zoo_train_classifier(args: argparse.Namespace) -> None:
@@ -207,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     td.add_argument("--vae-steps", type=int, default=800)
     td.add_argument("--unet-steps", type=int, default=7000)
     td.add_argument("--seed", type=int, default=0)
+    td.add_argument("--lr", type=float, default=1e-3, help="UNet peak learning rate (one-cycle schedule)")
+    td.add_argument("--max-shift", type=int, default=1, help="random shift augmentation in pixels (0: none)")
+    td.add_argument("--init-from", default=None, help="continue from a pipeline this command made (fine-tuning)")
     td.add_argument("--overwrite", action="store_true")
     td.set_defaults(func=_zoo_train_digits)
     tc = z.add_parser("train-classifier", help="train the digits classifier (FID features, prompt accuracy)")

@@ -52,13 +52,14 @@ def _rgb(x: torch.Tensor) -> torch.Tensor:
     return (x * 2 - 1).repeat(1, 3, 1, 1)  # gray [0, 1] -> RGB [-1, 1], SD's pixel range
 
 
-def train_vae(vae, images: torch.Tensor, steps: int, gen: torch.Generator, progress: bool) -> None:  # noqa: ANN001
+def train_vae(vae, images: torch.Tensor, steps: int, gen: torch.Generator, progress: bool,  # noqa: ANN001
+              max_shift: int = 1) -> None:
     """Reconstruction MSE + 1e-6 KL (SD's autoencoder trades off the same way, without the GAN/LPIPS terms)."""
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     vae.train()
     for _ in tqdm(range(steps), desc="vae", disable=not progress):
         idx = torch.randint(0, len(images), (64,), generator=gen)
-        x = _rgb(shift_augment(images[idx], 1, gen))
+        x = _rgb(shift_augment(images[idx], max_shift, gen))
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
         loss = F.mse_loss(vae.decode(z).sample, x) + 1e-6 * post.kl().mean()
@@ -69,8 +70,13 @@ def train_vae(vae, images: torch.Tensor, steps: int, gen: torch.Generator, progr
 
 
 def train_digits(out_dir: str | Path, vae_steps: int = 800, unet_steps: int = 7000, batch_size: int = 64,
-                 seed: int = 0, progress: bool = True) -> dict:
-    """Train VAE then UNet from scratch and save a ``StableDiffusionPipeline`` directory (safetensors) at out_dir."""
+                 seed: int = 0, progress: bool = True, lr: float = 1e-3, max_shift: int = 1,
+                 init_from: str | Path | None = None) -> dict:
+    """Train VAE then UNet and save a ``StableDiffusionPipeline`` directory (safetensors) at out_dir.
+
+    From scratch by default; ``init_from`` (a pipeline directory made by this function) continues from its VAE,
+    text encoder and UNet instead, e.g. to fine-tune without the shift augmentation (``max_shift=0``).
+    """
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTextModel
 
@@ -80,18 +86,29 @@ def train_digits(out_dir: str | Path, vae_steps: int = 800, unet_steps: int = 70
     torch.manual_seed(seed)
     images, labels = digits_split(TEACHER_SIZE)["train"]
 
+    init = None
+    if init_from is not None:
+        from diffusers import DiffusionPipeline
+
+        init = DiffusionPipeline.from_pretrained(init_from, local_files_only=True)
+
     # 1. autoencoder; its scaling factor makes the latents unit-variance, as SD's 0.18215 does
-    vae = build_vae()
-    train_vae(vae, images, vae_steps, gen, progress)
-    with torch.no_grad():
-        latents = torch.cat([vae.encode(_rgb(images[i : i + 256])).latent_dist.mean
-                             for i in range(0, len(images), 256)])
-    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    vae = build_vae() if init is None else init.vae
+    if vae_steps > 0:
+        train_vae(vae, images, vae_steps, gen, progress, max_shift)
+        with torch.no_grad():
+            latents = torch.cat([vae.encode(_rgb(images[i : i + 256])).latent_dist.mean
+                                 for i in range(0, len(images), 256)])
+        vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    vae.eval().requires_grad_(False)
     t_vae = time.time() - t0
 
     # 2. frozen text encoder; the prompt embeddings are computed once
-    tokenizer = build_tokenizer()
-    text_encoder = CLIPTextModel(_text_config(tokenizer, "quick_gelu")).eval().requires_grad_(False)
+    if init is None:
+        tokenizer = build_tokenizer()
+        text_encoder = CLIPTextModel(_text_config(tokenizer, "quick_gelu")).eval().requires_grad_(False)
+    else:
+        tokenizer, text_encoder = init.tokenizer, init.text_encoder.eval().requires_grad_(False)
     ids = tokenizer(list(PROMPTS) + [""], padding="max_length", max_length=tokenizer.model_max_length,
                     return_tensors="pt").input_ids
     with torch.no_grad():
@@ -99,17 +116,17 @@ def train_digits(out_dir: str | Path, vae_steps: int = 800, unet_steps: int = 70
 
     # 3. the UNet: epsilon prediction on SD's schedule, shifted digits encoded on the fly (posterior samples)
     scheduler = _scheduler("epsilon")
-    unet = build_unet()
+    unet = build_unet() if init is None else init.unet.requires_grad_(True)
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=unet_steps, pct_start=0.05)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=unet_steps, pct_start=0.05)
     abar = scheduler.alphas_cumprod
     unet.train()
     losses = []
     for step in tqdm(range(unet_steps), desc="unet", disable=not progress):
         idx = torch.randint(0, len(images), (batch_size,), generator=gen)
         with torch.no_grad():
-            post = vae.encode(_rgb(shift_augment(images[idx], 1, gen))).latent_dist
+            post = vae.encode(_rgb(shift_augment(images[idx], max_shift, gen))).latent_dist
             x0 = (post.mean + post.std * torch.randn(post.mean.shape, generator=gen)) * vae.config.scaling_factor
         y = labels[idx].clone()
         y[torch.rand(batch_size, generator=gen) < PROMPT_DROPOUT] = 10
@@ -140,7 +157,8 @@ def train_digits(out_dir: str | Path, vae_steps: int = 800, unet_steps: int = 70
     pipe.save_pretrained(tmp, safe_serialization=True)
     info = {
         "seconds_total": round(time.time() - t0, 1), "seconds_vae": round(t_vae, 1), "vae_steps": vae_steps,
-        "unet_steps": unet_steps, "batch_size": batch_size, "seed": seed,
+        "unet_steps": unet_steps, "batch_size": batch_size, "seed": seed, "lr": lr, "max_shift": max_shift,
+        "init_from": None if init_from is None else str(init_from),
         "unet_params": sum(p.numel() for p in unet.parameters()),
         "vae_params": sum(p.numel() for p in vae.parameters()),
         "final_loss_mean_last_500": sum(losses[-500:]) / len(losses[-500:]),

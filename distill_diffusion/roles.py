@@ -11,7 +11,7 @@ VAE, the mixture). Built by `distill_diffusion.models.build_models`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -84,7 +84,6 @@ class Models:
     text: Any = None  # TextConditioner for prompt-conditioned families
     vae: nn.Module | None = None
     pipeline: Any = None  # the teacher's diffusers pipeline (export reuses its class and components)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def trainable(self) -> dict[str, nn.Module]:
         roles: dict[str, nn.Module] = {"student": self.student}

@@ -97,8 +97,9 @@ def _sample(args: argparse.Namespace) -> None:
             else:
                 if not prompts:
                     raise ConfigError("give --prompt TEXT (repeatable) or --prompts FILE")
-                steps, guidance, solver = args.steps or 50, 1.0 if args.guidance is None else args.guidance, \
-                    args.scheduler or "ddim"
+                steps = args.steps or 50
+                guidance = 1.0 if args.guidance is None else args.guidance
+                solver = args.scheduler or "ddim"
             all_prompts = [p for p in prompts for _ in range(args.num_per_prompt)]
             seeds = [seed + j for _ in prompts for j in range(args.num_per_prompt)]
             images, _ = generate(model, all_prompts, seeds, steps, guidance, solver, progress=False)
@@ -122,6 +123,7 @@ def _sample(args: argparse.Namespace) -> None:
 
 
 def _eval_sweep(args: argparse.Namespace) -> None:
+    from .eval.generate import check_solver
     from .eval.sweep import run_sweep
 
     def ints(text: str) -> list[int]:
@@ -132,11 +134,7 @@ def _eval_sweep(args: argparse.Namespace) -> None:
 
     prompts = _read_prompt_args(args) if args.prompts else None
     guidances = [float(v) for v in args.guidance.split(",")]
-    solvers = args.solvers.split(",")
-    for s in solvers:
-        from .eval.generate import check_solver
-
-        check_solver(s)
+    solvers = [check_solver(s) for s in args.solvers.split(",")]
     run_sweep(args.models, args.ref, ints(args.nfe), solvers, guidances, args.num_samples, args.out,
               features=args.features, batch_size=args.batch_size, prompts=prompts, cache_dir=args.cache_dir)
     print((Path(args.out) / "sweep.md").read_text())

@@ -1,6 +1,8 @@
 """``distill-diffusion``: the command line.
 
+    distill-diffusion run CONFIG [--out DIR] [--resume] [key=value ...]     distill -> export -> sweep -> report.md
     distill-diffusion distill CONFIG [--out DIR] [--resume] [key=value ...]
+    distill-diffusion export RUN_DIR OUT_DIR [--lora] [--overwrite]
     distill-diffusion sample MODEL --out DIR [--prompt TEXT ... | --prompts FILE] [--num-per-prompt N] [--steps K]
                              [--guidance W] [--scheduler ddim|euler|dpmpp] [--seed S]
     distill-diffusion eval sweep MODEL... --ref REF --out DIR [--nfe 1,2,4,...] [--solvers ddim,euler,dpmpp]
@@ -29,7 +31,29 @@ def _distill(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     metrics = Trainer(cfg, out, resume=args.resume).train()
-    print(json.dumps({"run": str(out), **metrics}))
+    result = {"run": str(out), **metrics}
+    if cfg.model.teacher != "gmm":  # every image run ends with its diffusers export
+        from .pipelines.export import export
+
+        result["export"] = str(export(out, out / "export", overwrite=True))
+        if cfg.model.student_lora_rank is not None:
+            result["export_lora"] = str(export(out, out / "export_lora", lora=True, overwrite=True))
+    print(json.dumps(result))
+
+
+def _run(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .job import run_job
+
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    print(f"wrote {run_job(cfg, out, resume=args.resume)}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from .pipelines.export import export
+
+    print(f"wrote {export(args.run_dir, args.out_dir, lora=args.lora, overwrite=args.overwrite)}")
 
 
 def _read_prompt_args(args: argparse.Namespace) -> list[str] | None:
@@ -83,7 +107,7 @@ def _sample(args: argparse.Namespace) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        if model.is_student and model.run[1].family == "gmm":
+        if model.run is not None and model.run[1].family == "gmm":
             _sample_mixture(args, model.run[1], tmp, seed)
         else:
             from .eval.generate import generate
@@ -92,6 +116,8 @@ def _sample(args: argparse.Namespace) -> None:
                 if args.steps is not None or args.scheduler is not None or args.guidance is not None:
                     raise ConfigError("a distilled student samples on its own timesteps without CFG; "
                                       "drop --steps / --scheduler / --guidance")
+                if not prompts and model.run is None:
+                    raise ConfigError("give --prompt TEXT (repeatable) or --prompts FILE")
                 prompts = prompts or model.run[0].data.prompts
                 steps, guidance, solver = model.student_steps, 1.0, "student"
             else:
@@ -110,7 +136,7 @@ def _sample(args: argparse.Namespace) -> None:
                 record = {"file": name, "prompt": prompt, "seed": s, "steps": steps, "guidance": guidance,
                           "scheduler": solver}
                 if model.is_student:
-                    record["timesteps"] = model.run[1].student.timesteps
+                    record["timesteps"] = model.timesteps
                 lines.append(json.dumps(record))
             (tmp / "samples.jsonl").write_text("\n".join(lines) + "\n")
     except BaseException:
@@ -162,14 +188,24 @@ def _zoo_train_classifier(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distill-diffusion", description="Few-step diffusion distillation.")
-    sub = parser.add_subparsers(dest="command", metavar="{distill,sample,eval,zoo}")
+    sub = parser.add_subparsers(dest="command", metavar="{run,distill,export,sample,eval,zoo}")
     sub.required = True
-    d = sub.add_parser("distill", help="train a few-step student from a YAML config")
-    d.add_argument("config", help="experiment YAML, e.g. configs/gmm_dmd2.yaml")
-    d.add_argument("--out", help="run directory (default: runs/<config name>)")
-    d.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    d.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=200")
-    d.set_defaults(func=_distill)
+    for name, func, helptext in (
+        ("run", _run, "distill, export, sweep the student against the teacher and write report.md"),
+        ("distill", _distill, "train a few-step student from a YAML config (and export it)"),
+    ):
+        d = sub.add_parser(name, help=helptext)
+        d.add_argument("config", help="experiment YAML, e.g. configs/digits_dmd2.yaml")
+        d.add_argument("--out", help="run directory (default: runs/<config name>)")
+        d.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+        d.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=200")
+        d.set_defaults(func=func)
+    x = sub.add_parser("export", help="write a run's student as a plain diffusers pipeline (or LoRA weights)")
+    x.add_argument("run_dir")
+    x.add_argument("out_dir")
+    x.add_argument("--lora", action="store_true", help="LoRA weights for the teacher pipeline (LoRA students)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    x.set_defaults(func=_export)
     s = sub.add_parser("sample", help="sample a teacher (embedded:digits, a diffusers dir) or a run's student")
     s.add_argument("model", help="embedded:digits, a diffusers pipeline directory, or a run directory")
     s.add_argument("--out", required=True)
@@ -204,10 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     td = z.add_parser("train-digits", help="train the embedded digits teacher from scratch (~20 min on 2 cores)")
     td.add_argument("out_dir")
     td.add_argument("--vae-steps", type=int, default=800)
-    td.add_argument("--unet-steps", type=int, default=7000)
+    td.add_argument("--unet-steps", type=int, default=6500)
     td.add_argument("--seed", type=int, default=0)
     td.add_argument("--lr", type=float, default=1e-3, help="UNet peak learning rate (one-cycle schedule)")
-    td.add_argument("--max-shift", type=int, default=1, help="random shift augmentation in pixels (0: none)")
+    td.add_argument("--max-shift", type=int, default=0, help="random shift augmentation in pixels (0: none)")
     td.add_argument("--init-from", default=None, help="continue from a pipeline this command made (fine-tuning)")
     td.add_argument("--overwrite", action="store_true")
     td.set_defaults(func=_zoo_train_digits)
@@ -223,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come before or after options such as --out
-    if extra and (args.command != "distill" or any(e.startswith("-") or "=" not in e for e in extra)):
+    if extra and (args.command not in ("distill", "run") or any(e.startswith("-") or "=" not in e for e in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = list(args.overrides) + extra

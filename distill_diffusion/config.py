@@ -32,6 +32,19 @@ class ModelConfig:
     gmm_dim: int = 2
     mlp_hidden: int = 128
     mlp_layers: int = 3
+    # a LoRA student: an adapter on a frozen copy of the teacher's UNet (exports merged, or as LoRA weights)
+    student_lora_rank: int | None = field(default=None, metadata={"help": "LoRA rank; null = full-weight student"})
+    student_lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: the rank)"})
+    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+    def __post_init__(self) -> None:
+        if self.student_lora_rank is not None and self.student_lora_rank < 1:
+            raise ConfigError(f"model.student_lora_rank must be >= 1 (or null for a full-weight student), "
+                              f"got {self.student_lora_rank}")
+        if self.student_lora_alpha is not None and self.student_lora_alpha <= 0:
+            raise ConfigError(f"model.student_lora_alpha must be > 0, got {self.student_lora_alpha}")
+        if not self.lora_targets:
+            raise ConfigError("model.lora_targets must name at least one module, e.g. [to_q, to_k, to_v, to_out.0]")
 
 
 @dataclass
@@ -70,12 +83,40 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """What `distill-diffusion run` measures after training: the FID-vs-NFE sweep and the sample grids."""
+
+    ref: str = field(default="digits", metadata={"help": "FID reference: digits | image folder | stats .npz"})
+    prompt_file: str | None = field(default=None, metadata={"help": "sweep prompts (required unless ref digits)"})
+    num_samples: int = 1000
+    nfe: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 50])
+    solvers: list[str] = field(default_factory=lambda: ["ddim"])
+    guidance: list[float] = field(default_factory=lambda: [1.0], metadata={"help": "teacher CFG scales swept"})
+    features: str = "auto"
+    batch_size: int = 250
+    grid_prompts: int = 10
+    grid_seeds: int = 4
+    grid_teacher_steps: int = 50
+    grid_teacher_guidance: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("num_samples", "batch_size", "grid_prompts", "grid_seeds", "grid_teacher_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.nfe or any(n < 1 for n in self.nfe):
+            raise ConfigError(f"eval.nfe must be a non-empty list of positive integers, got {self.nfe}")
+        if any(w < 0 for w in [*self.guidance, self.grid_teacher_guidance]):
+            raise ConfigError("eval guidance scales must be >= 0 (1 = no guidance)")
+
+
+@dataclass
 class Config:
     method: str
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     method_args: Any = None  # the method's own dataclass, YAML section named after the method
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -84,6 +125,7 @@ class Config:
             "model": dataclasses.asdict(self.model),
             "data": dataclasses.asdict(self.data),
             "train": dataclasses.asdict(self.train),
+            "eval": dataclasses.asdict(self.eval),
         }
 
     def save(self, path: str | Path) -> None:
@@ -190,7 +232,7 @@ def parse_config(raw: dict[str, Any]) -> Config:
     method = raw.get("method")
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of: {', '.join(sorted(METHODS))}")
-    sections = {"method", "model", "data", "train", method}
+    sections = {"method", "model", "data", "train", "eval", method}
     unknown = sorted(set(raw) - sections)
     if unknown:
         raise ConfigError(f"unknown key {unknown[0]!r}; valid top-level keys: {', '.join(sorted(sections))}")
@@ -200,6 +242,7 @@ def parse_config(raw: dict[str, Any]) -> Config:
         data=from_dict(DataConfig, raw.get("data"), "data"),
         train=from_dict(TrainConfig, raw.get("train"), "train"),
         method_args=from_dict(METHODS[method].config_class, raw.get(method), method),
+        eval=from_dict(EvalConfig, raw.get("eval"), "eval"),
     )
 
 

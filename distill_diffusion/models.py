@@ -27,8 +27,11 @@ def build_models(cfg: ModelConfig, need_critic: bool, seed: int = 0) -> Models:
     """Teacher, student and (when ``need_critic``) critic for ``cfg.teacher``; fresh weights are seeded by ``seed``."""
     want_critic = need_critic if cfg.critic is None else cfg.critic
     if cfg.teacher == "gmm":
+        if cfg.student_lora_rank is not None:
+            raise ConfigError("model.student_lora_rank needs a diffusers teacher (a mixture student is an MLP); "
+                              "set it to null for teacher gmm")
         return _build_mixture(cfg, want_critic, seed)
-    return _build_diffusers(cfg, want_critic, load_pipeline(cfg.teacher))
+    return _build_diffusers(cfg, want_critic, load_pipeline(cfg.teacher), seed)
 
 
 def _build_mixture(cfg: ModelConfig, want_critic: bool, seed: int) -> Models:
@@ -83,7 +86,25 @@ def load_pipeline(spec: str) -> Any:
     return DiffusionPipeline.from_pretrained(path, local_files_only=True, safety_checker=None)
 
 
-def _build_diffusers(cfg: ModelConfig, want_critic: bool, pipe: Any) -> Models:
+def _with_lora(unet: Any, cfg: ModelConfig, seed: int) -> Any:
+    """The UNet frozen, with a trainable LoRA adapter (peft) on ``cfg.lora_targets``; B = 0, so it starts as the
+    teacher (as diffusers' LCM-LoRA script initialises it)."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    rank = cfg.student_lora_rank
+    config = LoraConfig(r=rank, lora_alpha=cfg.student_lora_alpha or rank, target_modules=list(cfg.lora_targets),
+                        init_lora_weights="gaussian")
+    try:
+        with torch.random.fork_rng():  # the adapter's random A matrices are seeded like every fresh weight
+            torch.manual_seed(seed)
+            unet.add_adapter(config)
+    except ValueError as e:
+        raise ConfigError(f"model.lora_targets {cfg.lora_targets}: {e}".splitlines()[0]) from None
+    return unet
+
+
+def _build_diffusers(cfg: ModelConfig, want_critic: bool, pipe: Any, seed: int = 0) -> Models:
     from diffusers import UNet2DConditionModel
 
     name = type(pipe).__name__
@@ -105,6 +126,8 @@ def _build_diffusers(cfg: ModelConfig, want_critic: bool, pipe: Any) -> Models:
         module.requires_grad_(False).eval()
     teacher = Teacher(Denoiser(unet, process))
     student_unet = copy.deepcopy(unet).requires_grad_(True).train()
+    if cfg.student_lora_rank is not None:
+        student_unet = _with_lora(student_unet, cfg, seed)
     critic = Denoiser(copy.deepcopy(unet).requires_grad_(True).train(), process) if want_critic else None
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     return Models(

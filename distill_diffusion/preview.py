@@ -29,12 +29,20 @@ def student_samples(models: Models, cond: Cond, n: int, seed: int = PREVIEW_SEED
 
 
 @torch.no_grad()
-def decode(models: Models, latents: Tensor) -> np.ndarray:
-    """Latents -> uint8 images (B, H, W, 3) through the teacher's VAE, as diffusers pipelines do."""
+def decode(models: Models, latents: Tensor, as_float: bool = False) -> np.ndarray:
+    """Latents -> images (B, H, W, 3) through the teacher's VAE with diffusers' own arithmetic: uint8, or floats in
+    [0, 1] as a pipeline's ``output_type="np"`` gives them."""
     vae = models.vae
-    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-    images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return images.permute(0, 2, 3, 1).cpu().numpy()
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is not None and std is not None:  # SDXL-family VAEs that standardise latents per channel
+        mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+        std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+        latents = latents * std / vae.config.scaling_factor + mean
+    else:
+        latents = latents / vae.config.scaling_factor
+    images = (vae.decode(latents.to(vae.dtype)).sample.float() / 2 + 0.5).clamp(0, 1)
+    images = images.permute(0, 2, 3, 1).cpu().numpy()
+    return images if as_float else (images * 255).round().astype(np.uint8)
 
 
 def image_grid(images: np.ndarray, cols: int) -> Image.Image:

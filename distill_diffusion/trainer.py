@@ -81,6 +81,8 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def _check_same_config(saved: dict, current: dict) -> None:
     for section in set(saved) | set(current):
+        if section == "eval":  # what is measured after training never changes what was trained
+            continue
         a, b = saved.get(section), current.get(section)
         if isinstance(a, dict) and isinstance(b, dict):
             for key in set(a) | set(b):

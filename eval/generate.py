@@ -1,8 +1,8 @@
 """Generate images from any model the toolkit names, with per-image seeds, timing every batch.
 
 A model is ``embedded:digits``, a diffusers pipeline directory (sampled by the pipeline itself with a stock
-scheduler: ``ddim``, ``euler`` or ``dpmpp``, trailing timestep spacing), or a run directory of this toolkit (its
-student's own few-step sampler). Image i always starts from ``torch.randn`` of a generator seeded with seeds[i]
+scheduler: ``ddim``, ``euler`` or ``dpmpp``, trailing timestep spacing), a run directory of this toolkit (its
+student's own few-step sampler), or an export of one (plain diffusers with the export's own scheduler and call). Image i always starts from ``torch.randn`` of a generator seeded with seeds[i]
 and shape (1, C, h, w), as diffusers draws per-image noise from a list of generators, so a teacher and a student
 sampled with the same seeds start from the same noise.
 """
@@ -44,16 +44,21 @@ def make_scheduler(name: str, config: Any) -> Any:
 @dataclass
 class Model:
     name: str
-    pipeline: Any = None  # a diffusers pipeline (teachers)
+    pipeline: Any = None  # a diffusers pipeline (teachers and exports)
     run: tuple | None = None  # (config, Models) of a distilled student
+    export: dict | None = None  # export.json of an exported student: its timesteps and pipeline call
 
     @property
     def is_student(self) -> bool:
-        return self.run is not None
+        return self.run is not None or self.export is not None
+
+    @property
+    def timesteps(self) -> list:
+        return self.export["timesteps"] if self.export is not None else list(self.run[1].student.timesteps)
 
     @property
     def student_steps(self) -> int:
-        return len(self.run[1].student.timesteps)
+        return len(self.timesteps)
 
 
 def load_model(spec: str) -> Model:
@@ -69,11 +74,14 @@ def load_model(spec: str) -> Model:
 
         return Model(spec, run=load_student(path))
     if (path / "model_index.json").is_file():
+        import json
+
         from diffusers import DiffusionPipeline
 
         pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True)
         pipe.set_progress_bar_config(disable=True)
-        return Model(spec, pipeline=pipe)
+        info = path / "export.json"
+        return Model(spec, pipeline=pipe, export=json.loads(info.read_text()) if info.is_file() else None)
     raise ConfigError(f"model {spec!r} is neither embedded:<name>, a diffusers pipeline directory nor a run directory")
 
 
@@ -82,13 +90,16 @@ def _noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def _to_uint8(images: np.ndarray) -> np.ndarray:
-    return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+    return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)  # diffusers' numpy_to_pil arithmetic
 
 
 @torch.no_grad()
 def generate(model: Model, prompts: list[str], seeds: list[int], steps: int | None = None, guidance: float = 1.0,
-             solver: str = "ddim", batch_size: int = 250, progress: bool = True) -> tuple[np.ndarray, float]:
-    """uint8 images (N, H, W, 3) for prompts[i] / seeds[i], and the total sampling seconds (model time only)."""
+             solver: str = "ddim", batch_size: int = 250, progress: bool = True,
+             as_float: bool = False) -> tuple[np.ndarray, float]:
+    """Images (N, H, W, 3) for prompts[i] / seeds[i] (uint8, or floats in [0, 1] with ``as_float``) and the total
+    sampling seconds (model time only)."""
+    convert = (lambda a: a) if as_float else _to_uint8
     if len(prompts) != len(seeds):
         raise ValueError("prompts and seeds must have the same length")
     out, seconds = [], 0.0
@@ -96,7 +107,11 @@ def generate(model: Model, prompts: list[str], seeds: list[int], steps: int | No
                   disable=not progress):
         p, s = prompts[i : i + batch_size], seeds[i : i + batch_size]
         t0 = time.perf_counter()
-        if model.is_student:
+        if model.export is not None:  # exactly what a diffusers user runs, per-image generators
+            gens = [torch.Generator().manual_seed(k) for k in s]
+            images = convert(model.pipeline(prompt=p, generator=gens, output_type="np",
+                                            **model.export["call"]).images)
+        elif model.run is not None:
             from distill_diffusion.preview import decode
 
             _, models = model.run
@@ -105,13 +120,13 @@ def generate(model: Model, prompts: list[str], seeds: list[int], steps: int | No
             gens = [torch.Generator().manual_seed(k) for k in s]
             noise = torch.cat([torch.randn((1, *models.sample_shape), generator=g) for g in gens])
             x = models.student.sample(noise, cond, gens)
-            images = decode(models, x)
+            images = decode(models, x, as_float)
         else:
             pipe = model.pipeline
             pipe.scheduler = make_scheduler(solver, pipe.scheduler.config)
             shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
-            images = _to_uint8(pipe(prompt=p, num_inference_steps=steps, guidance_scale=guidance,
-                                    latents=_noise(s, shape), output_type="np").images)
+            images = convert(pipe(prompt=p, num_inference_steps=steps, guidance_scale=guidance,
+                                  latents=_noise(s, shape), output_type="np").images)
         seconds += time.perf_counter() - t0
         out.append(images)
     return np.concatenate(out), seconds

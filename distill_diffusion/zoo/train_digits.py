@@ -69,8 +69,8 @@ def train_vae(vae, images: torch.Tensor, steps: int, gen: torch.Generator, progr
     vae.eval()
 
 
-def train_digits(out_dir: str | Path, vae_steps: int = 800, unet_steps: int = 7000, batch_size: int = 64,
-                 seed: int = 0, progress: bool = True, lr: float = 1e-3, max_shift: int = 1,
+def train_digits(out_dir: str | Path, vae_steps: int = 800, unet_steps: int = 6500, batch_size: int = 64,
+                 seed: int = 0, progress: bool = True, lr: float = 1e-3, max_shift: int = 0,
                  init_from: str | Path | None = None) -> dict:
     """Train VAE then UNet and save a ``StableDiffusionPipeline`` directory (safetensors) at out_dir.
 
@@ -114,7 +114,12 @@ def train_digits(out_dir: str | Path, vae_steps: int = 800, unet_steps: int = 70
     with torch.no_grad():
         embeds = text_encoder(ids)[0]  # (11, L, 32); index 10 is the empty prompt
 
-    # 3. the UNet: epsilon prediction on SD's schedule, shifted digits encoded on the fly (posterior samples)
+    # 3. the UNet: epsilon prediction on SD's schedule on posterior samples of the latents (encoded once when the
+    # images are not shifted, else on the fly)
+    if max_shift == 0:
+        with torch.no_grad():
+            posts = [vae.encode(_rgb(images[i : i + 256])).latent_dist for i in range(0, len(images), 256)]
+        mean_all, std_all = torch.cat([p.mean for p in posts]), torch.cat([p.std for p in posts])
     scheduler = _scheduler("epsilon")
     unet = build_unet() if init is None else init.unet.requires_grad_(True)
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
@@ -126,8 +131,12 @@ def train_digits(out_dir: str | Path, vae_steps: int = 800, unet_steps: int = 70
     for step in tqdm(range(unet_steps), desc="unet", disable=not progress):
         idx = torch.randint(0, len(images), (batch_size,), generator=gen)
         with torch.no_grad():
-            post = vae.encode(_rgb(shift_augment(images[idx], max_shift, gen))).latent_dist
-            x0 = (post.mean + post.std * torch.randn(post.mean.shape, generator=gen)) * vae.config.scaling_factor
+            if max_shift == 0:
+                mean, std = mean_all[idx], std_all[idx]
+            else:
+                post = vae.encode(_rgb(shift_augment(images[idx], max_shift, gen))).latent_dist
+                mean, std = post.mean, post.std
+            x0 = (mean + std * torch.randn(mean.shape, generator=gen)) * vae.config.scaling_factor
         y = labels[idx].clone()
         y[torch.rand(batch_size, generator=gen) < PROMPT_DROPOUT] = 10
         t = torch.randint(0, 1000, (batch_size,), generator=gen)

@@ -1,0 +1,180 @@
+"""The main job, ``distill-diffusion run CONFIG``: distill -> export -> sweep (student vs teacher) -> report.
+
+Run directory after a job::
+
+    RUN/                     the training run (config.yaml, checkpoints/, final/, logs.jsonl)
+    RUN/export/              the student as a plain diffusers pipeline (model card with the sweep table)
+    RUN/export_lora/         LoRA students only: the adapter for the teacher pipeline
+    RUN/sweep/               sweep.json, sweep.md, fid_vs_nfe.png (the export and the teacher, same seeds)
+    RUN/report.md            the table, the plot, grids: teacher at 50 steps vs the student, same prompts and seeds
+    RUN/grid_teacher.png, RUN/grid_student.png
+
+The sweep measures the export, loaded the way a diffusers user loads it, not the training-time student.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from PIL import Image
+
+from .config import Config, ConfigError
+
+
+def _teacher_spec(cfg: Config) -> str:
+    teacher = cfg.model.teacher
+    if teacher.startswith("tiny:") or teacher == "gmm":
+        raise ConfigError(f"`run` needs a teacher that can be sampled from disk (embedded:digits or a diffusers "
+                          f"directory), not {teacher!r}; use `distill` for it")
+    return teacher
+
+
+def sample_grids(cfg: Config, student_spec: str, out_dir: Path) -> tuple[Path, Path]:
+    """Teacher (``grid_teacher_steps`` DDIM steps, ``grid_teacher_guidance``) and student on the same prompts and
+    seeds: one row per prompt, one column per seed."""
+    from .data import read_prompts
+    from .eval.generate import generate, load_model
+    from .preview import PREVIEW_SEED, image_grid
+
+    ec = cfg.eval
+    prompts = read_prompts(cfg.data)[: ec.grid_prompts]
+    all_prompts = [p for p in prompts for _ in range(ec.grid_seeds)]
+    seeds = [PREVIEW_SEED + j for _ in prompts for j in range(ec.grid_seeds)]
+    paths = []
+    for name, spec, kwargs in (
+        ("teacher", _teacher_spec(cfg), {"steps": ec.grid_teacher_steps, "guidance": ec.grid_teacher_guidance}),
+        ("student", student_spec, {}),
+    ):
+        images, _ = generate(load_model(spec), all_prompts, seeds, progress=False, **kwargs)
+        scale = max(1, 64 // images.shape[1])  # tiny images (digits are 16 px) are shown enlarged, nearest
+        grid = image_grid(images, cols=ec.grid_seeds)
+        grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+        path = out_dir / f"grid_{name}.png"
+        grid.save(path)
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def run_job(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool = True) -> Path:
+    from distill_diffusion.pipelines.export import export, update_card
+
+    from .eval.sweep import run_sweep, table
+    from .trainer import Trainer
+
+    run_dir = Path(run_dir)
+    teacher = _teacher_spec(cfg)
+    ec = cfg.eval
+    prompts = None
+    if ec.ref != "digits":
+        if ec.prompt_file is None:
+            raise ConfigError("eval.prompt_file is required when eval.ref is not digits")
+        from .config import DataConfig
+        from .data import read_prompts
+
+        prompts = read_prompts(DataConfig(prompt_file=ec.prompt_file))
+    times = {}
+    t0 = time.time()
+    done = (run_dir / "final" / "student.safetensors").is_file() and resume
+    if not done:
+        Trainer(cfg, run_dir, resume=resume).train()
+    times["distill_s"] = time.time() - t0
+
+    t0 = time.time()
+    export_dir = export(run_dir, run_dir / "export", overwrite=True)
+    if cfg.model.student_lora_rank is not None:
+        export(run_dir, run_dir / "export_lora", lora=True, overwrite=True)
+    times["export_s"] = time.time() - t0
+
+    t0 = time.time()
+    rows = run_sweep([str(export_dir), teacher], ec.ref, ec.nfe, ec.solvers, ec.guidance, ec.num_samples,
+                     run_dir / "sweep", features=ec.features, batch_size=ec.batch_size, prompts=prompts,
+                     cache_dir=run_dir / "sweep", progress=progress)
+    times["sweep_s"] = time.time() - t0
+    sweep_md = table(rows)
+    # the model card gets this student's table (rewritten in place: the export is already complete)
+    update_card(export_dir, cfg, sweep_md)
+
+    t0 = time.time()
+    sample_grids(cfg, str(export_dir), run_dir)
+    times["grids_s"] = time.time() - t0
+    write_report(cfg, run_dir, rows, times)
+    return run_dir / "report.md"
+
+
+def _headline(rows: list[dict], steps: int) -> list[str]:
+    student = [r for r in rows if r["solver"] == "student"]
+    teacher = [r for r in rows if r["solver"] != "student"]
+    if not student:
+        return []
+    s = student[0]
+    acc = "prompt_accuracy" in s
+
+    def fmt(r: dict) -> str:
+        extra = f", prompt accuracy {r['prompt_accuracy']:.3f}" if acc else ""
+        return f"FID {r['fid']:.2f}{extra} ({r['solver']}, CFG {r['guidance']:g}, {r['steps']} steps, NFE {r['nfe']})"
+
+    lines = [f"- Student, {steps} steps: {fmt(s)}"]
+    same_nfe = [r for r in teacher if r["nfe"] == s["nfe"]]
+    if same_nfe:
+        best = min(same_nfe, key=lambda r: r["fid"])
+        lines.append(f"- Teacher at the same NFE, best row: {fmt(best)}")
+    if teacher:
+        top = max(r["nfe"] for r in teacher)
+        best = min((r for r in teacher if r["nfe"] == top), key=lambda r: r["fid"])
+        lines.append(f"- Teacher at NFE {top}, best row: {fmt(best)}")
+    return lines
+
+
+def write_report(cfg: Config, run_dir: Path, rows: list[dict], times: dict[str, float]) -> Path:
+    from .eval.sweep import table
+
+    steps = len(cfg.model.timesteps)
+    export_info = json.loads((run_dir / "export" / "export.json").read_text())
+    from distill_diffusion.pipelines.export import format_call
+
+    ec = cfg.eval
+    lines = [
+        f"# {cfg.method.upper()}: {steps}-step student of `{cfg.model.teacher}`",
+        "",
+        f"Student timesteps `{cfg.model.timesteps}`; {cfg.train.steps} training steps, batch {cfg.train.batch_size}, "
+        f"seed {cfg.train.seed}. Wall time: " + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in times.items()) + ".",
+        "",
+        "## Result",
+        "",
+        *_headline(rows, steps),
+        "",
+        f"FID against `{ec.ref}` with {ec.num_samples} samples per row (same prompts and seeds for every row); "
+        "the student row is the export loaded with plain diffusers.",
+        "",
+        table(rows),
+        "",
+        "![FID against NFE](sweep/fid_vs_nfe.png)",
+        "",
+        "## Samples (same prompts and seeds; one row per prompt)",
+        "",
+        f"Teacher, {ec.grid_teacher_steps} DDIM steps, CFG {ec.grid_teacher_guidance:g}:",
+        "",
+        "![teacher](grid_teacher.png)",
+        "",
+        f"Student, {steps} steps:",
+        "",
+        "![student](grid_student.png)",
+        "",
+        "## Load the export",
+        "",
+        "```python",
+        "from diffusers import DiffusionPipeline",
+        "",
+        "pipe = DiffusionPipeline.from_pretrained(\"export\")",
+        f"image = pipe({format_call(export_info['call'])}).images[0]",
+        "```",
+        "",
+    ]
+    path = run_dir / "report.md"
+    tmp = path.with_name(".tmp_report.md")
+    tmp.write_text("\n".join(lines))
+    tmp.replace(path)
+    (run_dir / "report.json").write_text(json.dumps({"times": times, "rows": rows}, indent=1))
+    return path

@@ -1,0 +1,213 @@
+"""Export a distilled student as a plain diffusers pipeline that carries its own sampling settings.
+
+The student samples on a fixed timestep list: predict x0, re-noise it with fresh noise to the next timestep
+(`distill_diffusion.sampling.multistep`). That is exactly diffusers' ``LCMScheduler.step`` with the
+consistency boundary scalings negligible (c_skip < 1e-7 at every student timestep, checked), so the export uses a
+stock ``LCMScheduler`` whose ``original_inference_steps`` makes its default schedule the student's timesteps:
+``original_inference_steps=4`` gives ``[999, 749, 499, 249]``.
+
+- SD 1.x / 2.x teachers export as ``LatentConsistencyModelPipeline`` (same components as
+  ``StableDiffusionPipeline``; it never doubles the batch for CFG): for 4-step students
+  ``DiffusionPipeline.from_pretrained(OUT)(prompt)`` is the whole call.
+- SDXL teachers export as ``StableDiffusionXLPipeline``; its default of 50 steps cannot be stored in the
+  checkpoint, so the model card gives the exact call (``num_inference_steps=K``); CFG is off by itself (the UNet
+  carries a zero guidance embedding, `export_unet`).
+- Students trained as LoRA adapters export also (``--lora``) as diffusers LoRA weights for the teacher's own
+  pipeline class, with the scheduler beside them; the call adds ``guidance_scale=0``.
+
+Everything is written under a temporary directory and renamed into place, safetensors only, with a model card
+(``README.md``) and ``export.json`` (the call, the timesteps, the run it came from).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distill_diffusion.config import ConfigError
+
+EXPORT_INFO = "export.json"
+GUIDANCE_EMBED_DIM = 256  # LCM's w-embedding width; the projection is zero (see `export_unet`)
+
+
+def lcm_scheduler(teacher_scheduler_config: dict, timesteps: list[int]) -> Any:
+    """A stock ``LCMScheduler`` on the teacher's noise schedule whose default schedule is the student's timesteps."""
+    from diffusers import LCMScheduler
+
+    known = set(LCMScheduler.from_config({}).config)  # the teacher's DDPM-only keys (variance_type) are dropped
+    config = {k: v for k, v in dict(teacher_scheduler_config).items() if k in known}
+    scheduler = LCMScheduler.from_config(config, original_inference_steps=len(timesteps), clip_sample=False,
+                                         thresholding=False)
+    for t in timesteps:
+        c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(t)
+        if abs(c_skip) > 1e-7 or abs(1 - c_out) > 1e-7:
+            raise ConfigError(f"student timestep {t} is too close to 0 for LCMScheduler's boundary scalings "
+                              f"(c_skip={c_skip:.2e}); use timesteps >= 1")
+    return scheduler
+
+
+def _schedule(scheduler: Any, **kwargs: Any) -> list[int] | None:
+    try:
+        s = copy.deepcopy(scheduler)
+        s.set_timesteps(**kwargs)
+        return [int(t) for t in s.timesteps]
+    except ValueError:
+        return None
+
+
+def call_arguments(scheduler: Any, timesteps: list[int], family: str, lora: bool) -> dict[str, Any]:
+    """The fewest pipeline arguments that make the export sample on ``timesteps`` without CFG.
+
+    Full exports carry a zero guidance embedding (see `export_unet`), which turns CFG off in both
+    ``LatentConsistencyModelPipeline`` and ``StableDiffusionXLPipeline``; a LoRA applied to the teacher's own
+    pipeline does not, so there ``guidance_scale=0`` is part of the call.
+    """
+    k = len(timesteps)
+    if not lora and family == "sd" and k == 4 and _schedule(scheduler, num_inference_steps=4) == list(timesteps):
+        kwargs: dict[str, Any] = {}  # LatentConsistencyModelPipeline's default num_inference_steps is 4
+    elif _schedule(scheduler, num_inference_steps=k) == list(timesteps):
+        kwargs = {"num_inference_steps": k}
+    else:
+        kwargs = {"timesteps": list(timesteps)}
+    if lora:
+        kwargs["guidance_scale"] = 0.0
+    return kwargs
+
+
+def format_call(kwargs: dict[str, Any]) -> str:
+    return ", ".join(["prompt"] + [f"{k}={v!r}" for k, v in kwargs.items()])
+
+
+def export_unet(unet: torch.nn.Module) -> torch.nn.Module:
+    """The student's UNet as a plain ``UNet2DConditionModel``: any LoRA adapter folded into the weights, and a
+    guidance embedding (``time_cond_proj_dim``, as LCM's UNets have) whose projection is exactly zero.
+
+    The zero projection adds nothing to the time embedding, so the network computes what the student computes;
+    it is there because diffusers' ``LatentConsistencyModelPipeline`` requires one and because with it
+    ``StableDiffusionXLPipeline`` skips CFG by itself, so neither export needs ``guidance_scale`` in its call.
+    """
+    from diffusers import UNet2DConditionModel
+
+    if getattr(unet, "_hf_peft_config_loaded", False):
+        unet = copy.deepcopy(unet)
+        unet.fuse_lora()
+        unet.unload_lora()
+    config = dict(unet.config)
+    if config.get("time_cond_proj_dim") is None:
+        config["time_cond_proj_dim"] = GUIDANCE_EMBED_DIM
+    plain = UNet2DConditionModel.from_config(config)
+    missing, unexpected = plain.load_state_dict(unet.state_dict(), strict=False)
+    if unexpected or set(missing) - {"time_embedding.cond_proj.weight"}:
+        raise RuntimeError(f"student UNet does not fit its export: missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():
+        plain.time_embedding.cond_proj.weight.zero_()
+    return plain.eval()
+
+
+def lora_state(unet: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+    """diffusers-format LoRA weights of the student's adapter, and the adapter's config (rank, alpha, targets)."""
+    from peft.utils import get_peft_model_state_dict
+
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    config = unet.peft_config["default"].to_dict()
+    config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}, config
+
+
+def export(run_dir: str | Path, out_dir: str | Path, lora: bool = False, overwrite: bool = False,
+           sweep_table: str | None = None) -> Path:
+    """Write the student of ``run_dir`` to ``out_dir`` as a diffusers pipeline (or, with ``lora``, LoRA weights)."""
+    from distill_diffusion.trainer import load_student
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise ConfigError(f"export directory {str(out_dir)!r} exists; pass --overwrite or choose another")
+    cfg, models = load_student(run_dir)
+    if models.family == "gmm":
+        raise ConfigError("a Gaussian-mixture run has no diffusers export; export runs whose teacher is a "
+                          "diffusers pipeline (embedded:digits, tiny:*, a pipeline directory)")
+    unet = models.student.denoiser.net
+    is_lora = getattr(unet, "_hf_peft_config_loaded", False)
+    if lora and not is_lora:
+        raise ConfigError("--lora needs a student trained as a LoRA adapter (model.student_lora_rank); this "
+                          "run's student has full weights: export it without --lora")
+    timesteps = [int(t) for t in models.student.timesteps]
+    scheduler = lcm_scheduler(models.pipeline.scheduler.config, timesteps)
+    kwargs = call_arguments(scheduler, timesteps, models.family, lora)
+
+    tmp = out_dir.with_name(f".tmp_{out_dir.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        if lora:
+            state, lora_config = lora_state(unet)
+            type(models.pipeline).save_lora_weights(tmp, unet_lora_layers=state,
+                                                    unet_lora_adapter_metadata=lora_config)
+            scheduler.save_pretrained(tmp / "scheduler")
+            pipeline_class = type(models.pipeline).__name__  # the adapter goes on the teacher's own pipeline
+        else:
+            pipe = _export_pipeline(models, export_unet(unet), scheduler)
+            pipe.save_pretrained(tmp, safe_serialization=True)
+            pipeline_class = type(pipe).__name__
+        info = {"pipeline_class": pipeline_class, "teacher_class": type(models.pipeline).__name__,
+                "teacher": cfg.model.teacher, "method": cfg.method, "timesteps": timesteps, "call": kwargs,
+                "lora": lora, "run": str(run_dir)}
+        (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=1))
+        from .model_card import model_card
+
+        model_card(cfg, info, sweep_table).save(tmp / "README.md")
+        _check_no_pickles(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        old = out_dir.with_name(f".old_{out_dir.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+    return out_dir
+
+
+def update_card(export_dir: str | Path, cfg: Any, sweep_table: str | None) -> None:
+    """Rewrite an export's model card (e.g. once its sweep has run), atomically."""
+    from .model_card import model_card
+
+    export_dir = Path(export_dir)
+    info = json.loads((export_dir / EXPORT_INFO).read_text())
+    tmp = export_dir / ".README.md.tmp"
+    model_card(cfg, info, sweep_table).save(tmp)
+    os.replace(tmp, export_dir / "README.md")
+
+
+def _export_pipeline(models: Any, unet: torch.nn.Module, scheduler: Any) -> Any:
+    """The teacher's components with the student's UNet and the student's scheduler."""
+    from diffusers import LatentConsistencyModelPipeline, StableDiffusionXLPipeline
+
+    teacher = models.pipeline
+    if models.family == "sdxl":
+        return StableDiffusionXLPipeline(
+            vae=teacher.vae, text_encoder=teacher.text_encoder, text_encoder_2=teacher.text_encoder_2,
+            tokenizer=teacher.tokenizer, tokenizer_2=teacher.tokenizer_2, unet=unet, scheduler=scheduler,
+            force_zeros_for_empty_prompt=teacher.config.force_zeros_for_empty_prompt, add_watermarker=False,
+        )
+    return LatentConsistencyModelPipeline(
+        vae=teacher.vae, text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer, unet=unet,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def _check_no_pickles(root: Path) -> None:
+    bad = [p for p in root.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+    if bad:
+        raise RuntimeError(f"export wrote non-safetensors weights: {[str(p) for p in bad]}")

@@ -1,0 +1,87 @@
+"""The model card of an export: teacher, method, steps, the exact call, the student's sweep table, the config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from distill_diffusion.config import Config
+
+LICENSE_NOTE = (
+    "The student is a derivative of its teacher: it is subject to the teacher's license and use restrictions "
+    "(for Stable Diffusion 1.x/2.x the CreativeML OpenRAIL-M, for SDXL the CreativeML OpenRAIL++-M; the embedded "
+    "digits teacher is trained by this toolkit on scikit-learn's digits, BSD-3-Clause). The export carries no "
+    "safety checker."
+)
+
+
+def usage_code(info: dict[str, Any], where: str = "OUT_DIR") -> str:
+    """Python that samples the export exactly as the student samples (also used by the parity tests' docs)."""
+    from .export import format_call
+
+    call = format_call(info["call"])
+    if info["lora"]:
+        cls = info["pipeline_class"]
+        return (
+            f"from diffusers import {cls}, LCMScheduler\n\n"
+            f"scheduler = LCMScheduler.from_pretrained(\"{where}\", subfolder=\"scheduler\")\n"
+            f"pipe = {cls}.from_pretrained(\"TEACHER_DIR\", scheduler=scheduler)\n"
+            f"pipe.load_lora_weights(\"{where}\")\n"
+            f"image = pipe({call}).images[0]\n"
+        )
+    return (
+        "from diffusers import DiffusionPipeline\n\n"
+        f"pipe = DiffusionPipeline.from_pretrained(\"{where}\")\n"
+        f"image = pipe({call}).images[0]\n"
+    )
+
+
+def model_card(cfg: Config, info: dict[str, Any], sweep_table: str | None = None) -> Any:
+    from huggingface_hub import ModelCard, ModelCardData
+
+    steps = len(info["timesteps"])
+    teacher = info["teacher"]
+    data = ModelCardData(
+        library_name="diffusers", pipeline_tag="text-to-image",
+        tags=["distill-diffusion", f"{cfg.method}", f"{steps}-step", "lora" if info["lora"] else "full-weights"],
+        base_model=teacher if "/" in teacher and not teacher.startswith(("/", ".")) else None,
+    )
+    kind = "LoRA adapter for the teacher pipeline" if info["lora"] else f"`{info['pipeline_class']}`"
+    no_args = not info["call"]
+    lines = [
+        f"# {steps}-step {cfg.method.upper()} student of `{teacher}`",
+        "",
+        f"Distilled with distill-diffusion ({cfg.method}) from the teacher `{teacher}` "
+        f"(`{info['teacher_class']}`). Format: {kind}; scheduler: stock `LCMScheduler` with "
+        f"`original_inference_steps={steps}`, sampling timesteps `{info['timesteps']}`, no classifier-free "
+        "guidance (the guidance is distilled into the weights).",
+        "",
+        "## Use",
+        "",
+        "```python",
+        usage_code(info).rstrip(),
+        "```",
+        "",
+        ("These are the pipeline's defaults: no argument beyond the prompt is needed." if no_args and not info["lora"]
+         else "Pass exactly these arguments: the pipeline's defaults (step count, CFG) do not fit this student."),
+        "Pass `generator=[torch.Generator().manual_seed(s) for s in seeds]` to reproduce "
+        "`distill-diffusion sample` image for image.",
+        "",
+        "## Evaluation",
+        "",
+        sweep_table.strip() if sweep_table else "No sweep was run for this export "
+        "(`distill-diffusion eval sweep` or `distill-diffusion run` writes one).",
+        "",
+        "## Training configuration",
+        "",
+        "```yaml",
+        yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(),
+        "```",
+        "",
+        "## License",
+        "",
+        LICENSE_NOTE,
+        "",
+    ]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))

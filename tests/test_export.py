@@ -1,0 +1,173 @@
+"""Export parity: a separate Python process that never imports distill_diffusion loads the export with plain
+diffusers and reproduces `distill-diffusion sample RUN_DIR` image for image (max abs difference <= 1e-4 in fp32)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from distill_diffusion.config import ConfigError, parse_config
+from distill_diffusion.pipelines.export import export
+from distill_diffusion.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["a handwritten digit seven", "a photo of a cat", "a handwritten digit two"]
+SEEDS = [11, 12, 13]
+
+# Runs in a fresh interpreter: plain diffusers only. Prints the call it made and saves the float images.
+PLAIN_DIFFUSERS = r"""
+import json, sys
+import numpy as np, torch
+from diffusers import DiffusionPipeline
+torch.set_num_threads(1)
+out, prompts, seeds, mode = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
+gens = [torch.Generator().manual_seed(s) for s in seeds]
+if mode == "lora":
+    from diffusers import LCMScheduler
+    teacher_dir, lora_dir = sys.argv[5], sys.argv[6]
+    info = json.load(open(lora_dir + "/export.json"))
+    import diffusers
+    cls = getattr(diffusers, info["pipeline_class"])
+    pipe = cls.from_pretrained(teacher_dir, scheduler=LCMScheduler.from_pretrained(lora_dir, subfolder="scheduler"))
+    pipe.load_lora_weights(lora_dir)
+    call = info["call"]
+else:
+    export_dir = sys.argv[5]
+    pipe = DiffusionPipeline.from_pretrained(export_dir)
+    call = json.load(open(export_dir + "/export.json"))["call"]
+pipe.set_progress_bar_config(disable=True)
+images = pipe(prompts, generator=gens, output_type="np", **call).images
+np.save(out, images)
+assert not any(m.startswith("distill_diffusion") for m in sys.modules), "imported distill_diffusion"
+print(json.dumps({"class": type(pipe).__name__, "call": call, "scheduler": type(pipe.scheduler).__name__}))
+"""
+
+
+def plain_diffusers(tmp_path: Path, mode: str, *paths: str) -> tuple[np.ndarray, dict]:
+    out = tmp_path / f"plain_{mode}.npy"
+    cmd = [sys.executable, "-c", PLAIN_DIFFUSERS, str(out), json.dumps(PROMPTS), json.dumps(SEEDS), mode, *paths]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={"HF_HUB_OFFLINE": "1",
+                       "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    return np.load(out), json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def distill(run: Path, teacher: str, timesteps: list[int], lora_rank: int | None = None) -> Path:
+    """A few real DMD2 updates, so the student differs from its teacher."""
+    cfg = parse_config({
+        "method": "dmd2", "dmd2": {"critic_updates": 1, "lr_student": 1e-3, "guidance": 1.5},
+        "model": {"teacher": teacher, "timesteps": timesteps, "student_lora_rank": lora_rank},
+        "train": {"steps": 4, "batch_size": 2, "progress": False, "checkpoint_every": 100},
+    })
+    Trainer(cfg, run).train()
+    return run
+
+
+def student_images(run: Path) -> np.ndarray:
+    from distill_diffusion.eval.generate import generate, load_model
+
+    images, _ = generate(load_model(str(run)), PROMPTS, SEEDS, progress=False, as_float=True)
+    return images
+
+
+def cli_sample_pngs(run: Path, out: Path) -> np.ndarray:
+    """`distill-diffusion sample RUN --prompt P --seed S`, one call per (prompt, seed) pair, read back as PNGs."""
+    from PIL import Image
+
+    pngs = []
+    for i, (p, s) in enumerate(zip(PROMPTS, SEEDS)):
+        target = out / str(i)
+        cmd = [sys.executable, "-m", "distill_diffusion.cli", "sample", str(run), "--out", str(target), "--prompt", p,
+               "--seed", str(s)]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+        pngs.append(np.asarray(Image.open(target / "00000.png")))
+    return np.stack(pngs)
+
+
+@pytest.mark.parametrize("kind, timesteps, bare", [
+    ("sd15", [999, 749, 499, 249], True),     # 4-step SD: bare pipe(prompt)
+    ("sd21", [999], False),                    # v-prediction, 1 step: num_inference_steps=1
+    ("sdxl", [999, 499], False),               # SDXL: num_inference_steps=2, guidance_scale=0
+])
+def test_export_matches_student_in_plain_diffusers(tmp_path: Path, tiny_dirs: dict[str, str], kind: str,
+                                                   timesteps: list[int], bare: bool) -> None:
+    run = distill(tmp_path / "run", tiny_dirs[kind], timesteps)
+    out = export(run, tmp_path / "export")
+    info = json.loads((out / "export.json").read_text())
+    assert info["timesteps"] == timesteps
+    assert (info["call"] == {}) == bare
+    assert not list(out.rglob("*.bin")) and list(out.rglob("*.safetensors"))
+    assert "```python" in (out / "README.md").read_text()
+
+    mine = student_images(run)
+    theirs, meta = plain_diffusers(tmp_path, "full", str(out))
+    assert meta["scheduler"] == "LCMScheduler"
+    assert meta["class"] == ("StableDiffusionXLPipeline" if kind == "sdxl" else "LatentConsistencyModelPipeline")
+    assert np.abs(mine - theirs).max() <= 1e-4
+    # the student really took optimizer steps away from its teacher (otherwise parity would prove little)
+    logs = [json.loads(line) for line in (run / "logs.jsonl").read_text().splitlines()]
+    assert max(r.get("student", 0) for r in logs) >= 2
+
+
+def test_cli_sample_pngs_match_the_export(tmp_path: Path, tiny_dirs: dict[str, str]) -> None:
+    run = distill(tmp_path / "run", tiny_dirs["sd15"], [999, 749, 499, 249])
+    out = export(run, tmp_path / "export")
+    pngs = cli_sample_pngs(run, tmp_path / "samples")
+    theirs, _ = plain_diffusers(tmp_path, "full", str(out))
+    theirs_u8 = (np.clip(theirs, 0, 1) * 255).round().astype(np.int16)
+    assert np.abs(pngs.astype(np.int16) - theirs_u8).max() <= 1  # a float difference may flip one rounding
+
+
+def test_lora_student_exports_merged_and_as_lora(tmp_path: Path, tiny_dirs: dict[str, str]) -> None:
+    run = distill(tmp_path / "run", tiny_dirs["sd15"], [999, 749, 499, 249], lora_rank=4)
+    full = export(run, tmp_path / "export")
+    lora = export(run, tmp_path / "export_lora", lora=True)
+    assert (lora / "pytorch_lora_weights.safetensors").is_file() and not (lora / "unet").exists()
+    mine = student_images(run)
+    merged, _ = plain_diffusers(tmp_path, "full", str(full))
+    applied, meta = plain_diffusers(tmp_path, "lora", tiny_dirs["sd15"], str(lora))
+    assert meta["call"] == {"num_inference_steps": 4, "guidance_scale": 0.0}  # the teacher pipeline class
+    assert meta["class"] == "StableDiffusionPipeline"
+    assert np.abs(mine - merged).max() <= 1e-4
+    assert np.abs(mine - applied).max() <= 1e-4
+
+
+def test_export_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, tiny_dirs: dict[str, str]) -> None:
+    run = distill(tmp_path / "run", tiny_dirs["sd15"], [999])
+    # a full-weight student has no LoRA export
+    with pytest.raises(ConfigError, match="needs a student trained as a LoRA adapter"):
+        export(run, tmp_path / "lora", lora=True)
+    assert not (tmp_path / "lora").exists() and not list(tmp_path.glob(".tmp_*"))
+    # an existing output directory is not overwritten
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="exists; pass --overwrite"):
+        export(run, taken)
+    assert (taken / "keep.txt").read_text() == "mine"
+    # a run directory with no trained student
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    (empty / "config.yaml").write_text((run / "config.yaml").read_text())
+    with pytest.raises(ConfigError, match="has no trained student"):
+        export(empty, tmp_path / "e")
+    assert not (tmp_path / "e").exists()
+    # a teacher whose pipeline class no export supports
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    odd = tmp_path / "ddpm_teacher"
+    unet = UNet2DModel(sample_size=8, block_out_channels=(32, 32), down_block_types=("DownBlock2D",) * 2,
+                       up_block_types=("UpBlock2D",) * 2, layers_per_block=1, norm_num_groups=8)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(odd)
+    (empty / "config.yaml").write_text((run / "config.yaml").read_text().replace(tiny_dirs["sd15"], str(odd)))
+    (empty / "final").mkdir()
+    (empty / "final" / "student.safetensors").write_bytes((run / "final" / "student.safetensors").read_bytes())
+    with pytest.raises(ConfigError, match="teacher pipeline class 'DDPMPipeline' is not supported"):
+        export(empty, tmp_path / "e")
+    assert not (tmp_path / "e").exists()

@@ -93,11 +93,12 @@ def cli_sample_pngs(run: Path, out: Path) -> np.ndarray:
 @pytest.mark.parametrize("kind, timesteps, bare", [
     ("sd15", [999, 749, 499, 249], True),     # 4-step SD: bare pipe(prompt)
     ("sd21", [999], False),                    # v-prediction, 1 step: num_inference_steps=1
-    ("sdxl", [999, 499], False),               # SDXL: num_inference_steps=2, guidance_scale=0
+    ("sdxl", [999, 499], False),               # SDXL: num_inference_steps=2 (CFG off by the zero w-embedding)
+    ("digits", [999, 749, 499, 249], True),    # the embedded teacher
 ])
 def test_export_matches_student_in_plain_diffusers(tmp_path: Path, tiny_dirs: dict[str, str], kind: str,
                                                    timesteps: list[int], bare: bool) -> None:
-    run = distill(tmp_path / "run", tiny_dirs[kind], timesteps)
+    run = distill(tmp_path / "run", "embedded:digits" if kind == "digits" else tiny_dirs[kind], timesteps)
     out = export(run, tmp_path / "export")
     info = json.loads((out / "export.json").read_text())
     assert info["timesteps"] == timesteps

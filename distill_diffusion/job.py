@@ -120,6 +120,10 @@ def _headline(rows: list[dict], steps: int) -> list[str]:
     if same_nfe:
         best = min(same_nfe, key=lambda r: r["fid"])
         lines.append(f"- Teacher at the same NFE, best row: {fmt(best)}")
+    same_steps = [r for r in teacher if r["steps"] == s["steps"]]
+    if same_steps:
+        best = min(same_steps, key=lambda r: r["fid"])
+        lines.append(f"- Teacher with the same number of steps, best row: {fmt(best)}")
     if teacher:
         top = max(r["nfe"] for r in teacher)
         best = min((r for r in teacher if r["nfe"] == top), key=lambda r: r["fid"])

@@ -2,9 +2,10 @@
 
 A model is ``embedded:digits``, a diffusers pipeline directory (sampled by the pipeline itself with a stock
 scheduler: ``ddim``, ``euler`` or ``dpmpp``, trailing timestep spacing), a run directory of this toolkit (its
-student's own few-step sampler), or an export of one (plain diffusers with the export's own scheduler and call). Image i always starts from ``torch.randn`` of a generator seeded with seeds[i]
-and shape (1, C, h, w), as diffusers draws per-image noise from a list of generators, so a teacher and a student
-sampled with the same seeds start from the same noise.
+student's own few-step sampler), or an export of one (plain diffusers with the export's own scheduler and call).
+Image i always starts from ``torch.randn`` of a generator seeded with seeds[i] and shape (1, C, h, w), as diffusers
+draws per-image noise from a list of generators, so a teacher and a student sampled with the same seeds start from
+the same noise.
 """
 
 from __future__ import annotations

@@ -121,9 +121,8 @@ def export_unet(unet: torch.nn.Module) -> torch.nn.Module:
 
 def lora_state(unet: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
     """diffusers-format LoRA weights of the student's adapter, and the adapter's config (rank, alpha, targets)."""
-    from peft.utils import get_peft_model_state_dict
-
     from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
 
     state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     config = unet.peft_config["default"].to_dict()

@@ -54,7 +54,7 @@ def test_every_method_round_trips(method: str) -> None:
     assert cfg.method_args == METHODS[method].config_class()  # the method's defaults
     assert _round_trip(cfg) == cfg
     data = cfg.to_dict()
-    assert set(data) == {"method", method, "model", "data", "train"}
+    assert set(data) == {"method", method, "model", "data", "train", "eval"}
 
 
 def test_overrides_apply() -> None:

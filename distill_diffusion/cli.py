@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.set_defaults(func=_eval_sweep)
     z = sub.add_parser("zoo", help="re-create the embedded models").add_subparsers(dest="zoo_command")
     z.required = True
-    td = z.add_parser("train-digits", help="train the embedded digits teacher from scratch (~20 min on 2 cores)")
+    td = z.add_parser("train-digits", help="train the embedded digits teacher from scratch (~28 min on 2 cores)")
     td.add_argument("out_dir")
     td.add_argument("--vae-steps", type=int, default=800)
     td.add_argument("--unet-steps", type=int, default=6500)

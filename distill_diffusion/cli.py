@@ -33,11 +33,10 @@ def _distill(args: argparse.Namespace) -> None:
     metrics = Trainer(cfg, out, resume=args.resume).train()
     result = {"run": str(out), **metrics}
     if cfg.model.teacher != "gmm":  # every image run ends with its diffusers export
-        from .pipelines.export import export
+        from .pipelines.export import export_run
 
-        result["export"] = str(export(out, out / "export", overwrite=True))
-        if cfg.model.student_lora_rank is not None:
-            result["export_lora"] = str(export(out, out / "export_lora", lora=True, overwrite=True))
+        exports = export_run(out, lora_student=cfg.model.student_lora_rank is not None)
+        result.update({k: str(v) for k, v in exports.items()})
     print(json.dumps(result))
 
 

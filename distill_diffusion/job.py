@@ -58,7 +58,7 @@ def sample_grids(cfg: Config, student_spec: str, out_dir: Path) -> tuple[Path, P
 
 
 def run_job(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool = True) -> Path:
-    from distill_diffusion.pipelines.export import export, update_card
+    from distill_diffusion.pipelines.export import export_run, update_card
 
     from .eval.sweep import run_sweep, table
     from .trainer import Trainer
@@ -82,9 +82,7 @@ def run_job(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bo
     times["distill_s"] = time.time() - t0
 
     t0 = time.time()
-    export_dir = export(run_dir, run_dir / "export", overwrite=True)
-    if cfg.model.student_lora_rank is not None:
-        export(run_dir, run_dir / "export_lora", lora=True, overwrite=True)
+    export_dir = export_run(run_dir, lora_student=cfg.model.student_lora_rank is not None)["export"]
     times["export_s"] = time.time() - t0
 
     t0 = time.time()
@@ -136,7 +134,7 @@ def write_report(cfg: Config, run_dir: Path, rows: list[dict], times: dict[str, 
 
     steps = len(cfg.model.timesteps)
     export_info = json.loads((run_dir / "export" / "export.json").read_text())
-    from distill_diffusion.pipelines.export import format_call
+    from distill_diffusion.pipelines.model_card import usage_code
 
     ec = cfg.eval
     lines = [
@@ -169,10 +167,7 @@ def write_report(cfg: Config, run_dir: Path, rows: list[dict], times: dict[str, 
         "## Load the export",
         "",
         "```python",
-        "from diffusers import DiffusionPipeline",
-        "",
-        "pipe = DiffusionPipeline.from_pretrained(\"export\")",
-        f"image = pipe({format_call(export_info['call'])}).images[0]",
+        usage_code(export_info, "export").rstrip(),
         "```",
         "",
     ]

@@ -130,8 +130,7 @@ def lora_state(unet: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}, config
 
 
-def export(run_dir: str | Path, out_dir: str | Path, lora: bool = False, overwrite: bool = False,
-           sweep_table: str | None = None) -> Path:
+def export(run_dir: str | Path, out_dir: str | Path, lora: bool = False, overwrite: bool = False) -> Path:
     """Write the student of ``run_dir`` to ``out_dir`` as a diffusers pipeline (or, with ``lora``, LoRA weights)."""
     from distill_diffusion.trainer import load_student
 
@@ -171,7 +170,7 @@ def export(run_dir: str | Path, out_dir: str | Path, lora: bool = False, overwri
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=1))
         from .model_card import model_card
 
-        model_card(cfg, info, sweep_table).save(tmp / "README.md")
+        model_card(cfg, info).save(tmp / "README.md")
         _check_no_pickles(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -185,6 +184,15 @@ def export(run_dir: str | Path, out_dir: str | Path, lora: bool = False, overwri
     else:
         os.replace(tmp, out_dir)
     return out_dir
+
+
+def export_run(run_dir: str | Path, lora_student: bool) -> dict[str, Path]:
+    """The end of every image run: ``RUN/export`` (and ``RUN/export_lora`` for a LoRA student), replaced if there."""
+    run_dir = Path(run_dir)
+    out = {"export": export(run_dir, run_dir / "export", overwrite=True)}
+    if lora_student:
+        out["export_lora"] = export(run_dir, run_dir / "export_lora", lora=True, overwrite=True)
+    return out
 
 
 def update_card(export_dir: str | Path, cfg: Any, sweep_table: str | None) -> None:

@@ -17,7 +17,7 @@ LICENSE_NOTE = (
 
 
 def usage_code(info: dict[str, Any], where: str = "OUT_DIR") -> str:
-    """Python that samples the export exactly as the student samples (also used by the parity tests' docs)."""
+    """Python that samples the export exactly as the student samples (the model card's and report's snippet)."""
     from .export import format_call
 
     call = format_call(info["call"])

@@ -36,13 +36,21 @@ class ModelConfig:
     student_lora_rank: int | None = field(default=None, metadata={"help": "LoRA rank; null = full-weight student"})
     student_lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: the rank)"})
     lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    # a LoRA critic: an adapter on the teacher's own UNet, so teacher and critic share one set of base weights
+    critic_lora_rank: int | None = field(
+        default=None, metadata={"help": "LoRA critic rank; 0 = full-weight critic; null = the method's default"})
+    critic_lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: the rank)"})
 
     def __post_init__(self) -> None:
         if self.student_lora_rank is not None and self.student_lora_rank < 1:
             raise ConfigError(f"model.student_lora_rank must be >= 1 (or null for a full-weight student), "
                               f"got {self.student_lora_rank}")
-        if self.student_lora_alpha is not None and self.student_lora_alpha <= 0:
-            raise ConfigError(f"model.student_lora_alpha must be > 0, got {self.student_lora_alpha}")
+        if self.critic_lora_rank is not None and self.critic_lora_rank < 0:
+            raise ConfigError(f"model.critic_lora_rank must be >= 1 (LoRA critic), 0 (full-weight critic) or null "
+                              f"(the method's default), got {self.critic_lora_rank}")
+        for name in ("student_lora_alpha", "critic_lora_alpha"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be > 0, got {getattr(self, name)}")
         if not self.lora_targets:
             raise ConfigError("model.lora_targets must name at least one module, e.g. [to_q, to_k, to_v, to_out.0]")
 
@@ -54,6 +62,7 @@ class DataConfig:
                                  ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")]
     )
     prompt_file: str | None = field(default=None, metadata={"help": "one prompt per line; replaces `prompts`"})
+    real: str | None = field(default=None, metadata={"help": "real images for GAN terms: digits | image folder"})
 
 
 @dataclass

@@ -20,11 +20,14 @@ from .roles import Models
 class Batch:
     cond: Cond
     noise: Tensor  # the student's starting noise, shaped like a sample
-    real: Tensor | None = None  # real samples, for methods that use data (GAN terms); None when data-free
+    real: Tensor | None = None  # real samples (latents for image teachers), for GAN terms; None when data-free
+    real_cond: Cond | None = None  # the real samples' own conditioning (their class / caption)
 
 
 class MixtureData:
     """Uniform random classes of the mixture; ``real`` holds true mixture samples of those classes."""
+
+    has_real = True
 
     def __init__(self, models: Models):
         self.mixture = models.mixture
@@ -34,22 +37,43 @@ class MixtureData:
         labels = torch.randint(0, self.mixture.classes, (n,), generator=generator, device=device)
         noise = torch.randn(n, self.mixture.dim, generator=generator, device=device)
         real = self.mixture.sample(labels, generator)
-        return Batch(Cond(labels=labels, uncond=Cond(labels=torch.full_like(labels, -1))), noise, real)
+        cond = Cond(labels=labels, uncond=Cond(labels=torch.full_like(labels, -1)))
+        return Batch(cond, noise, real, cond)
 
 
 class PromptData:
-    """Prompts drawn uniformly from a fixed list whose embeddings are computed once (text encoders are frozen)."""
+    """Prompts drawn uniformly from a fixed list whose embeddings are computed once (text encoders are frozen).
 
-    def __init__(self, models: Models, prompts: list[str], device: torch.device | str):
+    With ``real`` (latents, and for each the index of its caption in ``real_prompts``), batches also carry real
+    latents drawn uniformly with their captions' conditioning.
+    """
+
+    def __init__(self, models: Models, prompts: list[str], device: torch.device | str,
+                 real: tuple[Tensor, list[str]] | None = None):
         self.cond = models.text.encode(prompts).to(device)
         self.prompts = prompts
         self.shape = models.sample_shape
+        self.real = None
+        if real is not None:
+            latents, captions = real
+            unique = sorted(set(captions))
+            self.real = latents.to(device)
+            self.real_cond = models.text.encode(unique).to(device)
+            self.real_caption = torch.tensor([unique.index(c) for c in captions], device=device)
+
+    @property
+    def has_real(self) -> bool:
+        return self.real is not None
 
     def sample(self, n: int, generator: torch.Generator) -> Batch:
         device = generator.device
         idx = torch.randint(0, len(self.prompts), (n,), generator=generator, device=device)
         noise = torch.randn(n, *self.shape, generator=generator, device=device)
-        return Batch(self.cond[idx.to(self.cond.embeds.device)], noise)
+        batch = Batch(self.cond[idx.to(self.cond.embeds.device)], noise)
+        if self.real is not None:
+            j = torch.randint(0, len(self.real), (n,), generator=generator, device=device).to(self.real.device)
+            batch.real, batch.real_cond = self.real[j], self.real_cond[self.real_caption[j]]
+        return batch
 
 
 def read_prompts(cfg: DataConfig) -> list[str]:
@@ -65,7 +89,43 @@ def read_prompts(cfg: DataConfig) -> list[str]:
     return prompts
 
 
+def real_latents(models: Models, spec: str) -> tuple[Tensor, list[str]]:
+    """Real images as the teacher's latents, with a caption each: ``digits`` (the embedded teacher's training split,
+    captioned by class) or a folder of images (caption from a same-named .txt beside each image, else empty)."""
+    from .preview import encode
+
+    if spec == "digits":
+        from .zoo.digits_data import digits_split, prompt_for
+
+        images, labels = digits_split()["train"]
+        images = (images * 2 - 1).repeat(1, 3, 1, 1)  # gray [0, 1] -> RGB [-1, 1], as the teacher was trained
+        captions = [prompt_for(int(k)) for k in labels]
+    else:
+        images, captions = read_image_folder(Path(spec), models.vae)
+    return encode(models, images), captions
+
+
+def read_image_folder(folder: Path, vae: torch.nn.Module) -> tuple[Tensor, list[str]]:
+    import numpy as np
+    from PIL import Image
+
+    if not folder.is_dir():
+        raise ConfigError(f"data.real {str(folder)!r} is neither `digits` nor an image folder")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    if not files:
+        raise ConfigError(f"data.real {str(folder)!r} holds no .png/.jpg/.jpeg/.webp image")
+    size = vae.config.sample_size
+    images, captions = [], []
+    for f in files:
+        img = Image.open(f).convert("RGB").resize((size, size), Image.BICUBIC)
+        images.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1)
+        caption = f.with_suffix(".txt")
+        captions.append(caption.read_text().strip() if caption.is_file() else "")
+    return torch.stack(images), captions
+
+
 def build_data(models: Models, cfg: DataConfig, device: torch.device | str) -> MixtureData | PromptData:
     if models.family == "gmm":
         return MixtureData(models)
-    return PromptData(models, read_prompts(cfg), device)
+    real = real_latents(models, cfg.real) if cfg.real is not None else None
+    return PromptData(models, read_prompts(cfg), device, real)

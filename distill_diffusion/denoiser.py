@@ -49,6 +49,15 @@ class Cond:
     def __getitem__(self, index: Any) -> Cond:
         return self.map(lambda v: v[index])
 
+    def where(self, mask: Tensor, other: Cond) -> Cond:
+        """Rows of ``other`` where ``mask`` (B,) is true, rows of self elsewhere; the unconditional branch is kept."""
+        theirs = other._tensors()
+        out = {}
+        for k, v in self._tensors().items():
+            m = mask.to(v.device).reshape(-1, *([1] * (v.ndim - 1)))
+            out[k] = torch.where(m, theirs[k], v)
+        return replace(self, **out)
+
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Cond:
         def move(v: Tensor) -> Tensor:
             return v.to(device, dtype) if dtype is not None and v.is_floating_point() else v.to(device)

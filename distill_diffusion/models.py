@@ -16,6 +16,7 @@ import torch
 from .config import ConfigError, ModelConfig
 from .denoiser import Denoiser
 from .gmm import GaussianMixture, MixtureDenoiserNet, ResidualMLP
+from .lora import SharedDenoiser, add_lora
 from .process import NoiseProcess
 from .roles import Models, Student, Teacher
 from .text import TextConditioner
@@ -23,15 +24,19 @@ from .text import TextConditioner
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
 
-def build_models(cfg: ModelConfig, need_critic: bool, seed: int = 0) -> Models:
-    """Teacher, student and (when ``need_critic``) critic for ``cfg.teacher``; fresh weights are seeded by ``seed``."""
+def build_models(cfg: ModelConfig, need_critic: bool, seed: int = 0, critic_lora_rank: int = 0) -> Models:
+    """Teacher, student and (when ``need_critic``) critic for ``cfg.teacher``; fresh weights are seeded by ``seed``.
+
+    ``critic_lora_rank`` is the method's default critic (0: full weights); ``model.critic_lora_rank`` overrides it.
+    """
     want_critic = need_critic if cfg.critic is None else cfg.critic
+    rank = cfg.critic_lora_rank if cfg.critic_lora_rank is not None else critic_lora_rank
     if cfg.teacher == "gmm":
-        if cfg.student_lora_rank is not None:
-            raise ConfigError("model.student_lora_rank needs a diffusers teacher (a mixture student is an MLP); "
-                              "set it to null for teacher gmm")
+        if cfg.student_lora_rank is not None or (cfg.critic_lora_rank or 0) > 0:
+            raise ConfigError("LoRA roles (model.student_lora_rank, model.critic_lora_rank) need a diffusers teacher; "
+                              "a mixture critic already is a small correction on the frozen exact teacher")
         return _build_mixture(cfg, want_critic, seed)
-    return _build_diffusers(cfg, want_critic, load_pipeline(cfg.teacher), seed)
+    return _build_diffusers(cfg, want_critic, load_pipeline(cfg.teacher), seed, rank if want_critic else 0)
 
 
 def _build_mixture(cfg: ModelConfig, want_critic: bool, seed: int) -> Models:
@@ -60,6 +65,7 @@ def _build_mixture(cfg: ModelConfig, want_critic: bool, seed: int) -> Models:
         sample_shape=(mixture.dim,),
         mixture=mixture,
         pipeline=scheduler,
+        seed=seed,
     )
 
 
@@ -86,25 +92,8 @@ def load_pipeline(spec: str) -> Any:
     return DiffusionPipeline.from_pretrained(path, local_files_only=True, safety_checker=None)
 
 
-def _with_lora(unet: Any, cfg: ModelConfig, seed: int) -> Any:
-    """The UNet frozen, with a trainable LoRA adapter (peft) on ``cfg.lora_targets``; B = 0, so it starts as the
-    teacher (as diffusers' LCM-LoRA script initialises it)."""
-    from peft import LoraConfig
-
-    unet.requires_grad_(False)
-    rank = cfg.student_lora_rank
-    config = LoraConfig(r=rank, lora_alpha=cfg.student_lora_alpha or rank, target_modules=list(cfg.lora_targets),
-                        init_lora_weights="gaussian")
-    try:
-        with torch.random.fork_rng():  # the adapter's random A matrices are seeded like every fresh weight
-            torch.manual_seed(seed)
-            unet.add_adapter(config)
-    except ValueError as e:
-        raise ConfigError(f"model.lora_targets {cfg.lora_targets}: {e}".splitlines()[0]) from None
-    return unet
-
-
-def _build_diffusers(cfg: ModelConfig, want_critic: bool, pipe: Any, seed: int = 0) -> Models:
+def _build_diffusers(cfg: ModelConfig, want_critic: bool, pipe: Any, seed: int = 0,
+                     critic_lora_rank: int = 0) -> Models:
     from diffusers import UNet2DConditionModel
 
     name = type(pipe).__name__
@@ -124,11 +113,18 @@ def _build_diffusers(cfg: ModelConfig, want_critic: bool, pipe: Any, seed: int =
         text = TextConditioner([pipe.tokenizer], [pipe.text_encoder])
     for module in (pipe.vae, *text.encoders):
         module.requires_grad_(False).eval()
-    teacher = Teacher(Denoiser(unet, process))
     student_unet = copy.deepcopy(unet).requires_grad_(True).train()
     if cfg.student_lora_rank is not None:
-        student_unet = _with_lora(student_unet, cfg, seed)
-    critic = Denoiser(copy.deepcopy(unet).requires_grad_(True).train(), process) if want_critic else None
+        student_unet = add_lora(student_unet, cfg.student_lora_rank, cfg.student_lora_alpha, cfg.lora_targets, seed)
+    critic = None
+    if want_critic and critic_lora_rank > 0:  # the critic is an adapter on the teacher's own UNet
+        teacher = Teacher(SharedDenoiser(unet, process, adapter=None))  # freezes the base, then the adapter joins
+        add_lora(unet, critic_lora_rank, cfg.critic_lora_alpha, cfg.lora_targets, seed + 1, name="critic")
+        critic = SharedDenoiser(unet, process, adapter="critic")
+    else:
+        teacher = Teacher(Denoiser(unet, process))
+        if want_critic:
+            critic = Denoiser(copy.deepcopy(unet).requires_grad_(True).train(), process)
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     return Models(
         process=process,
@@ -140,4 +136,5 @@ def _build_diffusers(cfg: ModelConfig, want_critic: bool, pipe: Any, seed: int =
         text=text,
         vae=pipe.vae,
         pipeline=pipe,
+        seed=seed,
     )

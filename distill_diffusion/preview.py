@@ -45,6 +45,21 @@ def decode(models: Models, latents: Tensor, as_float: bool = False) -> np.ndarra
     return images if as_float else (images * 255).round().astype(np.uint8)
 
 
+@torch.no_grad()
+def encode(models: Models, images: Tensor, batch: int = 64) -> Tensor:
+    """Images (B, 3, H, W) in [-1, 1] -> the teacher's latents (posterior means, scaled as `decode` unscales)."""
+    vae = models.vae
+    device = next(vae.parameters()).device
+    latents = torch.cat([vae.encode(images[i : i + batch].to(device, vae.dtype)).latent_dist.mean.float()
+                         for i in range(0, len(images), batch)])
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is not None and std is not None:
+        mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+        std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+        return (latents - mean) * vae.config.scaling_factor / std
+    return latents * vae.config.scaling_factor
+
+
 def image_grid(images: np.ndarray, cols: int) -> Image.Image:
     n, h, w, c = images.shape
     rows = -(-n // cols)

@@ -84,6 +84,7 @@ class Models:
     text: Any = None  # TextConditioner for prompt-conditioned families
     vae: nn.Module | None = None
     pipeline: Any = None  # the teacher's diffusers pipeline (export reuses its class and components)
+    seed: int = 0  # seeds fresh weights a method adds (e.g. a GAN head)
 
     def trainable(self) -> dict[str, nn.Module]:
         roles: dict[str, nn.Module] = {"student": self.student}

@@ -127,7 +127,8 @@ class Trainer:
 
         # 1. roles and method; fresh weights are seeded, so two runs with one seed start identical
         method_cls = METHODS[cfg.method]
-        self.models: Models = build_models(cfg.model, need_critic="critic" in method_cls.roles, seed=tc.seed)
+        self.models: Models = build_models(cfg.model, need_critic="critic" in method_cls.roles, seed=tc.seed,
+                                           critic_lora_rank=method_cls.critic_lora_rank)
         self.method = method_cls(cfg.method_args, self.models)
         for module in (self.models.teacher, self.models.vae):
             if module is not None:
@@ -136,6 +137,9 @@ class Trainer:
             for enc in self.models.text.encoders:
                 enc.to(device)
         self.data = build_data(self.models, cfg.data, device)
+        if self.method.needs_real_data and not self.data.has_real:
+            raise ConfigError(f"{cfg.method} as configured uses real images (a GAN term); set data.real to digits or "
+                              "an image folder, or turn the GAN weights off")
         # the run directory is written only once everything above has been accepted
         self.run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(self.run_dir / "config.yaml")
@@ -201,8 +205,10 @@ class Trainer:
                 p.requires_grad_(role == phase)
         batch = self.data.sample(self.cfg.train.batch_size, self.generator)
         with self.accelerator.autocast():
-            loss, logs = self.method.loss(phase, batch, self.generator)
+            loss, logs = self.method.loss(phase, batch, self.generator, self.step)
         opt = self.optimizers[phase]
+        for group in opt.param_groups:
+            group["lr"] = self.method.lr_at(phase, self.step)
         opt.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
             # a non-finite loss never reaches the weights; too many in a row means the run is broken
@@ -218,6 +224,7 @@ class Trainer:
                 norm = self.accelerator.clip_grad_norm_(self.params[phase], self.cfg.train.grad_clip)
                 logs[f"grad_norm_{phase}"] = float(norm)
             opt.step()
+            opt.zero_grad(set_to_none=True)  # a role's gradients never outlive its step (one role's at a time)
             self.counts[phase] += 1
             if phase == "student" and self.ema is not None:
                 self.ema.update(self.models.student)
@@ -231,19 +238,20 @@ class Trainer:
         bar = tqdm(total=tc.steps, initial=self.step, disable=not (tc.progress and self.accelerator.is_main_process),
                    desc=f"{self.cfg.method}", dynamic_ncols=True)
         sums: dict[str, float] = {}
-        n_logged, t0 = 0, time.time()
+        seen: dict[str, int] = {}  # a key logged by one phase is averaged over that phase's steps only
+        t0 = time.time()
         while self.step < tc.steps:
             _, logs = self.train_step()
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
-            n_logged += 1
+                seen[k] = seen.get(k, 0) + 1
             bar.update(1)
             if self.step % tc.log_every == 0 or self.step == tc.steps:
-                means = {k: v / n_logged for k, v in sums.items()}
+                means = {k: v / seen[k] for k, v in sums.items()}
                 bar.set_postfix({k: f"{v:.3g}" for k, v in means.items() if k.startswith("loss")})
                 self._log({"step": self.step, **self.counts, "skipped": self.skipped,
                            "seconds": round(time.time() - t0, 2), **means})
-                sums, n_logged = {}, 0
+                sums, seen = {}, {}
             if tc.sample_every and self.step % tc.sample_every == 0 and self.step < tc.steps:
                 self._log({"step": self.step, **self._preview(f"step_{self.step:08d}")})
             if self.step % tc.checkpoint_every == 0 and self.step < tc.steps:

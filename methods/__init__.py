@@ -2,9 +2,15 @@
 
 from .base import Method, MethodConfig
 from .dmd2 import DMD2, DMD2Config
+from .score import ScoreConfig, ScoreMethod
+from .sid import SiD, SiDConfig
+from .vsd import VSD, VSDConfig
 
 METHODS: dict[str, type[Method]] = {
     "dmd2": DMD2,
+    "sid": SiD,
+    "vsd": VSD,
 }
 
-__all__ = ["METHODS", "Method", "MethodConfig", "DMD2", "DMD2Config"]
+__all__ = ["METHODS", "Method", "MethodConfig", "ScoreConfig", "ScoreMethod", "DMD2", "DMD2Config", "SiD",
+           "SiDConfig", "VSD", "VSDConfig"]

@@ -50,15 +50,27 @@ class Method(ABC):
         self.cfg = cfg
         self.models = models
 
+    critic_lora_rank: int = 0  # the default critic: 0 = a full copy of the teacher, r = a rank-r LoRA on its base
+
     def phase(self, step: int) -> str:
         return "student"
 
     @abstractmethod
-    def loss(self, phase: str, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
-        """The scalar loss of role ``phase`` on ``batch`` and a dict of floats to log."""
+    def loss(self, phase: str, batch: Batch, generator: torch.Generator, step: int = 0
+             ) -> tuple[Tensor, dict[str, float]]:
+        """The scalar loss of role ``phase`` on ``batch`` at train step ``step``, and a dict of floats to log."""
+
+    @property
+    def needs_real_data(self) -> bool:
+        """Whether `loss` reads ``batch.real`` (real images, e.g. for a GAN term)."""
+        return False
 
     def lr(self, role: str) -> float:
         return {"student": self.cfg.lr_student, "critic": self.cfg.lr_critic}[role]
+
+    def lr_at(self, role: str, step: int) -> float:
+        """The learning rate of ``role`` at train step ``step`` (constant unless a method schedules it)."""
+        return self.lr(role)
 
 
 def randn(shape: torch.Size | tuple[int, ...], generator: torch.Generator, like: Tensor) -> Tensor:

@@ -7,15 +7,22 @@ Eq. 7). With x = G(z), t ~ U[t_min, t_max], x_t = alpha_t x + sigma_t eps:
     grad = ((x - x0_real(x_t)) - (x - x0_fake(x_t))) / mean_{C,H,W} |x - x0_real(x_t)|        (DMD Eq. 8)
     L_G  = 0.5 || x - sg(x - grad) ||^2        (so dL_G/dx = grad; no backprop through teacher or critic)
 
-x0_real uses classifier-free guidance at scale `guidance`; x0_fake never does. The critic minimises the denoising
-loss on detached student samples over all t (DMD2 Sec. 4.1). DMD2 drops DMD's regression loss and instead updates
-the critic several times per generator update (the two time-scale update rule, Sec. 4.2); for multi-step students
-it trains each step on the student's own rolled-out input (backward simulation, Sec. 4.5).
+x0_real uses classifier-free guidance at scale `guidance`; x0_fake never does (the reference asserts fake guidance
+1). The critic minimises the denoising loss on detached student samples over all t (Sec. 4.1), several times per
+generator update (the two time-scale update rule, Sec. 4.2); multi-step students train each step on their own
+rolled-out input (backward simulation, Sec. 4.5; `ScoreMethod.student_sample`).
 
-Checked against tianweiy/DMD2 ``main/sd_guidance.py`` (``compute_distribution_matching_loss``, ``compute_loss_fake``:
-t in [0.02 T, 0.98 T], fake guidance asserted 1, the normaliser, nan_to_num, eps-MSE critic loss) and
-``main/sd_unified_model.py`` (``sample_backward``). Not yet here: the GAN head on the critic's bottleneck (Sec. 4.3);
-`loss` keeps the terms separate so it adds as one more term per role.
+GAN (Sec. 4.3, `methods/gan.py`): a head on the critic's bottleneck tells noised real images from noised student
+samples. The critic adds ``gan_critic_weight * [softplus(D(fake)) + softplus(-D(real))]`` to its denoising loss; the
+student adds ``gan_generator_weight * softplus(-D(G(z)_t))``, its gradient flowing through the (frozen) critic.
+Both weights 0 (the default) make the method data-free. ``gan_start`` switches the GAN on at that many student
+updates and ``stage2_lr_student`` lowers the student's learning rate from then on: the paper's two-stage SD 1.5
+schedule (40k iterations at lr 1e-5 without GAN, then GAN 1e-3 at lr 5e-7) in one config
+(``configs/sd15_dmd2_two_stage.yaml``).
+
+Checked against tianweiy/DMD2 ``main/sd_guidance.py`` (``compute_distribution_matching_loss``, ``compute_loss_fake``,
+``compute_generator_clean_cls_loss``, ``compute_guidance_clean_cls_loss``: t in [0.02 T, 0.98 T], the normaliser,
+nan_to_num, eps-MSE critic loss, cls weights 1e-3 / 1e-2) and ``main/sd_unified_model.py`` (``sample_backward``).
 """
 
 from __future__ import annotations
@@ -29,85 +36,95 @@ from torch import Tensor
 from distill_diffusion.config import ConfigError
 from distill_diffusion.data import Batch
 
-from .base import Method, MethodConfig, randn
+from . import gan
+from .score import ScoreConfig, ScoreMethod, per_sample_mean_abs
 
 
 @dataclass
-class DMD2Config(MethodConfig):
+class DMD2Config(ScoreConfig):
     guidance: float = 1.75  # teacher CFG scale for the real score (1.75 SD 1.5, 8 SDXL in the paper)
     critic_updates: int = 5  # critic updates per generator update (dfake_gen_update_ratio: 10 SD 1.5, 5 SDXL)
-    t_min: float = 0.02  # generator-loss timesteps, as fractions of T (min_step_percent)
-    t_max: float = 0.98  # (max_step_percent)
-    backward_simulation: bool = True  # multi-step students train on their own rollouts
-    critic_target: str = "native"  # critic loss space: native (the network's own: eps for SD) | epsilon | sample | ...
+    gan_generator_weight: float = 0.0  # student's GAN weight (1e-3 SD 1.5 stage 2, 5e-3 SDXL, 3e-3 ImageNet)
+    gan_critic_weight: float = 0.0  # critic's GAN weight (1e-2 in the paper); both 0 = data-free
+    gan_start: int = 0  # student updates before the GAN terms switch on (stage 2 of the SD 1.5 schedule)
+    stage2_lr_student: float | None = None  # the student's learning rate from `gan_start` on (5e-7 for SD 1.5)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.guidance < 0:
-            raise ConfigError(f"dmd2.guidance must be >= 0 (1 = no guidance), got {self.guidance}")
-        if self.critic_updates < 1:
-            raise ConfigError(f"dmd2.critic_updates must be >= 1, got {self.critic_updates}")
-        if not 0 <= self.t_min <= self.t_max <= 1:
-            raise ConfigError(f"dmd2 needs 0 <= t_min <= t_max <= 1, got t_min={self.t_min}, t_max={self.t_max}")
-        allowed = ("native", "epsilon", "v_prediction", "sample", "flow")
-        if self.critic_target not in allowed:
-            raise ConfigError(f"unknown dmd2.critic_target {self.critic_target!r}; "
-                              f"choose one of: {', '.join(allowed)}")
+        if self.critic_guidance != 1 or self.critic_train_guidance != 1:
+            raise ConfigError("dmd2 evaluates and trains the critic without guidance (the reference asserts fake "
+                              "guidance 1): leave critic_guidance and critic_train_guidance at 1, or use sid")
+        if self.gan_generator_weight < 0 or self.gan_critic_weight < 0 or self.gan_start < 0:
+            raise ConfigError("dmd2.gan_generator_weight, gan_critic_weight and gan_start must be >= 0")
+        if self.stage2_lr_student is not None and self.stage2_lr_student <= 0:
+            raise ConfigError(f"dmd2.stage2_lr_student must be > 0 (or null), got {self.stage2_lr_student}")
 
 
-class DMD2(Method):
+class DMD2(ScoreMethod):
     config_class = DMD2Config
-    roles = ("student", "critic")
 
-    def phase(self, step: int) -> str:
-        """``critic_updates`` critic steps, then one generator step (the two time-scale update rule)."""
-        return "student" if step % (self.cfg.critic_updates + 1) == self.cfg.critic_updates else "critic"
+    def __init__(self, cfg: DMD2Config, models):  # noqa: ANN001
+        super().__init__(cfg, models)
+        self.use_gan = cfg.gan_generator_weight > 0 or cfg.gan_critic_weight > 0
+        self._gan_now = False
+        if self.use_gan:
+            gan.attach_head(models.critic, seed=models.seed + 2)
 
-    def loss(self, phase: str, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
-        if phase == "student":
-            return self.generator_loss(batch, generator)
-        if phase == "critic":
-            return self.critic_loss(batch, generator)
-        raise ValueError(f"unknown phase {phase!r}; choose one of: student, critic")
+    @property
+    def needs_real_data(self) -> bool:
+        return self.use_gan
 
-    def student_sample(self, batch: Batch, generator: torch.Generator, grad: bool) -> Tensor:
-        """x = G(input): at a random step of the student's sampler when it has several (backward simulation)."""
-        student = self.models.student
-        k = 0
-        if len(student.timesteps) > 1 and self.cfg.backward_simulation:
-            k = int(torch.randint(0, len(student.timesteps), (1,), generator=generator, device=generator.device))
-        x_in, t_in = student.rollout(batch.noise, batch.cond, k, generator)
-        with torch.set_grad_enabled(grad):
-            return student(x_in, t_in, batch.cond)
+    def student_updates(self, step: int) -> int:
+        """How many student updates come before train step ``step``."""
+        return step // (self.cfg.critic_updates + 1)
+
+    def gan_on(self, step: int) -> bool:
+        return self.use_gan and self.student_updates(step) >= self.cfg.gan_start
+
+    def lr_at(self, role: str, step: int) -> float:
+        if role == "student" and self.cfg.stage2_lr_student is not None and self.gan_on(step):
+            return self.cfg.stage2_lr_student
+        return self.lr(role)
+
+    def loss(self, phase: str, batch: Batch, generator: torch.Generator, step: int = 0
+             ) -> tuple[Tensor, dict[str, float]]:
+        self._gan_now = self.gan_on(step)
+        return super().loss(phase, batch, generator, step)
 
     def generator_loss(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         m, cfg = self.models, self.cfg
         # 1. the student's sample, with gradient
         x = self.student_sample(batch, generator, grad=True)
         # 2. noise it at t ~ U{t_min T .. t_max T}
-        t = m.process.sample_timesteps(len(x), cfg.t_min, cfg.t_max, generator)
-        x_t = m.process.add_noise(x.detach(), randn(x.shape, generator, x), t)
+        x_t, t, _ = self.noised(x.detach(), generator, cfg.t_min, cfg.t_max)
         # 3. real (guided teacher) and fake (critic, unguided) denoised estimates; no gradient through either
         with torch.no_grad():
-            x0_real = m.teacher.x0(x_t, t, batch.cond, cfg.guidance).double()
+            x0_real = self.real_x0(x_t, t, batch.cond).double()
             x0_fake = m.critic(x_t, t, batch.cond).double()
             # 4. DMD Eq. 8: score difference, normalised per sample by the mean distance to the real estimate
             p_real = x.detach().double() - x0_real
-            p_fake = x.detach().double() - x0_fake
-            norm = p_real.abs().flatten(1).mean(1).clamp_min(1e-12).reshape(-1, *([1] * (x.ndim - 1)))
-            grad = torch.nan_to_num((p_real - p_fake) / norm).to(x.dtype)
+            grad = torch.nan_to_num((x0_fake - x0_real) / per_sample_mean_abs(p_real)).to(x.dtype)
         # 5. a surrogate whose gradient with respect to x is `grad`
         loss = 0.5 * F.mse_loss(x.float(), (x - grad).detach().float())
-        return loss, {"loss_dm": loss.item(), "dm_grad_norm": grad.flatten(1).norm(dim=1).mean().item()}
+        logs = {"loss_dm": loss.item(), "dm_grad_norm": grad.flatten(1).norm(dim=1).mean().item()}
+        if self._gan_now and cfg.gan_generator_weight > 0:
+            # 6. fool the head: gradient through the frozen critic's encoder into x
+            fake_t, t_gan, _ = self.noised(x, generator, 0.0, 1.0)
+            loss_gan = F.softplus(-gan.logits(m.critic, fake_t, t_gan, batch.cond)).mean()
+            loss = loss + cfg.gan_generator_weight * loss_gan
+            logs["loss_gan_student"] = loss_gan.item()
+        return loss, logs
 
     def critic_loss(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
-        m = self.models
-        # 1. a detached student sample
         x = self.student_sample(batch, generator, grad=False).detach()
-        # 2. noise it at t ~ U{0 .. T-1}
-        t = m.process.sample_timesteps(len(x), 0.0, 1.0, generator)
-        x_t = m.process.add_noise(x, randn(x.shape, generator, x), t)
-        # 3. denoising loss of the critic (unguided), in its own prediction space by default (eps-MSE for SD)
-        target = m.critic.prediction_type if self.cfg.critic_target == "native" else self.cfg.critic_target
-        loss = m.process.denoising_loss(m.critic(x_t, t, batch.cond), x, x_t, t, target).mean()
-        return loss, {"loss_critic": loss.item()}
+        loss, logs = self.critic_denoising_loss(x, batch.cond, generator)
+        if self._gan_now and self.cfg.gan_critic_weight > 0:
+            m = self.models
+            fake_t, t_f, _ = self.noised(x, generator, 0.0, 1.0)
+            real_t, t_r, _ = self.noised(batch.real.to(x.dtype), generator, 0.0, 1.0)
+            d_fake = gan.logits(m.critic, fake_t, t_f, batch.cond)
+            d_real = gan.logits(m.critic, real_t, t_r, batch.real_cond)
+            loss_gan = (F.softplus(d_fake) + F.softplus(-d_real)).mean()
+            loss = loss + self.cfg.gan_critic_weight * loss_gan
+            logs.update(loss_gan_critic=loss_gan.item(), d_real=d_real.mean().item(), d_fake=d_fake.mean().item())
+        return loss, logs

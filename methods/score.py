@@ -1,0 +1,143 @@
+"""What the score-distillation family shares: DMD2, SiD and VSD each drive the student by the disagreement of the
+teacher ("real score") and a fake critic fitted to the student's own samples. They differ only in the generator
+loss; this module holds the rest.
+
+- `ScoreConfig`: teacher / critic guidance kept separate (SiD-LSG's kappas: the critic trains through
+  ``critic_train_guidance`` and is evaluated in the student's loss at ``critic_guidance``; the teacher at
+  ``guidance``), the critic's prompt dropout, the update ratio, the generator-loss timestep range.
+- `ScoreMethod.student_sample`: the student's output, at a random step of its own sampler for multi-step students
+  (DMD2's backward simulation, tianweiy/DMD2 ``main/sd_unified_model.py`` ``sample_backward``).
+- `ScoreMethod.critic_loss`: the critic's denoising loss on detached student samples, t over the whole range
+  (DMD2 ``compute_loss_fake``; SiD ``SID_EDMLoss.__call__``; SwiftBrush's LoRA loss with 10% null prompts and
+  an alpha_t^2 weight on the epsilon error).
+
+The critic is a full copy of the teacher or, with ``model.critic_lora_rank``, a LoRA adapter on the teacher's own
+weights (`distill_diffusion.lora`): every method here gets either through config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from distill_diffusion.config import ConfigError
+from distill_diffusion.data import Batch
+from distill_diffusion.denoiser import Cond, guided_x0
+
+from .base import Method, MethodConfig, randn
+
+CRITIC_TARGETS = ("native", "epsilon", "v_prediction", "sample", "flow")
+
+
+@dataclass
+class ScoreConfig(MethodConfig):
+    guidance: float = 1.0  # teacher CFG in the student's loss (1 = none)
+    critic_guidance: float = 1.0  # CFG on the critic in the student's loss (SiD-LSG kappa_2; SwiftBrush = guidance)
+    critic_train_guidance: float = 1.0  # CFG the critic's own denoising loss is computed through (SiD-LSG kappa_1)
+    critic_dropout: float = 0.0  # fraction of critic-training rows given the null prompt (SwiftBrush 0.1)
+    critic_updates: int = 1  # critic updates per student update
+    t_min: float = 0.02  # student-loss timesteps, as fractions of T (20 .. 980 in DMD2, SiD for SD, SwiftBrush)
+    t_max: float = 0.98
+    backward_simulation: bool = True  # multi-step students train on their own rollouts
+    critic_target: str = "native"  # critic loss space: native (the network's own: eps for SD) | epsilon | ...
+    critic_weighting: str = "uniform"  # uniform | alpha2 (SwiftBrush: MSE(alpha_t eps_hat, alpha_t eps))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        name = type(self).__name__.removesuffix("Config").lower()
+        for key in ("guidance", "critic_guidance", "critic_train_guidance"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{name}.{key} must be >= 0 (1 = no guidance), got {getattr(self, key)}")
+        if not 0 <= self.critic_dropout < 1:
+            raise ConfigError(f"{name}.critic_dropout must be in [0, 1), got {self.critic_dropout}")
+        if self.critic_updates < 1:
+            raise ConfigError(f"{name}.critic_updates must be >= 1, got {self.critic_updates}")
+        if not 0 <= self.t_min <= self.t_max <= 1:
+            raise ConfigError(f"{name} needs 0 <= t_min <= t_max <= 1, got t_min={self.t_min}, t_max={self.t_max}")
+        if self.critic_target not in CRITIC_TARGETS:
+            raise ConfigError(f"unknown {name}.critic_target {self.critic_target!r}; "
+                              f"choose one of: {', '.join(CRITIC_TARGETS)}")
+        if self.critic_weighting not in ("uniform", "alpha2"):
+            raise ConfigError(f"unknown {name}.critic_weighting {self.critic_weighting!r}; choose one of: "
+                              "uniform, alpha2")
+
+
+def drop_prompts(cond: Cond, p: float, generator: torch.Generator) -> Cond:
+    """Each row replaced by its null-prompt (``cond.uncond``) row with probability ``p`` (classifier-free training)."""
+    if p == 0:
+        return cond
+    if cond.uncond is None:
+        raise ConfigError("critic_dropout needs unconditional conditioning (the null prompt / null class)")
+    drop = torch.rand(cond.batch_size, generator=generator, device=generator.device) < p
+    return cond.where(drop, cond.uncond)
+
+
+class ScoreMethod(Method):
+    """Critic updates and student updates in the ratio ``critic_updates`` : 1; subclasses give `generator_loss`."""
+
+    config_class = ScoreConfig
+    roles = ("student", "critic")
+
+    def phase(self, step: int) -> str:
+        """``critic_updates`` critic steps, then one student step (DMD2's two time-scale rule; 1:1 in SiD, VSD)."""
+        return "student" if step % (self.cfg.critic_updates + 1) == self.cfg.critic_updates else "critic"
+
+    def loss(self, phase: str, batch: Batch, generator: torch.Generator, step: int = 0
+             ) -> tuple[Tensor, dict[str, float]]:
+        if phase == "student":
+            return self.generator_loss(batch, generator)
+        if phase == "critic":
+            return self.critic_loss(batch, generator)
+        raise ValueError(f"unknown phase {phase!r}; choose one of: student, critic")
+
+    def generator_loss(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------- shared pieces
+    def student_sample(self, batch: Batch, generator: torch.Generator, grad: bool) -> Tensor:
+        """x = G(input): at a random step of the student's sampler when it has several (backward simulation)."""
+        student = self.models.student
+        k = 0
+        if len(student.timesteps) > 1 and self.cfg.backward_simulation:
+            k = int(torch.randint(0, len(student.timesteps), (1,), generator=generator, device=generator.device))
+        x_in, t_in = student.rollout(batch.noise, batch.cond, k, generator)
+        with torch.set_grad_enabled(grad):
+            return student(x_in, t_in, batch.cond)
+
+    def noised(self, x: Tensor, generator: torch.Generator, lo: float, hi: float) -> tuple[Tensor, Tensor, Tensor]:
+        """(x_t, t, eps) with t uniform over the fractions [lo, hi] of training time; x_t keeps x's graph."""
+        t = self.models.process.sample_timesteps(len(x), lo, hi, generator)
+        eps = randn(x.shape, generator, x)
+        return self.models.process.add_noise(x, eps, t), t, eps
+
+    def real_x0(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        return self.models.teacher.x0(x_t, t, cond, self.cfg.guidance)
+
+    def fake_x0(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        return guided_x0(self.models.critic, x_t, t, cond, self.cfg.critic_guidance)
+
+    def critic_loss(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        x = self.student_sample(batch, generator, grad=False).detach()
+        return self.critic_denoising_loss(x, batch.cond, generator)
+
+    def critic_denoising_loss(self, x: Tensor, cond: Cond, generator: torch.Generator
+                              ) -> tuple[Tensor, dict[str, float]]:
+        """The critic's denoising loss on the (detached) student samples ``x``, t uniform over [0, T)."""
+        m, cfg = self.models, self.cfg
+        x_t, t, _ = self.noised(x, generator, 0.0, 1.0)
+        cond = drop_prompts(cond, cfg.critic_dropout, generator)
+        x0_hat = guided_x0(m.critic, x_t, t, cond, cfg.critic_train_guidance)
+        target = m.critic.prediction_type if cfg.critic_target == "native" else cfg.critic_target
+        per_sample = m.process.denoising_loss(x0_hat, x, x_t, t, target)
+        if cfg.critic_weighting == "alpha2":
+            alpha, _ = m.process.alpha_sigma(t, per_sample)
+            per_sample = alpha.pow(2) * per_sample
+        loss = per_sample.mean()
+        return loss, {"loss_critic": loss.item()}
+
+
+def per_sample_mean_abs(x: Tensor) -> Tensor:
+    """mean_{C,H,W} |x| per sample, shaped to broadcast against x, never below 1e-5 (DMD and SiD's normaliser)."""
+    return x.abs().flatten(1).mean(1).clamp_min(1e-5).reshape(-1, *([1] * (x.ndim - 1)))

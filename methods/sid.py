@@ -1,0 +1,75 @@
+"""SiD: Score identity Distillation (Zhou et al., ICML 2024, arXiv:2404.04057); guidance as in SiD-LSG
+(Zhou et al. 2024, arXiv:2406.01561).
+
+Like DMD2 the student is driven by the teacher's and the fake critic's denoised estimates at its noised samples,
+but through a loss whose gradient flows through *both* networks into the sample (no stop-gradient), built from
+Fisher-divergence score identities. With x = G(z), t ~ U[t_min, t_max], x_t = alpha_t x + sigma_t eps (x_t keeps
+the graph), y_r = teacher x0(x_t) and y_f = critic x0(x_t):
+
+    L_G = sum_{C,H,W} (y_r - y_f) . ((y_r - x) - alpha (y_r - y_f)) / w,    w = sg(mean_{C,H,W} |x - y_r|)
+
+averaged over the batch (SiD Eq. 11 with its per-sample normaliser; alpha = 1.2 in the pixel-space experiments,
+1 for Stable Diffusion, where the loss reduces to (y_r - y_f) . (y_f - x) / w). Samples with a NaN anywhere are
+dropped. The critic is fitted to the student's samples by the usual denoising loss, one critic update per student
+update (1:1 alternation), Adam betas (0, 0.999) for both (the reference's defaults).
+
+Guidance is kept in three places (SiD-LSG): the critic trains through ``critic_train_guidance`` (kappa_1), is
+evaluated in the student's loss at ``critic_guidance`` (kappa_2 = kappa_3) and the teacher at ``guidance``
+(kappa_4). SiD-LSG's SD student reads pure noise at t_init = 625: set ``model.timesteps: [625]``; a multi-step
+student trains on its own rollouts like every method of this family.
+
+Checked against mingyuanzhou/SiD ``training/sid_loss.py`` (``generator_loss``: the loss, the NaN mask, the no-grad
+normaliser clipped at 1e-5) and ``training/sid_training_loop.py`` (alternation, Adam betas, loss scaling);
+REFERENCES 6.4 for SiD-LSG's kappas and the SD timestep range 20 .. 979.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from distill_diffusion.config import ConfigError
+from distill_diffusion.data import Batch
+
+from .score import ScoreConfig, ScoreMethod, per_sample_mean_abs
+
+
+@dataclass
+class SiDConfig(ScoreConfig):
+    alpha: float = 1.2  # 1.2 in the paper's pixel-space experiments; 1.0 for Stable Diffusion (SiD-LSG)
+    adam_betas: tuple[float, float] = field(default=(0.0, 0.999))  # the reference's Adam betas, both roles
+    weight_decay: float = 0.0
+    lr_student: float = 1e-6  # SD (SiD-LSG); 1e-5 for EDM pixel models
+    lr_critic: float = 1e-6
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.alpha <= 2:
+            raise ConfigError(f"sid.alpha must be in [0, 2] (1.2 pixel space, 1.0 Stable Diffusion), got {self.alpha}")
+
+
+class SiD(ScoreMethod):
+    config_class = SiDConfig
+
+    def generator_loss(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        cfg = self.cfg
+        # 1. the student's sample and its noised version, both keeping the graph back to the student
+        x = self.student_sample(batch, generator, grad=True)
+        x_t, t, _ = self.noised(x, generator, cfg.t_min, cfg.t_max)
+        # 2. teacher and critic estimates with gradients through both networks (their weights do not update here)
+        y_real = self.real_x0(x_t, t, batch.cond).float()
+        y_fake = self.fake_x0(x_t, t, batch.cond).float()
+        x = x.float()
+        # 3. drop samples with a NaN anywhere (the reference's per-sample mask)
+        ok = ~(x.isnan() | y_real.isnan() | y_fake.isnan()).flatten(1).any(1)
+        x, y_real, y_fake = x[ok], y_real[ok], y_fake[ok]
+        # 4. SiD's loss, normalised per sample by the no-grad mean distance to the teacher's estimate
+        with torch.no_grad():
+            w = per_sample_mean_abs(x - y_real)
+        diff = y_real - y_fake
+        per_sample = (diff * ((y_real - x) - cfg.alpha * diff) / w).flatten(1).sum(1)
+        loss = per_sample.mean() if len(per_sample) else x.sum() * 0
+        return loss, {"loss_sid": loss.item(), "sid_dropped": float((~ok).sum()),
+                      "score_gap": diff.flatten(1).norm(dim=1).mean().item() if len(diff) else 0.0}

@@ -24,10 +24,12 @@ from .text import TextConditioner
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
 
-def build_models(cfg: ModelConfig, need_critic: bool, seed: int = 0, critic_lora_rank: int = 0) -> Models:
+def build_models(cfg: ModelConfig, need_critic: bool, seed: int = 0, critic_lora_rank: int = 0,
+                 pipeline: Any = None) -> Models:
     """Teacher, student and (when ``need_critic``) critic for ``cfg.teacher``; fresh weights are seeded by ``seed``.
 
     ``critic_lora_rank`` is the method's default critic (0: full weights); ``model.critic_lora_rank`` overrides it.
+    ``pipeline``: a diffusers pipeline object already in memory, used instead of loading ``cfg.teacher``.
     """
     want_critic = need_critic if cfg.critic is None else cfg.critic
     rank = cfg.critic_lora_rank if cfg.critic_lora_rank is not None else critic_lora_rank
@@ -36,7 +38,8 @@ def build_models(cfg: ModelConfig, need_critic: bool, seed: int = 0, critic_lora
             raise ConfigError("LoRA roles (model.student_lora_rank, model.critic_lora_rank) need a diffusers teacher; "
                               "a mixture critic already is a small correction on the frozen exact teacher")
         return _build_mixture(cfg, want_critic, seed)
-    return _build_diffusers(cfg, want_critic, load_pipeline(cfg.teacher), seed, rank if want_critic else 0)
+    pipe = pipeline if pipeline is not None else load_pipeline(cfg.teacher)
+    return _build_diffusers(cfg, want_critic, pipe, seed, rank if want_critic else 0)
 
 
 def _build_mixture(cfg: ModelConfig, want_critic: bool, seed: int) -> Models:

@@ -20,6 +20,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -115,7 +116,8 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False):
+    def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False, pipeline: Any = None):
+        """``pipeline``: the teacher as a diffusers pipeline already in memory (instead of loading model.teacher)."""
         from distill_diffusion.methods import METHODS
 
         self.cfg = cfg
@@ -128,7 +130,7 @@ class Trainer:
         # 1. roles and method; fresh weights are seeded, so two runs with one seed start identical
         method_cls = METHODS[cfg.method]
         self.models: Models = build_models(cfg.model, need_critic="critic" in method_cls.roles, seed=tc.seed,
-                                           critic_lora_rank=method_cls.critic_lora_rank)
+                                           critic_lora_rank=method_cls.critic_lora_rank, pipeline=pipeline)
         self.method = method_cls(cfg.method_args, self.models)
         for module in (self.models.teacher, self.models.vae):
             if module is not None:

@@ -98,3 +98,23 @@ def test_method_config_round_trips_through_yaml(method: str) -> None:
     again = parse_config(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))
     assert again == cfg
     assert type(again.method_args) is METHODS[method].config_class
+
+
+@pytest.mark.parametrize("rank", [0, 4])
+@pytest.mark.parametrize("method", sorted(m for m in METHODS if "critic" in METHODS[m].roles))
+def test_contract_with_either_critic(tmp_path: Path, method: str, rank: int, tiny_dirs: dict[str, str]) -> None:
+    """Every critic method runs with a full-weight critic (rank 0) and with a LoRA critic on the teacher's own UNet,
+    chosen by config alone; the LoRA critic trains only its adapter and shares the teacher's base weights."""
+    raw = {
+        "method": method,
+        method: {"lr_student": 1e-3, "lr_critic": 1e-3},
+        "model": {"teacher": tiny_dirs["sd15"], "timesteps": [999], "critic_lora_rank": rank},
+        "train": {"batch_size": 2, "steps": 12, "progress": False},
+    }
+    trainer = Trainer(parse_config(raw), tmp_path / "run")
+    models = trainer.models
+    shared = models.critic.net is models.teacher.denoiser.net
+    assert shared == (rank > 0)
+    trainable = [n for n, p in models.critic.named_parameters() if p.requires_grad]
+    assert trainable and all((".lora_" in n) == (rank > 0) or "gan_head" in n for n in trainable)
+    check_steps(trainer, steps_to_see_every_role(trainer))

@@ -97,7 +97,7 @@ def real_latents(models: Models, spec: str) -> tuple[Tensor, list[str]]:
     if spec == "digits":
         from .zoo.digits_data import digits_split, prompt_for
 
-        images, labels = digits_split()["train"]
+        images, labels = digits_split(models.vae.config.sample_size)["train"]  # the teacher's image size
         images = (images * 2 - 1).repeat(1, 3, 1, 1)  # gray [0, 1] -> RGB [-1, 1], as the teacher was trained
         captions = [prompt_for(int(k)) for k in labels]
     else:

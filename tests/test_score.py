@@ -1,0 +1,65 @@
+"""The score family's plumbing: DMD2's two-stage schedule, real data for its GAN term, guidance and prompt dropout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill_diffusion.config import ConfigError, parse_config
+from distill_diffusion.denoiser import Cond
+from distill_diffusion.methods.score import drop_prompts
+from distill_diffusion.trainer import Trainer
+
+
+def gmm_trainer(tmp_path: Path, method: str, steps: int, **args: object) -> Trainer:
+    raw = {"method": method, method: {"lr_student": 1e-3, "lr_critic": 1e-3, **args},
+           "model": {"teacher": "gmm"}, "train": {"batch_size": 16, "steps": steps, "progress": False}}
+    return Trainer(parse_config(raw), tmp_path / "run")
+
+
+def test_dmd2_two_stage_schedule_switches_gan_and_student_lr(tmp_path: Path) -> None:
+    trainer = gmm_trainer(tmp_path, "dmd2", 8, critic_updates=1, gan_generator_weight=1e-3, gan_critic_weight=1e-2,
+                          gan_start=2, stage2_lr_student=1e-5)
+    seen = []
+    for _ in range(8):
+        phase, logs = trainer.train_step()
+        lr = trainer.optimizers[phase].param_groups[0]["lr"]
+        seen.append((phase, any(k.startswith("loss_gan") for k in logs), lr))
+    # steps 0-3 come before the 2nd student update: no GAN, stage-1 lr; from step 4 on, GAN and the stage-2 lr
+    assert seen[:4] == [("critic", False, 1e-3), ("student", False, 1e-3)] * 2
+    assert seen[4:] == [("critic", True, 1e-3), ("student", True, 1e-5)] * 2
+
+
+def test_gan_needs_real_images_for_an_image_teacher(tmp_path: Path, tiny_dirs: dict[str, str]) -> None:
+    raw = {"method": "dmd2", "dmd2": {"gan_generator_weight": 1e-3, "gan_critic_weight": 1e-2},
+           "model": {"teacher": tiny_dirs["sd15"]}, "train": {"batch_size": 2, "steps": 2, "progress": False}}
+    with pytest.raises(ConfigError, match="data.real"):
+        Trainer(parse_config(raw), tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_digits_real_images_reach_the_gan_with_their_captions(tmp_path: Path) -> None:
+    raw = {"method": "dmd2", "dmd2": {"gan_generator_weight": 1e-3, "gan_critic_weight": 1e-2, "critic_updates": 1},
+           "model": {"teacher": "embedded:digits"}, "data": {"real": "digits"},
+           "train": {"batch_size": 4, "steps": 2, "progress": False}}
+    trainer = Trainer(parse_config(raw), tmp_path / "run")
+    batch = trainer.data.sample(4, torch.Generator().manual_seed(0))
+    assert batch.real.shape == batch.noise.shape
+    assert 0.5 < float(batch.real.std()) < 2.0  # the teacher's latents are scaled to about unit variance
+    assert batch.real_cond.embeds.shape == batch.cond.embeds.shape
+    phase, logs = trainer.train_step()
+    assert phase == "critic" and "d_real" in logs
+    phase, logs = trainer.train_step()
+    assert phase == "student" and "loss_gan_student" in logs
+
+
+def test_prompt_dropout_swaps_whole_rows_for_the_null_prompt() -> None:
+    cond = Cond(embeds=torch.ones(1000, 3, 2), uncond=Cond(embeds=torch.zeros(1000, 3, 2)))
+    dropped = drop_prompts(cond, 0.1, torch.Generator().manual_seed(0))
+    rows = dropped.embeds.flatten(1)
+    assert torch.all((rows == 0).all(1) | (rows == 1).all(1))
+    assert 0.07 < float((rows == 0).all(1).float().mean()) < 0.13
+    assert torch.equal(dropped.uncond.embeds, cond.uncond.embeds)
+    assert drop_prompts(cond, 0.0, torch.Generator()) is cond

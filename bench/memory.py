@@ -33,7 +33,6 @@ SD15_UNET = {
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
 }
 SD15_PARAMS = 859_520_964  # UNet2DConditionModel(**SD15_UNET) parameter count
-SDXL_PARAMS = 2_567_463_684  # SDXL base UNet parameter count
 
 
 def rss_kib() -> int:

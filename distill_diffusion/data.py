@@ -95,10 +95,10 @@ def real_latents(models: Models, spec: str) -> tuple[Tensor, list[str]]:
     from .preview import encode
 
     if spec == "digits":
-        from .zoo.digits_data import digits_split, prompt_for
+        from .zoo.digits_data import digits_split, prompt_for, to_rgb
 
         images, labels = digits_split(models.vae.config.sample_size)["train"]  # the teacher's image size
-        images = (images * 2 - 1).repeat(1, 3, 1, 1)  # gray [0, 1] -> RGB [-1, 1], as the teacher was trained
+        images = to_rgb(images)
         captions = [prompt_for(int(k)) for k in labels]
     else:
         images, captions = read_image_folder(Path(spec), models.vae)

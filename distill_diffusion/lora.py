@@ -83,7 +83,3 @@ class SharedDenoiser(Denoiser):
         with adapter_scope(self._layers, self.adapter):
             return super().raw(x_t, t, cond)
 
-
-def adapter_state(module: nn.Module, name: str) -> dict[str, Tensor]:
-    """The weights of adapter ``name`` in ``module`` (what a LoRA role trains and saves)."""
-    return {k: v for k, v in module.state_dict().items() if f".{name}." in k}

@@ -17,6 +17,7 @@ weights (`distill_diffusion.lora`): every method here gets either through config
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -92,8 +93,9 @@ class ScoreMethod(Method):
             return self.critic_loss(batch, generator)
         raise ValueError(f"unknown phase {phase!r}; choose one of: student, critic")
 
+    @abstractmethod
     def generator_loss(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
-        raise NotImplementedError
+        """The student's loss: what distinguishes DMD2, SiD and VSD."""
 
     # ------------------------------------------------------------------------------------------- shared pieces
     def student_sample(self, batch: Batch, generator: torch.Generator, grad: bool) -> Tensor:

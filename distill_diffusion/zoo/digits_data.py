@@ -75,6 +75,11 @@ def shift_augment(x: Tensor, max_shift: int, generator: torch.Generator) -> Tens
     return out
 
 
+def to_rgb(x: Tensor) -> Tensor:
+    """Gray (B, 1, H, W) in [0, 1] -> RGB in [-1, 1], Stable Diffusion's pixel range (how the teacher was trained)."""
+    return (x * 2 - 1).repeat(1, 3, 1, 1)
+
+
 def to_gray(images: Tensor) -> Tensor:
     """(B, C, H, W) floats in [0, 1] or uint8 (B, H, W, C) -> (B, 1, H, W) floats in [0, 1]."""
     if images.dtype == torch.uint8:

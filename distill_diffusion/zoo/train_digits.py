@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..tiny import _scheduler, _text_config, build_tokenizer
-from .digits_data import PROMPTS, digits_split, shift_augment
+from .digits_data import PROMPTS, digits_split, shift_augment, to_rgb
 
 PROMPT_DROPOUT = 0.1
 TEACHER_SIZE = 16  # pixels; latents are 8x8x4
@@ -48,10 +48,6 @@ def build_unet():  # noqa: ANN201
     )
 
 
-def _rgb(x: torch.Tensor) -> torch.Tensor:
-    return (x * 2 - 1).repeat(1, 3, 1, 1)  # gray [0, 1] -> RGB [-1, 1], SD's pixel range
-
-
 def train_vae(vae, images: torch.Tensor, steps: int, gen: torch.Generator, progress: bool,  # noqa: ANN001
               max_shift: int = 1) -> None:
     """Reconstruction MSE + 1e-6 KL (SD's autoencoder trades off the same way, without the GAN/LPIPS terms)."""
@@ -59,7 +55,7 @@ def train_vae(vae, images: torch.Tensor, steps: int, gen: torch.Generator, progr
     vae.train()
     for _ in tqdm(range(steps), desc="vae", disable=not progress):
         idx = torch.randint(0, len(images), (64,), generator=gen)
-        x = _rgb(shift_augment(images[idx], max_shift, gen))
+        x = to_rgb(shift_augment(images[idx], max_shift, gen))
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
         loss = F.mse_loss(vae.decode(z).sample, x) + 1e-6 * post.kl().mean()
@@ -97,7 +93,7 @@ def train_digits(out_dir: str | Path, vae_steps: int = 800, unet_steps: int = 65
     if vae_steps > 0:
         train_vae(vae, images, vae_steps, gen, progress, max_shift)
         with torch.no_grad():
-            latents = torch.cat([vae.encode(_rgb(images[i : i + 256])).latent_dist.mean
+            latents = torch.cat([vae.encode(to_rgb(images[i : i + 256])).latent_dist.mean
                                  for i in range(0, len(images), 256)])
         vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     vae.eval().requires_grad_(False)
@@ -118,7 +114,7 @@ def train_digits(out_dir: str | Path, vae_steps: int = 800, unet_steps: int = 65
     # images are not shifted, else on the fly)
     if max_shift == 0:
         with torch.no_grad():
-            posts = [vae.encode(_rgb(images[i : i + 256])).latent_dist for i in range(0, len(images), 256)]
+            posts = [vae.encode(to_rgb(images[i : i + 256])).latent_dist for i in range(0, len(images), 256)]
         mean_all, std_all = torch.cat([p.mean for p in posts]), torch.cat([p.std for p in posts])
     scheduler = _scheduler("epsilon")
     unet = build_unet() if init is None else init.unet.requires_grad_(True)
@@ -134,7 +130,7 @@ def train_digits(out_dir: str | Path, vae_steps: int = 800, unet_steps: int = 65
             if max_shift == 0:
                 mean, std = mean_all[idx], std_all[idx]
             else:
-                post = vae.encode(_rgb(shift_augment(images[idx], max_shift, gen))).latent_dist
+                post = vae.encode(to_rgb(shift_augment(images[idx], max_shift, gen))).latent_dist
                 mean, std = post.mean, post.std
             x0 = (mean + std * torch.randn(mean.shape, generator=gen)) * vae.config.scaling_factor
         y = labels[idx].clone()

@@ -1,6 +1,6 @@
 """Peak memory of training steps with a full-weight critic vs a LoRA critic on the teacher's own UNet, on CPU.
 
-    python bench/memory.py [--method dmd2] [--widths 1.0 0.5] [--out runs/bench_memory]
+    python bench/memory.py [--method dmd2] [--widths 1.0 0.5] [--students full lora] [--out runs/bench_memory]
 
 Each variant runs in a fresh process: the real `Trainer` on an in-memory ``StableDiffusionPipeline`` whose UNet has
 SD 1.5's config (``--widths`` scales its channels; 1.0 is SD 1.5 itself, random weights), batch 1, 64x64x4 latents,
@@ -10,9 +10,12 @@ resident memory (``ru_maxrss``) above its resident memory right after the import
 memory is not started (it would be killed); the table says so and gives the prediction.
 
 Byte accounting (fp32, AdamW: 4 bytes of weights per parameter, 4 of gradient, 8 of optimizer states):
-  full critic: teacher W + student (W + 2W Adam) + critic (W + 2W Adam) + one role's gradients W = 8 W (+ activations)
-  LoRA critic: teacher/critic base W + student (W + 2W Adam) + gradients W + the adapter's own          = 5 W (+ ...)
-The trainer frees each role's gradients after its step; a trainer that kept both roles' gradients would hold 9 W.
+  full student, full critic: teacher W + student (W + 2W Adam) + critic (W + 2W Adam) + one role's gradients W = 8 W
+  full student, LoRA critic: teacher/critic base W + student (W + 2W Adam) + gradients W + the adapter's own   = 5 W
+  LoRA student, full critic: teacher/student base W + critic (W + 2W Adam) + gradients W + the adapter's own   = 5 W
+  LoRA student, LoRA critic: one base W for all three roles + two adapters                                    = 1 W
+(+ activations). The trainer frees each role's gradients after its step; a trainer that kept both roles' gradients
+would hold 9 W in the first row. ``--students`` picks the student kinds (a rank-64 LoRA student, like the critic).
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ def sd15_pipeline(width: float):  # noqa: ANN201
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
-def one(shape: str, critic: str, method: str, out: str) -> dict:
+def one(shape: str, student: str, critic: str, method: str, out: str) -> dict:
     """Run in this process: build the trainer, do 2 critic + 2 student updates, report memory."""
     import torch
 
@@ -80,9 +83,10 @@ def one(shape: str, critic: str, method: str, out: str) -> dict:
     pipe = None if shape == "tiny" else sd15_pipeline(float(shape))
     teacher = "tiny:sd15" if shape == "tiny" else "in-memory"
     raw = {"method": method, method: {"critic_updates": 1},
-           "model": {"teacher": teacher, "timesteps": [999], "critic_lora_rank": 0 if critic == "full" else 64},
+           "model": {"teacher": teacher, "timesteps": [999], "critic_lora_rank": 0 if critic == "full" else 64,
+                     "student_lora_rank": None if student == "full" else 64},
            "train": {"batch_size": 1, "steps": 4, "progress": False, "checkpoint_every": 1000}}
-    trainer = Trainer(parse_config(raw), Path(out) / f"{shape}_{critic}", pipeline=pipe)
+    trainer = Trainer(parse_config(raw), Path(out) / f"{shape}_{student}_{critic}", pipeline=pipe)
     built = current_rss_kib()
     t0 = time.time()
     for _ in range(4):
@@ -90,13 +94,13 @@ def one(shape: str, critic: str, method: str, out: str) -> dict:
     n = {role: sum(p.numel() for p in ps) for role, ps in trainer.params.items()}
     net = trainer.models.teacher.denoiser.net
     unet_params = sum(p.numel() for name, p in net.named_parameters() if ".lora_" not in name)
-    return {"shape": shape, "critic": critic, "method": method, "unet_params": unet_params,
+    return {"shape": shape, "student": student, "critic": critic, "method": method, "unet_params": unet_params,
             "trainable_params": n, "rss_after_build_gib": round((built - base) / 2**20, 2),
             "peak_gib": round((rss_kib() - base) / 2**20, 2), "seconds_4_steps": round(time.time() - t0, 1)}
 
 
-def predicted_gib(params: int, critic: str) -> float:
-    units = 8 if critic == "full" else 5
+def predicted_gib(params: int, student: str, critic: str) -> float:
+    units = {("full", "full"): 8, ("full", "lora"): 5, ("lora", "full"): 5, ("lora", "lora"): 1}[student, critic]
     return units * 4 * params / 2**30
 
 
@@ -104,45 +108,46 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--method", default="dmd2")
     ap.add_argument("--widths", nargs="*", default=["1.0", "0.75"])
+    ap.add_argument("--students", nargs="*", default=["full", "lora"], choices=["full", "lora"])
     ap.add_argument("--out", default="runs/bench_memory")
-    ap.add_argument("--one", nargs=2, metavar=("SHAPE", "CRITIC"), help=argparse.SUPPRESS)
+    ap.add_argument("--one", nargs=3, metavar=("SHAPE", "STUDENT", "CRITIC"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(one(args.one[0], args.one[1], args.method, args.out)))
+        print(json.dumps(one(*args.one, args.method, args.out)))
         return
     total_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     rows = []
     for shape in ["tiny", *args.widths]:
-        for critic in ("full", "lora"):
-            if shape != "tiny":
-                params = SD15_PARAMS * float(shape) ** 2
-                if predicted_gib(params, critic) > 0.9 * total_gib:
-                    rows.append({"shape": shape, "critic": critic, "method": args.method,
-                                 "skipped": f"predicted {predicted_gib(params, critic):.1f} GiB of states alone > "
-                                            f"90% of {total_gib:.1f} GiB"})
-                    print(rows[-1], flush=True)
-                    continue
-            cmd = [sys.executable, __file__, "--method", args.method, "--out", args.out, "--one", shape, critic]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
-                rows.append({"shape": shape, "critic": critic, "method": args.method,
-                             "skipped": f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1:]}"})
-            else:
-                rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(rows[-1], flush=True)
-    lines = ["| UNet | critic | UNet params | trainable (student / critic) | peak GiB | after build GiB | LoRA cut |",
-             "|---|---|---|---|---|---|---|"]
-    peaks = {(r["shape"], r["critic"]): r.get("peak_gib") for r in rows}
+        for student in args.students:
+            for critic in ("full", "lora"):
+                row = {"shape": shape, "student": student, "critic": critic, "method": args.method}
+                predicted = predicted_gib(SD15_PARAMS * float(shape) ** 2, student, critic) if shape != "tiny" else 0
+                if predicted > 0.9 * total_gib:
+                    row["skipped"] = f"predicted {predicted:.1f} GiB of states alone > 90% of {total_gib:.1f} GiB"
+                else:
+                    cmd = [sys.executable, __file__, "--method", args.method, "--out", args.out,
+                           "--one", shape, student, critic]
+                    done = subprocess.run(cmd, capture_output=True, text=True)
+                    if done.returncode != 0:
+                        row["skipped"] = f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1:]}"
+                    else:
+                        row = json.loads(done.stdout.strip().splitlines()[-1])
+                rows.append(row)
+                print(row, flush=True)
+    lines = ["| UNet | student | critic | UNet params | trainable (student / critic) | peak GiB | after build GiB "
+             "| LoRA-critic cut |", "|---|---|---|---|---|---|---|---|"]
+    peaks = {(r["shape"], r["student"], r["critic"]): r.get("peak_gib") for r in rows}
     for r in rows:
         name = "tiny:sd15" if r["shape"] == "tiny" else f"SD 1.5 x{r['shape']}"
         if "skipped" in r:
-            lines.append(f"| {name} | {r['critic']} | | | not run: {r['skipped']} | | |")
+            lines.append(f"| {name} | {r['student']} | {r['critic']} | | | not run: {r['skipped']} | | |")
             continue
-        full = peaks.get((r["shape"], "full"))
+        full = peaks.get((r["shape"], r["student"], "full"))
         cut = f"{100 * (1 - r['peak_gib'] / full):.0f}%" if r["critic"] == "lora" and full else ""
         tp = r["trainable_params"]
-        lines.append(f"| {name} | {r['critic']} | {r['unet_params'] / 1e6:.1f}M | {tp['student'] / 1e6:.1f}M / "
-                     f"{tp['critic'] / 1e6:.2f}M | {r['peak_gib']} | {r['rss_after_build_gib']} | {cut} |")
+        lines.append(f"| {name} | {r['student']} | {r['critic']} | {r['unet_params'] / 1e6:.1f}M | "
+                     f"{tp['student'] / 1e6:.2f}M / {tp['critic'] / 1e6:.2f}M | {r['peak_gib']} | "
+                     f"{r['rss_after_build_gib']} | {cut} |")
     table = "\n".join(lines)
     print(table)
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,8 @@
 A LoRA critic sits on the teacher's own UNet as the adapter ``"critic"``: the teacher is that UNet with every adapter
 off, the critic is the same UNet with its adapter on (SwiftBrush, Nguyen & Tran 2024, arXiv:2312.05239, Sec. 4;
 ``train_swiftbrush.py`` in VinAIResearch/SwiftBrush switches peft adapters the same way). Teacher and critic then cost
-one set of base weights plus the adapter, instead of two full UNets.
+one set of base weights plus the adapter, instead of two full UNets. A LoRA student is the adapter ``"student"`` on
+the same UNet, so with both the three roles cost one UNet plus two adapters.
 
 `adapter_scope` selects what a shared network computes for one call. It sets peft's per-layer switches directly
 (``_disable_adapters``, ``_active_adapter``) instead of calling ``enable_adapters`` / ``set_adapter``, because those
@@ -27,14 +28,16 @@ from .process import NoiseProcess
 
 def add_lora(unet: Any, rank: int, alpha: float | None, targets: list[str], seed: int,
              name: str = "default") -> Any:
-    """Add a trainable LoRA adapter ``name`` on ``targets`` of ``unet`` (base weights frozen).
+    """Add a trainable LoRA adapter ``name`` on ``targets`` of ``unet`` (base weights frozen; adapters already there
+    stay trainable).
 
     B = 0 at init (peft's "gaussian" init), so the adapted network starts equal to the base, as diffusers' LCM-LoRA
     script and SwiftBrush initialise theirs; the random A matrices are seeded by ``seed``.
     """
     from peft import LoraConfig
 
-    unet.requires_grad_(False)
+    if not getattr(unet, "_hf_peft_config_loaded", False):
+        unet.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(targets), init_lora_weights="gaussian")
     try:
         with torch.random.fork_rng():
@@ -42,10 +45,31 @@ def add_lora(unet: Any, rank: int, alpha: float | None, targets: list[str], seed
             unet.add_adapter(config, adapter_name=name)
     except ValueError as e:
         raise ConfigError(f"model.lora_targets {list(targets)}: {e}".splitlines()[0]) from None
-    for pname, p in unet.named_parameters():  # peft leaves only the newest adapter trainable; re-mark this one
-        if f".{name}." in pname:
+    adapters = list(unet.peft_config)
+    for pname, p in unet.named_parameters():  # peft leaves only the newest adapter trainable; re-mark them all
+        if any(f".{a}." in pname for a in adapters):
             p.requires_grad_(True)
     return unet
+
+
+def other_adapters(module: nn.Module) -> set[str]:
+    """The adapters on a role's network that belong to other roles (empty unless the network is shared)."""
+    inner = getattr(module, "denoiser", module)
+    if not isinstance(inner, SharedDenoiser):
+        return set()
+    return set(getattr(inner.net, "peft_config", {})) - {inner.adapter}
+
+
+def own_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
+    """The weights a role trains, by name: its trainable parameters, less other roles' adapters on a shared network.
+
+    A `SharedDenoiser` (or a `Student` around one) sees the whole shared UNet; its own weights are its adapter's and
+    anything trainable it adds (e.g. a GAN head), never the frozen base or another role's adapter. Read it while
+    ``requires_grad`` is as built (the trainer switches it per phase and restores it when training ends).
+    """
+    others = other_adapters(module)
+    return {k: p for k, p in module.named_parameters()
+            if p.requires_grad and not any(f".{a}." in k for a in others)}
 
 
 def tuner_layers(net: nn.Module) -> list[nn.Module]:

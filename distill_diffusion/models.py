@@ -116,23 +116,27 @@ def _build_diffusers(cfg: ModelConfig, want_critic: bool, pipe: Any, seed: int =
         text = TextConditioner([pipe.tokenizer], [pipe.text_encoder])
     for module in (pipe.vae, *text.encoders):
         module.requires_grad_(False).eval()
-    student_unet = copy.deepcopy(unet).requires_grad_(True).train()
-    if cfg.student_lora_rank is not None:
-        student_unet = add_lora(student_unet, cfg.student_lora_rank, cfg.student_lora_alpha, cfg.lora_targets, seed)
-    critic = None
-    if want_critic and critic_lora_rank > 0:  # the critic is an adapter on the teacher's own UNet
-        teacher = Teacher(SharedDenoiser(unet, process, adapter=None))  # freezes the base, then the adapter joins
+    # Full-weight roles are copies of the teacher's UNet, taken before any adapter joins it; LoRA roles are adapters
+    # on the teacher's UNet itself (the teacher computes with every adapter off).
+    lora_student = cfg.student_lora_rank is not None
+    lora_critic = want_critic and critic_lora_rank > 0
+    student: Denoiser = (SharedDenoiser(unet, process, adapter="student") if lora_student
+                         else Denoiser(copy.deepcopy(unet).requires_grad_(True).train(), process))
+    critic: Denoiser | None = None
+    if want_critic:
+        critic = (SharedDenoiser(unet, process, adapter="critic") if lora_critic
+                  else Denoiser(copy.deepcopy(unet).requires_grad_(True).train(), process))
+    teacher = Teacher(SharedDenoiser(unet, process, adapter=None) if lora_student or lora_critic
+                      else Denoiser(unet, process))  # freezes the base; the adapters join it after
+    if lora_student:
+        add_lora(unet, cfg.student_lora_rank, cfg.student_lora_alpha, cfg.lora_targets, seed, name="student")
+    if lora_critic:
         add_lora(unet, critic_lora_rank, cfg.critic_lora_alpha, cfg.lora_targets, seed + 1, name="critic")
-        critic = SharedDenoiser(unet, process, adapter="critic")
-    else:
-        teacher = Teacher(Denoiser(unet, process))
-        if want_critic:
-            critic = Denoiser(copy.deepcopy(unet).requires_grad_(True).train(), process)
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     return Models(
         process=process,
         teacher=teacher,
-        student=Student(Denoiser(student_unet, process), cfg.timesteps),
+        student=Student(student, cfg.timesteps),
         critic=critic,
         family="sdxl" if sdxl else "sd",
         sample_shape=shape,

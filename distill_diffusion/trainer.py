@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .config import Config, ConfigError, parse_config
 from .data import build_data
+from .lora import own_parameters
 from .models import build_models
 from .preview import preview
 from .roles import Models
@@ -46,7 +47,7 @@ class EMA:
 
     def __init__(self, module: torch.nn.Module, decay: float):
         self.decay = decay
-        self.shadow = {k: p.detach().float().clone() for k, p in module.named_parameters() if p.requires_grad}
+        self.shadow = {k: p.detach().float().clone() for k, p in own_parameters(module).items()}
 
     @torch.no_grad()
     def update(self, module: torch.nn.Module) -> None:
@@ -62,8 +63,9 @@ class EMA:
 
 
 def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The weights a role trains (frozen parts such as the mixture teacher inside a residual MLP are left out)."""
-    names = {k for k, p in module.named_parameters() if p.requires_grad}
+    """The weights a role trains (frozen parts such as the mixture teacher inside a residual MLP, a shared base and
+    other roles' adapters are left out)."""
+    names = set(own_parameters(module))
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items() if k in names}
 
 
@@ -152,7 +154,7 @@ class Trainer:
             net = getattr(module, "denoiser", module).net
             if tc.gradient_checkpointing and hasattr(net, "enable_gradient_checkpointing"):
                 net.enable_gradient_checkpointing()
-        self.params = {r: [p for p in m.parameters() if p.requires_grad] for r, m in roles.items()}
+        self.params = {r: list(own_parameters(m).values()) for r, m in roles.items()}
         ma = cfg.method_args
         optimizers = [torch.optim.AdamW(self.params[r], lr=self.method.lr(r), betas=tuple(ma.adam_betas),
                                         eps=ma.adam_eps, weight_decay=ma.weight_decay) for r in roles]

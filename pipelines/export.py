@@ -119,13 +119,13 @@ def export_unet(unet: torch.nn.Module) -> torch.nn.Module:
     return plain.eval()
 
 
-def lora_state(unet: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+def lora_state(unet: torch.nn.Module, adapter: str = "student") -> tuple[dict[str, torch.Tensor], dict]:
     """diffusers-format LoRA weights of the student's adapter, and the adapter's config (rank, alpha, targets)."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    config = unet.peft_config["default"].to_dict()
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter))
+    config = unet.peft_config[adapter].to_dict()
     config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}, config
 

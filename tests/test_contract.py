@@ -14,8 +14,9 @@ import torch
 import yaml
 
 from distill_diffusion.config import parse_config
+from distill_diffusion.lora import other_adapters
 from distill_diffusion.methods import METHODS
-from distill_diffusion.trainer import Trainer
+from distill_diffusion.trainer import Trainer, trainable_state
 
 
 def make_trainer(tmp_path: Path, method: str, teacher: str, **train: object) -> Trainer:
@@ -30,9 +31,15 @@ def make_trainer(tmp_path: Path, method: str, teacher: str, **train: object) -> 
 
 
 def snapshot(module: torch.nn.Module, adapters: bool = True) -> dict[str, torch.Tensor]:
-    """The module's weights; ``adapters=False`` leaves out LoRA weights (a LoRA critic lives on the teacher's UNet,
+    """The module's weights; ``adapters=False`` leaves out LoRA weights (LoRA roles live on the teacher's UNet,
     and the teacher is that UNet with its adapters off)."""
     return {k: v.detach().clone() for k, v in module.state_dict().items() if adapters or ".lora_" not in k}
+
+
+def role_snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A role's weights, less other roles' adapters when its UNet is shared with them."""
+    others = other_adapters(module)
+    return {k: v for k, v in snapshot(module).items() if not any(f".{a}." in k for a in others)}
 
 
 def steps_to_see_every_role(trainer: Trainer) -> int:
@@ -55,7 +62,7 @@ def check_steps(trainer: Trainer, steps: int) -> set[str]:
     teacher0 = snapshot(models.teacher, adapters=False)
     seen = set()
     for _ in range(steps):
-        before = {role: snapshot(m) for role, m in models.trainable().items()}
+        before = {role: role_snapshot(m) for role, m in models.trainable().items()}
         phase, logs = trainer.train_step()
         seen.add(phase)
         assert phase in type(trainer.method).roles
@@ -100,21 +107,27 @@ def test_method_config_round_trips_through_yaml(method: str) -> None:
     assert type(again.method_args) is METHODS[method].config_class
 
 
-@pytest.mark.parametrize("rank", [0, 4])
+@pytest.mark.parametrize(("student_rank", "rank"), [(None, 0), (None, 4), (4, 4)])
 @pytest.mark.parametrize("method", sorted(m for m in METHODS if "critic" in METHODS[m].roles))
-def test_contract_with_either_critic(tmp_path: Path, method: str, rank: int, tiny_dirs: dict[str, str]) -> None:
+def test_contract_with_either_critic(tmp_path: Path, method: str, student_rank: int | None, rank: int,
+                                     tiny_dirs: dict[str, str]) -> None:
     """Every critic method runs with a full-weight critic (rank 0) and with a LoRA critic on the teacher's own UNet,
-    chosen by config alone; the LoRA critic trains only its adapter and shares the teacher's base weights."""
+    chosen by config alone; the LoRA critic trains only its adapter and shares the teacher's base weights. With a
+    LoRA student too, all three roles are one UNet: the teacher's base with two adapters."""
     raw = {
         "method": method,
         method: {"lr_student": 1e-3, "lr_critic": 1e-3},
-        "model": {"teacher": tiny_dirs["sd15"], "timesteps": [999], "critic_lora_rank": rank},
+        "model": {"teacher": tiny_dirs["sd15"], "timesteps": [999], "critic_lora_rank": rank,
+                  "student_lora_rank": student_rank},
         "train": {"batch_size": 2, "steps": 12, "progress": False},
     }
     trainer = Trainer(parse_config(raw), tmp_path / "run")
     models = trainer.models
-    shared = models.critic.net is models.teacher.denoiser.net
-    assert shared == (rank > 0)
-    trainable = [n for n, p in models.critic.named_parameters() if p.requires_grad]
-    assert trainable and all((".lora_" in n) == (rank > 0) or "gan_head" in n for n in trainable)
+    base = models.teacher.denoiser.net
+    assert (models.critic.net is base) == (rank > 0)
+    assert (models.student.denoiser.net is base) == (student_rank is not None)
+    for role, adapter in (("critic", ".critic." if rank else None), ("student", ".student." if student_rank else None)):
+        own = list(trainable_state(models.trainable()[role]))
+        assert own and all((adapter in n) if adapter else (".lora_" not in n) for n in own
+                           if "gan_head" not in n), (role, own[:3])
     check_steps(trainer, steps_to_see_every_role(trainer))

@@ -126,7 +126,8 @@ def test_contract_with_either_critic(tmp_path: Path, method: str, student_rank: 
     base = models.teacher.denoiser.net
     assert (models.critic.net is base) == (rank > 0)
     assert (models.student.denoiser.net is base) == (student_rank is not None)
-    for role, adapter in (("critic", ".critic." if rank else None), ("student", ".student." if student_rank else None)):
+    tags = {"critic": ".critic." if rank else None, "student": ".student." if student_rank else None}
+    for role, adapter in tags.items():
         own = list(trainable_state(models.trainable()[role]))
         assert own and all((adapter in n) if adapter else (".lora_" not in n) for n in own
                            if "gan_head" not in n), (role, own[:3])

@@ -161,6 +161,10 @@ class Trainer:
         prepared = self.accelerator.prepare(*roles.values(), *optimizers)
         self.roles = dict(zip(roles, prepared[: len(roles)]))
         self.optimizers = dict(zip(roles, prepared[len(roles):]))
+        # checkpoints hold each role's own weights only: a shared frozen base (LoRA roles) is not written per role
+        self.own_names = {r: set(own_parameters(m)) for r, m in roles.items()}
+        self.accelerator.register_save_state_pre_hook(self._save_own_weights)
+        self.accelerator.register_load_state_pre_hook(self._load_own_weights)
         self.ema = EMA(self.models.student, tc.ema_decay) if tc.ema_decay > 0 else None
         self.generator = torch.Generator(device).manual_seed(tc.seed)
         self.step = 0
@@ -198,6 +202,22 @@ class Trainer:
             self.ema.shadow = load_file(str(path / "ema.safetensors"))
         state = json.loads((path / "trainer_state.json").read_text())
         self.step, self.counts, self.skipped = state["step"], state["counts"], state["skipped"]
+
+    def _save_own_weights(self, models: list, weights: list, output_dir: str) -> None:
+        for i, role in enumerate(self.roles):  # accelerate saves weights[i] as model[_i].safetensors, in prepare order
+            state = self.accelerator.unwrap_model(self.roles[role]).state_dict()
+            weights[i] = {k: v for k, v in state.items() if k in self.own_names[role]}
+
+    def _load_own_weights(self, models: list, input_dir: str) -> None:
+        for i, role in enumerate(self.roles):
+            path = Path(input_dir) / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
+            state = load_file(str(path))
+            missing = self.own_names[role] - set(state)
+            if missing:
+                raise ConfigError(f"checkpoint {input_dir!r} lacks {len(missing)} of the {role}'s weights (e.g. "
+                                  f"{sorted(missing)[0]}); it was written by a run with another model config")
+            self.accelerator.unwrap_model(self.roles[role]).load_state_dict(state, strict=False)
+        models.clear()  # loaded here; accelerate then restores optimizers and RNG states only
 
     # ------------------------------------------------------------------------------------------- the loop
     def train_step(self) -> tuple[str, dict[str, float]]:

@@ -59,3 +59,27 @@ def test_keeps_only_the_newest_checkpoints(tmp_path: Path) -> None:
     Trainer(config(120), tmp_path / "run").train()
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert names == ["step_00000090", "step_00000120"]
+
+
+def test_lora_roles_checkpoint_their_adapters_only_and_resume_exactly(tmp_path: Path,
+                                                                      tiny_dirs: dict[str, str]) -> None:
+    """Student and critic as adapters on the teacher's UNet: a checkpoint holds each role's adapter, not the shared
+    base (which would be one full UNet per role), and resuming from it still equals the uninterrupted run."""
+    def lora(steps: int):
+        return parse_config({
+            "method": "dmd2", "dmd2": {"critic_updates": 1, "lr_student": 1e-3, "lr_critic": 1e-3},
+            "model": {"teacher": tiny_dirs["sd15"], "timesteps": [999], "student_lora_rank": 4,
+                      "critic_lora_rank": 4},
+            "train": {"steps": steps, "batch_size": 2, "checkpoint_every": 4, "progress": False, "eval_samples": 4},
+        })
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    Trainer(lora(8), straight).train()
+    Trainer(lora(4), split).train()
+    ckpt = latest_checkpoint(split)
+    for f, tag in (("model.safetensors", ".student."), ("model_1.safetensors", ".critic.")):
+        keys = list(weights(ckpt, f))
+        assert keys and all(tag in k and ".lora_" in k for k in keys), (f, keys[:3])
+    Trainer(lora(8), split, resume=True).train()
+    a, b = weights(straight, "final/student.safetensors"), weights(split, "final/student.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)  # the adapter trained

@@ -26,8 +26,7 @@ from .denoiser import Cond, Denoiser
 from .process import NoiseProcess
 
 
-def add_lora(unet: Any, rank: int, alpha: float | None, targets: list[str], seed: int,
-             name: str = "default") -> Any:
+def add_lora(unet: Any, rank: int, alpha: float | None, targets: list[str], seed: int, name: str) -> Any:
     """Add a trainable LoRA adapter ``name`` on ``targets`` of ``unet`` (base weights frozen; adapters already there
     stay trainable).
 

@@ -62,10 +62,10 @@ class EMA:
                 params[k].copy_(v.to(params[k].dtype))
 
 
-def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+def trainable_state(module: torch.nn.Module, names: set[str] | None = None) -> dict[str, torch.Tensor]:
     """The weights a role trains (frozen parts such as the mixture teacher inside a residual MLP, a shared base and
-    other roles' adapters are left out)."""
-    names = set(own_parameters(module))
+    other roles' adapters are left out); ``names`` (the trainer's, fixed at build) or the module's own parameters."""
+    names = set(own_parameters(module)) if names is None else names
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items() if k in names}
 
 
@@ -154,7 +154,9 @@ class Trainer:
             net = getattr(module, "denoiser", module).net
             if tc.gradient_checkpointing and hasattr(net, "enable_gradient_checkpointing"):
                 net.enable_gradient_checkpointing()
-        self.params = {r: list(own_parameters(m).values()) for r, m in roles.items()}
+        own = {r: own_parameters(m) for r, m in roles.items()}  # fixed here: phases toggle requires_grad later
+        self.params = {r: list(o.values()) for r, o in own.items()}
+        self.own_names = {r: set(o) for r, o in own.items()}
         ma = cfg.method_args
         optimizers = [torch.optim.AdamW(self.params[r], lr=self.method.lr(r), betas=tuple(ma.adam_betas),
                                         eps=ma.adam_eps, weight_decay=ma.weight_decay) for r in roles]
@@ -162,7 +164,6 @@ class Trainer:
         self.roles = dict(zip(roles, prepared[: len(roles)]))
         self.optimizers = dict(zip(roles, prepared[len(roles):]))
         # checkpoints hold each role's own weights only: a shared frozen base (LoRA roles) is not written per role
-        self.own_names = {r: set(own_parameters(m)) for r, m in roles.items()}
         self.accelerator.register_save_state_pre_hook(self._save_own_weights)
         self.accelerator.register_load_state_pre_hook(self._load_own_weights)
         self.ema = EMA(self.models.student, tc.ema_decay) if tc.ema_decay > 0 else None
@@ -205,8 +206,7 @@ class Trainer:
 
     def _save_own_weights(self, models: list, weights: list, output_dir: str) -> None:
         for i, role in enumerate(self.roles):  # accelerate saves weights[i] as model[_i].safetensors, in prepare order
-            state = self.accelerator.unwrap_model(self.roles[role]).state_dict()
-            weights[i] = {k: v for k, v in state.items() if k in self.own_names[role]}
+            weights[i] = trainable_state(self.accelerator.unwrap_model(self.roles[role]), self.own_names[role])
 
     def _load_own_weights(self, models: list, input_dir: str) -> None:
         for i, role in enumerate(self.roles):
@@ -306,10 +306,10 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             student = self.models.student
-            save_file(trainable_state(student), str(tmp / "student.safetensors"))
+            save_file(trainable_state(student, self.own_names["student"]), str(tmp / "student.safetensors"))
             if self.ema is not None:
                 self.ema.copy_to(student)  # previews and `sample` use the EMA weights when there are some
-                save_file(trainable_state(student), str(tmp / "student_ema.safetensors"))
+                save_file(trainable_state(student, self.own_names["student"]), str(tmp / "student_ema.safetensors"))
             metrics = preview(self.models, self.cfg, tmp / "samples")
             metrics = {"step": self.step, **{k: v for k, v in metrics.items() if not math.isnan(v)}}
             (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))

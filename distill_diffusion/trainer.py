@@ -142,8 +142,8 @@ class Trainer:
                 enc.to(device)
         self.data = build_data(self.models, cfg.data, device)
         if self.method.needs_real_data and not self.data.has_real:
-            raise ConfigError(f"{cfg.method} as configured uses real images (a GAN term); set data.real to digits or "
-                              "an image folder, or turn the GAN weights off")
+            raise ConfigError(f"{cfg.method} as configured trains on real images ({self.method.real_data_use}); set "
+                              "data.real to digits or an image folder")
         # the run directory is written only once everything above has been accepted
         self.run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(self.run_dir / "config.yaml")
@@ -186,6 +186,10 @@ class Trainer:
             save_file({"generator": self.generator.get_state()}, str(tmp / "rng.safetensors"))
             if self.ema is not None:
                 save_file({k: v.contiguous() for k, v in self.ema.shadow.items()}, str(tmp / "ema.safetensors"))
+            extra = self.method.state_dict()
+            if extra:
+                extra = {k: v.detach().cpu().contiguous() for k, v in extra.items()}
+                save_file(extra, str(tmp / "method.safetensors"))
             state = {"step": self.step, "counts": self.counts, "skipped": self.skipped}
             (tmp / "trainer_state.json").write_text(json.dumps(state))  # written last: marks the checkpoint complete
             if final.exists():
@@ -201,6 +205,9 @@ class Trainer:
         self.generator.set_state(load_file(str(path / "rng.safetensors"))["generator"].to(torch.uint8))
         if self.ema is not None:
             self.ema.shadow = load_file(str(path / "ema.safetensors"))
+        if (path / "method.safetensors").is_file():
+            extra = load_file(str(path / "method.safetensors"))
+            self.method.load_state_dict({k: v.to(self.accelerator.device) for k, v in extra.items()})
         state = json.loads((path / "trainer_state.json").read_text())
         self.step, self.counts, self.skipped = state["step"], state["counts"], state["skipped"]
 
@@ -250,6 +257,7 @@ class Trainer:
             opt.step()
             opt.zero_grad(set_to_none=True)  # a role's gradients never outlive its step (one role's at a time)
             self.counts[phase] += 1
+            self.method.after_update(phase, self.step)
             if phase == "student" and self.ema is not None:
                 self.ema.update(self.models.student)
         self.step += 1

@@ -1,16 +1,18 @@
 """Distillation methods, one small plugin per file; `METHODS` names them all."""
 
 from .base import Method, MethodConfig
+from .consistency import Consistency, ConsistencyConfig
 from .dmd2 import DMD2, DMD2Config
 from .score import ScoreConfig, ScoreMethod
 from .sid import SiD, SiDConfig
 from .vsd import VSD, VSDConfig
 
 METHODS: dict[str, type[Method]] = {
+    "consistency": Consistency,
     "dmd2": DMD2,
     "sid": SiD,
     "vsd": VSD,
 }
 
-__all__ = ["METHODS", "Method", "MethodConfig", "ScoreConfig", "ScoreMethod", "DMD2", "DMD2Config", "SiD",
-           "SiDConfig", "VSD", "VSDConfig"]
+__all__ = ["METHODS", "Method", "MethodConfig", "Consistency", "ConsistencyConfig", "ScoreConfig", "ScoreMethod",
+           "DMD2", "DMD2Config", "SiD", "SiDConfig", "VSD", "VSDConfig"]

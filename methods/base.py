@@ -50,6 +50,7 @@ class Method(ABC):
         self.cfg = cfg
         self.models = models
 
+    real_data_use: str = "a GAN term"  # what the real images are for, named in the error when none are given
     critic_lora_rank: int = 0  # the default critic: 0 = a full copy of the teacher, r = a rank-r LoRA on its base
 
     def phase(self, step: int) -> str:
@@ -62,7 +63,7 @@ class Method(ABC):
 
     @property
     def needs_real_data(self) -> bool:
-        """Whether `loss` reads ``batch.real`` (real images, e.g. for a GAN term)."""
+        """Whether `loss` reads ``batch.real`` (real images: a GAN term, or the data a trajectory method noises)."""
         return False
 
     def lr(self, role: str) -> float:
@@ -71,6 +72,18 @@ class Method(ABC):
     def lr_at(self, role: str, step: int) -> float:
         """The learning rate of ``role`` at train step ``step`` (constant unless a method schedules it)."""
         return self.lr(role)
+
+    def after_update(self, phase: str, step: int) -> None:
+        """Called once the optimizer of role ``phase`` has stepped (e.g. to move an EMA target); default: nothing."""
+        return None
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Tensors the method keeps outside the roles (an EMA target, a round's teacher), for checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore what `state_dict` returned (resume)."""
+        return None
 
 
 def randn(shape: torch.Size | tuple[int, ...], generator: torch.Generator, like: Tensor) -> Tensor:

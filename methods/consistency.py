@@ -1,0 +1,186 @@
+"""Consistency distillation in latent space: LCM (Luo et al. 2023, arXiv:2310.04378), after Song et al.'s
+consistency models (ICML 2023, arXiv:2303.01469, Alg. 2).
+
+The student f(x_t, t) = c_skip(t) x_t + c_out(t) x0_hat(x_t, t) is trained to give the same answer at two adjacent
+points of the teacher's probability-flow ODE. On a DDIM grid of ``grid_steps`` timesteps (LCM: 50, so k = T / 50 =
+20; ``skip`` grid intervals per solver step):
+
+    x0 ~ data, t_n+k = grid[i], t_n = max(t_n+k - k, 0), x = alpha x0 + sigma eps at t_n+k
+    x_prev  = DDIM(teacher_x0^w(x, t_n+k), x, t_n+k -> t_n)            one guided teacher step (LCM Eq. 9)
+    L       = d( f_theta(x, t_n+k),  sg f_target(x_prev, t_n) )        d: pseudo-Huber sqrt(r^2 + c^2) - c, or L2
+
+with the boundary scalings c_skip = s_d^2 / ((10 t)^2 + s_d^2), c_out = 10 t / sqrt((10 t)^2 + s_d^2), s_d = 0.5 (so
+f(x, 0) = x), the teacher guided at w ~ U[guidance, guidance_max] (Imagen convention: 1 = none), the target network
+an EMA of the student (decay 0.95) or, for a LoRA student, the online student itself under no_grad (LCM-LoRA). At the
+student's own timesteps (>= 159) c_skip < 1e-7, so the exported LCMScheduler samples exactly what the student learns.
+The student samples with the multistep (re-noise) sampler, as LCMScheduler does.
+
+Checked against diffusers ``examples/consistency_distillation/train_lcm_distill_sd_wds.py`` and
+``train_lcm_distill_lora_sd_wds.py`` (DDIMSolver grid, ``scalings_for_boundary_conditions``, guided x0 and eps,
+``huber_c`` 0.001, ``ema_decay`` 0.95, w range, lr 1e-6 full / 1e-4 LoRA).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from distill_diffusion.config import ConfigError
+from distill_diffusion.data import Batch
+from distill_diffusion.lora import SharedDenoiser, own_parameters
+
+from .base import Method, MethodConfig, randn
+
+LOSSES = ("huber", "l2")
+
+
+@dataclass
+class ConsistencyConfig(MethodConfig):
+    lr_student: float = 1e-6  # LCM: 1e-6 full weights, 1e-4 for a LoRA student
+    weight_decay: float = 0.0
+    grid_steps: int = 50  # the DDIM solver's grid (LCM's num_ddim_timesteps): k = skip * T / grid_steps
+    skip: int = 1  # grid intervals the teacher solver jumps per step
+    guidance: float = 1.0  # teacher CFG (Imagen convention, 1 = none); the range's low end with guidance_max
+    guidance_max: float | None = None  # w ~ U[guidance, guidance_max] per sample (LCM: U[5, 15] for SD 1.5)
+    loss: str = "huber"  # huber (pseudo-Huber) | l2
+    huber_c: float = 1e-3
+    target_ema: float | None = None  # target = EMA of the student; null: 0.95, or 0 (the online student) for LoRA
+    sigma_data: float = 0.5
+    timestep_scaling: float = 10.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.grid_steps < 1 or self.skip < 1 or self.skip >= self.grid_steps:
+            raise ConfigError(f"consistency needs grid_steps >= 1 and 1 <= skip < grid_steps, got grid_steps="
+                              f"{self.grid_steps}, skip={self.skip}")
+        if self.guidance < 0 or (self.guidance_max is not None and self.guidance_max < self.guidance):
+            raise ConfigError(f"consistency.guidance must be >= 0 and guidance_max (if set) >= guidance, got "
+                              f"{self.guidance} and {self.guidance_max}")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"unknown consistency.loss {self.loss!r}; choose one of: {', '.join(LOSSES)}")
+        if self.huber_c <= 0 or self.sigma_data <= 0 or self.timestep_scaling <= 0:
+            raise ConfigError("consistency.huber_c, sigma_data and timestep_scaling must be > 0")
+        if self.target_ema is not None and not 0 <= self.target_ema < 1:
+            raise ConfigError(f"consistency.target_ema must be in [0, 1) or null, got {self.target_ema}")
+
+
+class Consistency(Method):
+    config_class = ConsistencyConfig
+    roles = ("student",)
+    real_data_use = "consistency distillation noises real data"
+
+    def __init__(self, cfg: ConsistencyConfig, models):  # noqa: ANN001
+        super().__init__(cfg, models)
+        process = models.process
+        if process.kind != "vp":
+            raise ConfigError("consistency distillation here runs on a DDIM grid of a discrete (vp) teacher; a "
+                              "flow-matching teacher is not supported yet")
+        T = process.num_train_timesteps
+        self.k = cfg.skip * (T // cfg.grid_steps)
+        # LCM's grid: (1..N) * T/N - 1, i.e. {19, 39, ..., 999} for N = 50; the solver steps k down from each
+        self.grid = [(i + 1) * (T // cfg.grid_steps) - 1 for i in range(cfg.grid_steps)]
+        lora = isinstance(models.student.denoiser, SharedDenoiser)
+        self.ema = cfg.target_ema if cfg.target_ema is not None else (0.0 if lora else 0.95)
+        if self.ema > 0 and lora:
+            raise ConfigError("a LoRA student is its own consistency target (LCM-LoRA): set consistency.target_ema "
+                              "to 0 or leave it null")
+        self._names = list(own_parameters(models.student))
+        self._target = None  # made on first use, so it sits wherever the trainer has put the student
+
+    @property
+    def target(self) -> torch.nn.Module | None:
+        if self.ema > 0 and self._target is None:
+            self._target = copy.deepcopy(self.models.student).requires_grad_(False).eval()
+        return self._target
+
+    @property
+    def needs_real_data(self) -> bool:
+        return True
+
+    def scalings(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        """LCM's boundary scalings (c_skip, c_out), f(x, 0) = x."""
+        s = self.cfg.timestep_scaling * t.to(torch.float64)
+        sd2 = self.cfg.sigma_data ** 2
+        c_skip = sd2 / (s**2 + sd2)
+        c_out = s / (s**2 + sd2).sqrt()
+        shape = (-1,) + (1,) * (like.ndim - 1)
+        return c_skip.to(like.dtype).reshape(shape), c_out.to(like.dtype).reshape(shape)
+
+    def consistency_fn(self, net, x_t: Tensor, t: Tensor, cond) -> Tensor:  # noqa: ANN001
+        c_skip, c_out = self.scalings(t, x_t)
+        return c_skip * x_t + c_out * net(x_t, t, cond).to(x_t.dtype)
+
+    def guidance_scales(self, n: int, generator: torch.Generator) -> Tensor | float:
+        cfg = self.cfg
+        if cfg.guidance_max is None or cfg.guidance_max == cfg.guidance:
+            return cfg.guidance
+        u = torch.rand(n, generator=generator, device=generator.device)
+        return cfg.guidance + (cfg.guidance_max - cfg.guidance) * u
+
+    def teacher_x0(self, x_t: Tensor, t: Tensor, cond, w: Tensor | float) -> Tensor:  # noqa: ANN001
+        """The teacher's x0 with CFG at per-sample scale w (one batched call over both branches)."""
+        if isinstance(w, float):
+            return self.models.teacher.x0(x_t, t, cond, w)
+        x0_u = self.models.teacher.x0(x_t, t, cond.uncond)
+        x0_c = self.models.teacher.x0(x_t, t, cond)
+        w = w.to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
+        return x0_u + w * (x0_c - x0_u)
+
+    def solver_step(self, x_t: Tensor, t: Tensor, t_prev: Tensor, cond, w: Tensor | float) -> Tensor:  # noqa: ANN001
+        """One DDIM step of the guided teacher from t to t_prev (the falsification test swaps the teacher here)."""
+        return self.models.process.ddim_step(self.teacher_x0(x_t, t, cond, w), x_t, t, t_prev)
+
+    def loss(self, phase: str, batch: Batch, generator: torch.Generator, step: int = 0
+             ) -> tuple[Tensor, dict[str, float]]:
+        m, cfg = self.models, self.cfg
+        x0, cond = batch.real, batch.real_cond
+        n = len(x0)
+        # 1. a grid point t_n+k and the point the solver reaches, t_n = t_n+k - k (clamped at 0)
+        idx = torch.randint(0, len(self.grid), (n,), generator=generator, device=generator.device)
+        t = torch.tensor(self.grid, device=x0.device)[idx.to(x0.device)]
+        t_prev = (t - self.k).clamp_min(0)
+        x_t = m.process.add_noise(x0, randn(x0.shape, generator, x0), t)
+        w = self.guidance_scales(n, generator)
+        # 2. the online student's consistency function at t_n+k
+        pred = self.consistency_fn(m.student, x_t, t, cond)
+        # 3. target: one guided teacher DDIM step, then the target network's consistency function at t_n
+        with torch.no_grad():
+            x_prev = self.solver_step(x_t, t, t_prev, cond, w)
+            target = self.consistency_fn(self.target if self.target is not None else m.student, x_prev, t_prev, cond)
+        pred, target = pred.float(), target.float()
+        if cfg.loss == "huber":
+            loss = (torch.sqrt((pred - target) ** 2 + cfg.huber_c**2) - cfg.huber_c).mean()
+        else:
+            loss = F.mse_loss(pred, target)
+        return loss, {"loss_cd": loss.item()}
+
+    # ------------------------------------------------------------------------------------------- the EMA target
+    @torch.no_grad()
+    def after_update(self, phase: str, step: int) -> None:
+        if self.target is None:
+            return
+        online = dict(self.models.student.named_parameters())
+        target = dict(self.target.named_parameters())
+        for name in self._names:
+            target[name].lerp_(online[name].detach().to(target[name].dtype), 1 - self.ema)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        if self.target is None:
+            return {}
+        params = dict(self.target.named_parameters())
+        return {f"target.{k}": params[k] for k in self._names}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if self.target is None:
+            return
+        params = dict(self.target.named_parameters())
+        missing = [k for k in self._names if f"target.{k}" not in state]
+        if missing:
+            raise ConfigError(f"checkpoint lacks the consistency target's weight {missing[0]}")
+        with torch.no_grad():
+            for k in self._names:
+                params[k].copy_(state[f"target.{k}"])

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from .denoiser import Cond, Denoiser, guided_x0
 from .gmm import GaussianMixture
 from .process import NoiseProcess
-from .sampling import multistep
+from .sampling import ddim, multistep
 
 
 class Teacher(nn.Module):
@@ -37,14 +37,25 @@ class Teacher(nn.Module):
         return super().train(False)
 
 
-class Student(nn.Module):
-    """A K-step generator: ``sample(noise, cond)`` runs the fixed timestep list; ``forward`` is one evaluation."""
+SAMPLERS = ("multistep", "ddim")
 
-    def __init__(self, denoiser: Denoiser, timesteps: list[float]):
+
+class Student(nn.Module):
+    """A K-step generator: ``sample(noise, cond)`` runs the fixed timestep list; ``forward`` is one evaluation.
+
+    ``sampler``: ``multistep`` (predict x0, re-noise with fresh noise: DMD2, LCM; exported with LCMScheduler) or
+    ``ddim`` (deterministic DDIM on the list: progressive distillation; exported with a trailing DDIMScheduler). The
+    method decides (``Method.student_sampler``).
+    """
+
+    def __init__(self, denoiser: Denoiser, timesteps: list[float], sampler: str = "multistep"):
         super().__init__()
         denoiser.process.check_timesteps(list(timesteps))
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown student sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
         self.denoiser = denoiser
         self.timesteps = list(timesteps)
+        self.sampler = sampler
 
     @property
     def process(self) -> NoiseProcess:
@@ -54,6 +65,8 @@ class Student(nn.Module):
         return self.denoiser(x_t, t, cond)
 
     def sample(self, noise: Tensor, cond: Cond, generator: torch.Generator | list[torch.Generator]) -> Tensor:
+        if self.sampler == "ddim":
+            return ddim(lambda x, t: self(x, t, cond), noise, self.timesteps, self.process)
         return multistep(lambda x, t: self(x, t, cond), noise, self.timesteps, self.process, generator)
 
     def rollout(self, noise: Tensor, cond: Cond, k: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:

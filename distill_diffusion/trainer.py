@@ -133,6 +133,7 @@ class Trainer:
         method_cls = METHODS[cfg.method]
         self.models: Models = build_models(cfg.model, need_critic="critic" in method_cls.roles, seed=tc.seed,
                                            critic_lora_rank=method_cls.critic_lora_rank, pipeline=pipeline)
+        self.models.student.sampler = method_cls.student_sampler
         self.method = method_cls(cfg.method_args, self.models)
         for module in (self.models.teacher, self.models.vae):
             if module is not None:
@@ -345,7 +346,10 @@ def load_student(run_dir: str | Path, ema: bool = True) -> tuple[Config, Models]
     if not weights.is_file():
         raise ConfigError(f"run {str(run_dir)!r} has no trained student (no final/student.safetensors); "
                           "finish or resume the run first")
+    from distill_diffusion.methods import METHODS
+
     models = build_models(cfg.model, need_critic=False, seed=cfg.train.seed)
+    models.student.sampler = METHODS[cfg.method].student_sampler
     missing = set(trainable_state(models.student)) - set(load_file(str(weights)))
     if missing:
         raise ConfigError(f"{str(weights)!r} does not match the run's student ({len(missing)} weights missing)")

@@ -50,6 +50,7 @@ class Method(ABC):
         self.cfg = cfg
         self.models = models
 
+    student_sampler: str = "multistep"  # how the student samples and exports: multistep (LCMScheduler) | ddim
     real_data_use: str = "a GAN term"  # what the real images are for, named in the error when none are given
     critic_lora_rank: int = 0  # the default critic: 0 = a full copy of the teacher, r = a rank-r LoRA on its base
 

@@ -1,0 +1,182 @@
+"""Progressive distillation (Salimans & Ho, ICLR 2022, arXiv:2202.00512, Alg. 2).
+
+Rounds halve the sampler's step count: in each round the student learns to do in one deterministic DDIM step what
+its round's teacher does in two, then becomes the next round's teacher (the student carries on from its own
+weights). Round r distils a teacher on N = start_steps / 2^r trailing DDIM steps into a student on N/2; the last
+round's student samples on ``model.timesteps`` (which must be the trailing list of its length). Each step:
+
+    x ~ data, i ~ U{0..N/2-1}, t = grid_N[2i], t' = grid_N[2i+1], t'' = grid_N[2i+2] (or clean), z_t = a_t x + s_t e
+    z_t'  = DDIM(teacher_x0(z_t, t),   z_t,  t  -> t')                       two teacher steps
+    z_t'' = DDIM(teacher_x0(z_t', t'), z_t', t' -> t'')
+    x~    = (z_t'' - (s_t''/s_t) z_t) / (a_t'' - (s_t''/s_t) a_t)            the x0 whose one DDIM step lands on z_t''
+                                                                              (x~ = z_t'' when t'' is the clean end)
+    L     = w(t) || x_hat_student(z_t, t) - x~ ||^2,   w = max(SNR(t), 1) ("truncated SNR") or SNR(t) + 1 (v-MSE)
+
+The first round's teacher is the pretrained model, guided at ``guidance`` (1 = none): the student then carries that
+guidance, and later rounds (whose teacher is the previous student) use none. The learning rate anneals linearly to 0
+within each round, as the reference does. The student samples with deterministic DDIM (``student_sampler = ddim``)
+and exports with a trailing ``DDIMScheduler``.
+
+Checked against google-research ``diffusion_distillation/diffusion_distillation/dpm.py`` (``training_losses``: the
+two half steps, the x-target solved from one DDIM step, ``snr_trunc`` weighting) and ``config/cifar_distill.py``
+(lr 5e-5 annealed per round, no EMA, grad clip 1).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from distill_diffusion.config import ConfigError
+from distill_diffusion.data import Batch
+from distill_diffusion.lora import own_parameters
+
+from .base import Method, MethodConfig, randn
+
+WEIGHTINGS = ("truncated_snr", "snr_plus_one")
+
+
+@dataclass
+class ProgressiveConfig(MethodConfig):
+    lr_student: float = 5e-5
+    weight_decay: float = 0.0
+    start_steps: int | None = None  # the first round's teacher DDIM steps (e.g. 32); null: 2 x the student's (1 round)
+    steps_per_round: int = 1000  # train steps per round; train.steps = rounds x steps_per_round (more: last round)
+    weighting: str = "truncated_snr"  # truncated_snr: max(SNR, 1) on the x0 error | snr_plus_one: the v error
+    guidance: float = 1.0  # CFG of the first round's teacher (Imagen convention, 1 = none)
+    anneal: bool = True  # learning rate linearly to 0 within each round
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.start_steps is not None and self.start_steps < 2:
+            raise ConfigError(f"progressive.start_steps must be >= 2 (or null), got {self.start_steps}")
+        if self.steps_per_round < 1:
+            raise ConfigError(f"progressive.steps_per_round must be >= 1, got {self.steps_per_round}")
+        if self.weighting not in WEIGHTINGS:
+            raise ConfigError(f"unknown progressive.weighting {self.weighting!r}; choose one of: "
+                              f"{', '.join(WEIGHTINGS)}")
+        if self.guidance < 0:
+            raise ConfigError(f"progressive.guidance must be >= 0 (1 = no guidance), got {self.guidance}")
+
+
+class Progressive(Method):
+    config_class = ProgressiveConfig
+    roles = ("student",)
+    student_sampler = "ddim"
+    real_data_use = "progressive distillation noises real data"
+
+    def __init__(self, cfg: ProgressiveConfig, models):  # noqa: ANN001
+        super().__init__(cfg, models)
+        process, timesteps = models.process, list(models.student.timesteps)
+        k = len(timesteps)
+        if process.kind != "vp":
+            raise ConfigError("progressive distillation here runs DDIM on a discrete (vp) teacher; a flow-matching "
+                              "teacher is not supported yet")
+        if timesteps != process.trailing_timesteps(k):
+            raise ConfigError(f"progressive students sample on the trailing DDIM grid: model.timesteps must be "
+                              f"{process.trailing_timesteps(k)} for {k} steps, got {timesteps}")
+        start = cfg.start_steps or 2 * k
+        rounds = math.log2(start / k)
+        if start % k or rounds != int(rounds) or rounds < 1:
+            raise ConfigError(f"progressive.start_steps ({start}) must be the student's step count ({k}) times a "
+                              "power of 2 (e.g. 8 -> 4 is one round, 32 -> 4 three)")
+        self.start, self.rounds = start, int(rounds)
+        self.round = 0
+        self._names = list(own_parameters(models.student))
+        self.round_teacher: torch.nn.Module | None = None  # rounds >= 1: the previous round's student, frozen
+
+    @property
+    def needs_real_data(self) -> bool:
+        return True
+
+    def round_of(self, step: int) -> int:
+        return min(step // self.cfg.steps_per_round, self.rounds - 1)
+
+    def teacher_steps(self, r: int) -> int:
+        return self.start // 2**r
+
+    def lr_at(self, role: str, step: int) -> float:
+        lr = self.lr(role)
+        if not self.cfg.anneal or step // self.cfg.steps_per_round >= self.rounds:
+            return lr
+        return lr * (1 - (step % self.cfg.steps_per_round) / self.cfg.steps_per_round)
+
+    def _start_round(self, r: int) -> None:
+        """The student as it stands becomes the frozen teacher of round r (r >= 1)."""
+        self.round_teacher = copy.deepcopy(self.models.student).requires_grad_(False).eval()
+        self.round = r
+
+    def teacher_x0(self, x_t: Tensor, t: Tensor, cond) -> Tensor:  # noqa: ANN001
+        if self.round == 0:
+            return self.models.teacher.x0(x_t, t, cond, self.cfg.guidance)
+        return self.round_teacher(x_t, t, cond)
+
+    def _alpha_sigma(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        """alpha, sigma with t < 0 meaning the clean end (alpha 1, sigma 0)."""
+        a, s = self.models.process.alpha_sigma(t.clamp_min(0), like)
+        clean = (t < 0).reshape(a.shape)
+        return torch.where(clean, torch.ones_like(a), a), torch.where(clean, torch.zeros_like(s), s)
+
+    def _ddim(self, x0: Tensor, x_t: Tensor, t: Tensor, s: Tensor) -> Tensor:
+        a_t, s_t = self._alpha_sigma(t, x_t)
+        a_s, s_s = self._alpha_sigma(s, x_t)
+        eps = (x_t - a_t * x0) / s_t
+        return a_s * x0 + s_s * eps
+
+    def target(self, z_t: Tensor, t: Tensor, t_mid: Tensor, t_end: Tensor, cond) -> Tensor:  # noqa: ANN001
+        """The x0 whose single DDIM step from (z_t, t) lands where two teacher steps land at t_end."""
+        z_mid = self._ddim(self.teacher_x0(z_t, t, cond).to(z_t.dtype), z_t, t, t_mid)
+        z_end = self._ddim(self.teacher_x0(z_mid, t_mid, cond).to(z_t.dtype), z_mid, t_mid, t_end)
+        a_t, s_t = self._alpha_sigma(t, z_t)
+        a_e, s_e = self._alpha_sigma(t_end, z_t)
+        ratio = s_e / s_t
+        return (z_end - ratio * z_t) / (a_e - ratio * a_t)
+
+    def loss(self, phase: str, batch: Batch, generator: torch.Generator, step: int = 0
+             ) -> tuple[Tensor, dict[str, float]]:
+        m = self.models
+        r = self.round_of(step)
+        if r != self.round or (r > 0 and self.round_teacher is None):
+            self._start_round(r)
+        x0, cond = batch.real, batch.real_cond
+        n_student = self.teacher_steps(r) // 2
+        grid = m.process.trailing_timesteps(self.teacher_steps(r)) + [-1]  # -1: the clean end
+        grid = torch.tensor(grid, device=x0.device)
+        i = torch.randint(0, n_student, (len(x0),), generator=generator, device=generator.device).to(x0.device)
+        t, t_mid, t_end = grid[2 * i], grid[2 * i + 1], grid[2 * i + 2]
+        z_t = m.process.add_noise(x0, randn(x0.shape, generator, x0), t)
+        with torch.no_grad():
+            x_target = self.target(z_t, t, t_mid, t_end, cond)
+        x_hat = m.student(z_t, t, cond)
+        a, s = m.process.alpha_sigma(t, z_t.float())
+        snr = (a / s).pow(2).flatten()
+        weight = snr.clamp_min(1.0) if self.cfg.weighting == "truncated_snr" else snr + 1
+        per_sample = (x_hat.float() - x_target.float()).pow(2).flatten(1).mean(1)
+        loss = (weight * per_sample).mean()
+        return loss, {"loss_pd": loss.item(), "round": float(r)}
+
+    # ------------------------------------------------------------------------------------------- resume
+    def state_dict(self) -> dict[str, Tensor]:
+        state = {"round": torch.tensor([self.round])}
+        if self.round_teacher is not None:
+            params = dict(self.round_teacher.named_parameters())
+            state.update({f"round_teacher.{k}": params[k] for k in self._names})
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.round = int(state["round"][0])
+        if self.round == 0:
+            self.round_teacher = None
+            return
+        self.round_teacher = copy.deepcopy(self.models.student).requires_grad_(False).eval()
+        params = dict(self.round_teacher.named_parameters())
+        missing = [k for k in self._names if f"round_teacher.{k}" not in state]
+        if missing:
+            raise ConfigError(f"checkpoint lacks the progressive round teacher's weight {missing[0]}")
+        with torch.no_grad():
+            for k in self._names:
+                params[k].copy_(state[f"round_teacher.{k}"])

@@ -4,7 +4,9 @@ The student samples on a fixed timestep list: predict x0, re-noise it with fresh
 (`distill_diffusion.sampling.multistep`). That is exactly diffusers' ``LCMScheduler.step`` with the
 consistency boundary scalings negligible (c_skip <= 1e-7 at every student timestep, checked), so the export uses a
 stock ``LCMScheduler`` whose ``original_inference_steps`` makes its default schedule the student's timesteps:
-``original_inference_steps=4`` gives ``[999, 749, 499, 249]``.
+``original_inference_steps=4`` gives ``[999, 749, 499, 249]``. Students that sample with deterministic DDIM
+(progressive distillation, ``Student.sampler == "ddim"``) export with a stock trailing ``DDIMScheduler`` instead, in
+the teacher's own pipeline class.
 
 - SD 1.x / 2.x teachers export as ``LatentConsistencyModelPipeline`` (same components as
   ``StableDiffusionPipeline``; it never doubles the batch for CFG): for 4-step students
@@ -61,6 +63,28 @@ def lcm_scheduler(teacher_scheduler_config: dict, timesteps: list[int]) -> Any:
     return scheduler
 
 
+def ddim_scheduler(teacher_scheduler_config: dict, timesteps: list[int]) -> Any:
+    """A stock ``DDIMScheduler`` (eta 0, trailing spacing, final step to x0) whose K-step schedule is the student's
+    timesteps: what a DDIM-sampling student (progressive distillation) computes."""
+    from diffusers import DDIMScheduler
+
+    known = set(DDIMScheduler.from_config({}).config)
+    config = {k: v for k, v in dict(teacher_scheduler_config).items() if k in known}
+    scheduler = DDIMScheduler.from_config(config, timestep_spacing="trailing", set_alpha_to_one=True,
+                                          clip_sample=False, thresholding=False)
+    if _schedule(scheduler, num_inference_steps=len(timesteps)) != list(timesteps):
+        raise ConfigError(f"student timesteps {list(timesteps)} are not DDIM's trailing {len(timesteps)}-step grid")
+    return scheduler
+
+
+def student_scheduler(models: Any) -> Any:
+    """The stock scheduler that samples as the student does: LCMScheduler (multistep) or DDIMScheduler (ddim)."""
+    timesteps = [int(t) for t in models.student.timesteps]
+    if models.student.sampler == "ddim":
+        return ddim_scheduler(models.pipeline.scheduler.config, timesteps)
+    return lcm_scheduler(models.pipeline.scheduler.config, timesteps)
+
+
 def _schedule(scheduler: Any, **kwargs: Any) -> list[int] | None:
     try:
         s = copy.deepcopy(scheduler)
@@ -78,7 +102,8 @@ def call_arguments(scheduler: Any, timesteps: list[int], family: str, lora: bool
     pipeline does not, so there ``guidance_scale=0`` is part of the call.
     """
     k = len(timesteps)
-    if not lora and family == "sd" and k == 4 and _schedule(scheduler, num_inference_steps=4) == list(timesteps):
+    lcm_pipe = family == "sd" and type(scheduler).__name__ == "LCMScheduler"
+    if not lora and lcm_pipe and k == 4 and _schedule(scheduler, num_inference_steps=4) == list(timesteps):
         kwargs: dict[str, Any] = {}  # LatentConsistencyModelPipeline's default num_inference_steps is 4
     elif _schedule(scheduler, num_inference_steps=k) == list(timesteps):
         kwargs = {"num_inference_steps": k}
@@ -147,7 +172,7 @@ def export(run_dir: str | Path, out_dir: str | Path, lora: bool = False, overwri
         raise ConfigError("--lora needs a student trained as a LoRA adapter (model.student_lora_rank); this "
                           "run's student has full weights: export it without --lora")
     timesteps = [int(t) for t in models.student.timesteps]
-    scheduler = lcm_scheduler(models.pipeline.scheduler.config, timesteps)
+    scheduler = student_scheduler(models)
     kwargs = call_arguments(scheduler, timesteps, models.family, lora)
 
     tmp = out_dir.with_name(f".tmp_{out_dir.name}")
@@ -165,6 +190,7 @@ def export(run_dir: str | Path, out_dir: str | Path, lora: bool = False, overwri
             pipe.save_pretrained(tmp, safe_serialization=True)
             pipeline_class = type(pipe).__name__
         info = {"pipeline_class": pipeline_class, "teacher_class": type(models.pipeline).__name__,
+                "scheduler_class": type(scheduler).__name__,
                 "teacher": cfg.model.teacher, "method": cfg.method, "timesteps": timesteps, "call": kwargs,
                 "lora": lora, "run": str(run_dir)}
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=1))
@@ -208,7 +234,7 @@ def update_card(export_dir: str | Path, cfg: Any, sweep_table: str | None) -> No
 
 def _export_pipeline(models: Any, unet: torch.nn.Module, scheduler: Any) -> Any:
     """The teacher's components with the student's UNet and the student's scheduler."""
-    from diffusers import LatentConsistencyModelPipeline, StableDiffusionXLPipeline
+    from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     teacher = models.pipeline
     if models.family == "sdxl":
@@ -217,7 +243,8 @@ def _export_pipeline(models: Any, unet: torch.nn.Module, scheduler: Any) -> Any:
             tokenizer=teacher.tokenizer, tokenizer_2=teacher.tokenizer_2, unet=unet, scheduler=scheduler,
             force_zeros_for_empty_prompt=teacher.config.force_zeros_for_empty_prompt, add_watermarker=False,
         )
-    return LatentConsistencyModelPipeline(
+    cls = LatentConsistencyModelPipeline if type(scheduler).__name__ == "LCMScheduler" else StableDiffusionPipeline
+    return cls(
         vae=teacher.vae, text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer, unet=unet,
         scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )

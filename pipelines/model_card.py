@@ -22,10 +22,10 @@ def usage_code(info: dict[str, Any], where: str = "OUT_DIR") -> str:
 
     call = format_call(info["call"])
     if info["lora"]:
-        cls = info["pipeline_class"]
+        cls, sched = info["pipeline_class"], info.get("scheduler_class", "LCMScheduler")
         return (
-            f"from diffusers import {cls}, LCMScheduler\n\n"
-            f"scheduler = LCMScheduler.from_pretrained(\"{where}\", subfolder=\"scheduler\")\n"
+            f"from diffusers import {cls}, {sched}\n\n"
+            f"scheduler = {sched}.from_pretrained(\"{where}\", subfolder=\"scheduler\")\n"
             f"pipe = {cls}.from_pretrained(\"TEACHER_DIR\", scheduler=scheduler)\n"
             f"pipe.load_lora_weights(\"{where}\")\n"
             f"image = pipe({call}).images[0]\n"
@@ -35,6 +35,12 @@ def usage_code(info: dict[str, Any], where: str = "OUT_DIR") -> str:
         f"pipe = DiffusionPipeline.from_pretrained(\"{where}\")\n"
         f"image = pipe({call}).images[0]\n"
     )
+
+
+def scheduler_note(info: dict[str, Any], steps: int) -> str:
+    if info.get("scheduler_class", "LCMScheduler") == "LCMScheduler":
+        return f"stock `LCMScheduler` with `original_inference_steps={steps}` (x0, then fresh noise, each step)"
+    return "stock `DDIMScheduler` (eta 0, trailing spacing: deterministic DDIM)"
 
 
 def model_card(cfg: Config, info: dict[str, Any], sweep_table: str | None = None) -> Any:
@@ -53,8 +59,8 @@ def model_card(cfg: Config, info: dict[str, Any], sweep_table: str | None = None
         f"# {steps}-step {cfg.method.upper()} student of `{teacher}`",
         "",
         f"Distilled with distill-diffusion ({cfg.method}) from the teacher `{teacher}` "
-        f"(`{info['teacher_class']}`). Format: {kind}; scheduler: stock `LCMScheduler` with "
-        f"`original_inference_steps={steps}`, sampling timesteps `{info['timesteps']}`, no classifier-free "
+        f"(`{info['teacher_class']}`). Format: {kind}; scheduler: {scheduler_note(info, steps)}, "
+        f"sampling timesteps `{info['timesteps']}`, no classifier-free "
         "guidance (the guidance is distilled into the weights).",
         "",
         "## Use",

@@ -91,7 +91,8 @@ def test_contract_on_tiny_sd(tmp_path: Path, method: str, kind: str, tiny_dirs: 
         method: {"lr_student": 1e-3, "lr_critic": 1e-3},
         "model": {"teacher": tiny_dirs.get(kind, kind), "timesteps": [999, 499]},
         "train": {"batch_size": 2, "steps": 12, "progress": False},
-        "data": {"prompts": ["a handwritten digit seven", "a photo of a red car"]},
+        # real images for the methods that noise data (trajectory methods) or judge it (GAN terms); others ignore them
+        "data": {"prompts": ["a handwritten digit seven", "a photo of a red car"], "real": "digits"},
     }
     trainer = Trainer(parse_config(raw), tmp_path / "run")
     assert trainer.models.family == ("sdxl" if kind == "sdxl" else "sd")

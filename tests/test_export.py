@@ -28,12 +28,11 @@ torch.set_num_threads(1)
 out, prompts, seeds, mode = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
 gens = [torch.Generator().manual_seed(s) for s in seeds]
 if mode == "lora":
-    from diffusers import LCMScheduler
+    import diffusers
     teacher_dir, lora_dir = sys.argv[5], sys.argv[6]
     info = json.load(open(lora_dir + "/export.json"))
-    import diffusers
-    cls = getattr(diffusers, info["pipeline_class"])
-    pipe = cls.from_pretrained(teacher_dir, scheduler=LCMScheduler.from_pretrained(lora_dir, subfolder="scheduler"))
+    cls, sched = getattr(diffusers, info["pipeline_class"]), getattr(diffusers, info["scheduler_class"])
+    pipe = cls.from_pretrained(teacher_dir, scheduler=sched.from_pretrained(lora_dir, subfolder="scheduler"))
     pipe.load_lora_weights(lora_dir)
     call = info["call"]
 else:
@@ -57,11 +56,18 @@ def plain_diffusers(tmp_path: Path, mode: str, *paths: str) -> tuple[np.ndarray,
     return np.load(out), json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def distill(run: Path, teacher: str, timesteps: list[int], lora_rank: int | None = None) -> Path:
-    """A few real DMD2 updates, so the student differs from its teacher."""
+METHOD_ARGS = {"dmd2": {"critic_updates": 1, "lr_student": 1e-3, "guidance": 1.5},
+               "consistency": {"lr_student": 1e-3, "guidance": 1.5, "grid_steps": 4},
+               "progressive": {"lr_student": 1e-3, "guidance": 1.5, "steps_per_round": 4}}
+
+
+def distill(run: Path, teacher: str, timesteps: list[int], lora_rank: int | None = None, method: str = "dmd2"
+            ) -> Path:
+    """A few real updates (DMD2 unless told), so the student differs from its teacher."""
     cfg = parse_config({
-        "method": "dmd2", "dmd2": {"critic_updates": 1, "lr_student": 1e-3, "guidance": 1.5},
+        "method": method, method: METHOD_ARGS[method],
         "model": {"teacher": teacher, "timesteps": timesteps, "student_lora_rank": lora_rank},
+        "data": {"real": "digits"} if method != "dmd2" else {},
         "train": {"steps": 4, "batch_size": 2, "progress": False, "checkpoint_every": 100},
     })
     Trainer(cfg, run).train()
@@ -136,6 +142,31 @@ def test_lora_student_exports_merged_and_as_lora(tmp_path: Path, tiny_dirs: dict
     assert meta["call"] == {"num_inference_steps": 4, "guidance_scale": 0.0}  # the teacher pipeline class
     assert meta["class"] == "StableDiffusionPipeline"
     assert np.abs(mine - merged).max() <= 1e-4
+    assert np.abs(mine - applied).max() <= 1e-4
+
+
+def test_progressive_student_exports_with_ddim(tmp_path: Path, tiny_dirs: dict[str, str]) -> None:
+    """A DDIM-sampling student (progressive distillation) exports in the teacher's own pipeline class with a stock
+    trailing DDIMScheduler, and plain diffusers reproduces it."""
+    run = distill(tmp_path / "run", tiny_dirs["sd15"], [999, 499], method="progressive")
+    out = export(run, tmp_path / "export")
+    mine = student_images(run)
+    theirs, meta = plain_diffusers(tmp_path, "full", str(out))
+    assert (meta["class"], meta["scheduler"]) == ("StableDiffusionPipeline", "DDIMScheduler")
+    assert meta["call"] == {"num_inference_steps": 2}
+    assert np.abs(mine - theirs).max() <= 1e-4
+
+
+def test_lcm_lora_digits_student_exports_as_lora_weights(tmp_path: Path) -> None:
+    """LCM-LoRA: a consistency-distilled LoRA student of the embedded digits teacher, exported as LoRA weights that
+    plain diffusers loads onto the teacher's own pipeline, reproduces the toolkit's samples."""
+    from distill_diffusion.zoo import path as zoo_path
+
+    run = distill(tmp_path / "run", "embedded:digits", [999, 749, 499, 249], lora_rank=4, method="consistency")
+    lora = export(run, tmp_path / "export_lora", lora=True)
+    mine = student_images(run)
+    applied, meta = plain_diffusers(tmp_path, "lora", str(zoo_path("digits")), str(lora))
+    assert (meta["class"], meta["scheduler"]) == ("StableDiffusionPipeline", "LCMScheduler")
     assert np.abs(mine - applied).max() <= 1e-4
 
 

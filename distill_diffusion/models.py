@@ -25,10 +25,13 @@ SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
 
 def build_models(cfg: ModelConfig, need_critic: bool, seed: int = 0, critic_lora_rank: int = 0,
-                 pipeline: Any = None) -> Models:
+                 pipeline: Any = None, frozen_critic: bool = False) -> Models:
     """Teacher, student and (when ``need_critic``) critic for ``cfg.teacher``; fresh weights are seeded by ``seed``.
 
     ``critic_lora_rank`` is the method's default critic (0: full weights); ``model.critic_lora_rank`` overrides it.
+    ``frozen_critic`` (the method's default when ``model.critic_lora_rank`` is unset): the critic is the teacher's own
+    frozen network, for methods that train only heads on its features (LADD); a mixture teacher has no features, so
+    there the critic stays a trainable network.
     ``pipeline``: a diffusers pipeline object already in memory, used instead of loading ``cfg.teacher``.
     """
     want_critic = need_critic if cfg.critic is None else cfg.critic
@@ -39,7 +42,8 @@ def build_models(cfg: ModelConfig, need_critic: bool, seed: int = 0, critic_lora
                               "a mixture critic already is a small correction on the frozen exact teacher")
         return _build_mixture(cfg, want_critic, seed)
     pipe = pipeline if pipeline is not None else load_pipeline(cfg.teacher)
-    return _build_diffusers(cfg, want_critic, pipe, seed, rank if want_critic else 0)
+    frozen = want_critic and frozen_critic and cfg.critic_lora_rank is None
+    return _build_diffusers(cfg, want_critic, pipe, seed, rank if want_critic and not frozen else 0, frozen)
 
 
 def _build_mixture(cfg: ModelConfig, want_critic: bool, seed: int) -> Models:
@@ -96,7 +100,7 @@ def load_pipeline(spec: str) -> Any:
 
 
 def _build_diffusers(cfg: ModelConfig, want_critic: bool, pipe: Any, seed: int = 0,
-                     critic_lora_rank: int = 0) -> Models:
+                     critic_lora_rank: int = 0, frozen_critic: bool = False) -> Models:
     from diffusers import UNet2DConditionModel
 
     name = type(pipe).__name__
@@ -123,7 +127,9 @@ def _build_diffusers(cfg: ModelConfig, want_critic: bool, pipe: Any, seed: int =
     student: Denoiser = (SharedDenoiser(unet, process, adapter="student") if lora_student
                          else Denoiser(copy.deepcopy(unet).requires_grad_(True).train(), process))
     critic: Denoiser | None = None
-    if want_critic:
+    if want_critic and frozen_critic:  # the teacher's own network (adapters off), frozen; heads may join it
+        critic = SharedDenoiser(unet, process, adapter=None) if lora_student else Denoiser(unet, process)
+    elif want_critic:
         critic = (SharedDenoiser(unet, process, adapter="critic") if lora_critic
                   else Denoiser(copy.deepcopy(unet).requires_grad_(True).train(), process))
     teacher = Teacher(SharedDenoiser(unet, process, adapter=None) if lora_student or lora_critic

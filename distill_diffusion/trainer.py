@@ -132,7 +132,8 @@ class Trainer:
         # 1. roles and method; fresh weights are seeded, so two runs with one seed start identical
         method_cls = METHODS[cfg.method]
         self.models: Models = build_models(cfg.model, need_critic="critic" in method_cls.roles, seed=tc.seed,
-                                           critic_lora_rank=method_cls.critic_lora_rank, pipeline=pipeline)
+                                           critic_lora_rank=method_cls.critic_lora_rank, pipeline=pipeline,
+                                           frozen_critic=method_cls.frozen_critic)
         self.models.student.sampler = method_cls.student_sampler
         self.method = method_cls(cfg.method_args, self.models)
         for module in (self.models.teacher, self.models.vae):

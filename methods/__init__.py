@@ -1,5 +1,6 @@
 """Distillation methods, one small plugin per file; `METHODS` names them all."""
 
+from .adversarial import ADD, LADD, ADDConfig, LADDConfig
 from .base import Method, MethodConfig
 from .consistency import Consistency, ConsistencyConfig
 from .dmd2 import DMD2, DMD2Config
@@ -9,12 +10,15 @@ from .sid import SiD, SiDConfig
 from .vsd import VSD, VSDConfig
 
 METHODS: dict[str, type[Method]] = {
+    "add": ADD,
     "consistency": Consistency,
     "dmd2": DMD2,
+    "ladd": LADD,
     "progressive": Progressive,
     "sid": SiD,
     "vsd": VSD,
 }
 
-__all__ = ["METHODS", "Method", "MethodConfig", "Consistency", "ConsistencyConfig", "ScoreConfig", "ScoreMethod",
-           "DMD2", "DMD2Config", "Progressive", "ProgressiveConfig", "SiD", "SiDConfig", "VSD", "VSDConfig"]
+__all__ = ["METHODS", "Method", "MethodConfig", "ADD", "ADDConfig", "Consistency", "ConsistencyConfig", "DMD2",
+           "DMD2Config", "LADD", "LADDConfig", "Progressive", "ProgressiveConfig", "ScoreConfig", "ScoreMethod", "SiD",
+           "SiDConfig", "VSD", "VSDConfig"]

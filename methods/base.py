@@ -52,6 +52,7 @@ class Method(ABC):
 
     student_sampler: str = "multistep"  # how the student samples and exports: multistep (LCMScheduler) | ddim
     real_data_use: str = "a GAN term"  # what the real images are for, named in the error when none are given
+    frozen_critic: bool = False  # the default critic is the teacher's own frozen network (heads on its features)
     critic_lora_rank: int = 0  # the default critic: 0 = a full copy of the teacher, r = a rank-r LoRA on its base
 
     def phase(self, step: int) -> str:

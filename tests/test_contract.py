@@ -121,6 +121,7 @@ def test_contract_with_either_critic(tmp_path: Path, method: str, student_rank: 
         "model": {"teacher": tiny_dirs["sd15"], "timesteps": [999], "critic_lora_rank": rank,
                   "student_lora_rank": student_rank},
         "train": {"batch_size": 2, "steps": 12, "progress": False},
+        "data": {"real": "digits"},
     }
     trainer = Trainer(parse_config(raw), tmp_path / "run")
     models = trainer.models

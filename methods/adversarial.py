@@ -1,0 +1,160 @@
+"""Adversarial distillation: LADD (Sauer et al. 2024, "Fast High-Resolution Image Synthesis with Latent Adversarial
+Diffusion Distillation", arXiv:2403.12015) and ADD (Sauer et al. 2023, arXiv:2311.17042).
+
+The discriminator is the frozen teacher itself: a trainable head on its bottleneck features of a *noised* image
+(`methods/gan.py`), so no external feature network (DINOv2, CLIP) is needed, which suits offline use. Real images and
+student samples are noised at independent timesteps t ~ U[t_min T, t_max T] (LADD's ``gan_use_same_t_noise=False``):
+
+    D loss = softplus(D(fake_t)) + softplus(-D(real_t))     (or hinge: relu(1 + D(fake_t)) + relu(1 - D(real_t)))
+             + r1_weight * ||D(real_t) - D(real_t + r1_sigma n)||^2          (approximate R1, as FastGen's ``ladd``)
+    G loss = softplus(-D(fake_t))                            (or hinge: -D(fake_t))
+
+the generator's gradient flowing through the frozen teacher's encoder into its sample. The student's input comes from
+its own fixed timestep list (the list export uses, FastGen ``sample_from_t_list``): pure noise at the first, its own
+rolled-out sample re-noised at the later ones (the backward simulation DMD2 uses), so training sees the inputs
+inference sees. ``model.critic_lora_rank`` > 0 gives the discriminator body a LoRA adapter ("or the critic"), 0 a full
+trainable copy; on the mixture teacher (no features) the body is the critic's MLP.
+
+ADD adds its distillation term: the teacher denoises the re-noised student sample and the student is pulled towards
+that, ``distill_weight * alpha_t * ||x - sg(teacher_x0^w(x_t))||^2`` (ADD Eq. 4 with c(t) = alpha_t, lambda = 2.5).
+
+Checked against NVlabs/FastGen ``fastgen/methods`` (``ladd.py``: heads on frozen-teacher features, independent t for
+real and fake, softplus losses, approximate R1, ``student_update_freq``) and NVlabs/Sana ``train_scm_ladd.py``
+(hinge variant); ADD from the paper (no official code).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from distill_diffusion.config import ConfigError
+from distill_diffusion.data import Batch
+
+from . import gan
+from .base import Method, MethodConfig, randn
+
+GAN_LOSSES = ("softplus", "hinge")
+
+
+@dataclass
+class LADDConfig(MethodConfig):
+    lr_student: float = 1e-5
+    lr_critic: float = 1e-4
+    adam_betas: tuple[float, float] = (0.0, 0.99)
+    weight_decay: float = 0.0
+    critic_updates: int = 1  # discriminator updates per student update (FastGen's student_update_freq 5 = 4 : 1)
+    gan_loss: str = "softplus"  # softplus | hinge
+    t_min: float = 0.0  # discriminator noise levels, fractions of T
+    t_max: float = 1.0
+    r1_weight: float = 0.0  # approximate R1 (FastGen: 100 - 1000); 0 = off
+    r1_sigma: float = 0.1
+    distill_weight: float = 0.0  # ADD's distillation term (2.5 in ADD); 0 = pure LADD
+    guidance: float = 1.0  # teacher CFG in the distillation term
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        name = type(self).__name__.removesuffix("Config").lower()
+        if self.critic_updates < 1:
+            raise ConfigError(f"{name}.critic_updates must be >= 1, got {self.critic_updates}")
+        if self.gan_loss not in GAN_LOSSES:
+            raise ConfigError(f"unknown {name}.gan_loss {self.gan_loss!r}; choose one of: {', '.join(GAN_LOSSES)}")
+        if not 0 <= self.t_min <= self.t_max <= 1:
+            raise ConfigError(f"{name} needs 0 <= t_min <= t_max <= 1, got t_min={self.t_min}, t_max={self.t_max}")
+        if self.r1_weight < 0 or self.r1_sigma <= 0 or self.distill_weight < 0 or self.guidance < 0:
+            raise ConfigError(f"{name}: r1_weight, distill_weight and guidance must be >= 0 and r1_sigma > 0")
+
+
+@dataclass
+class ADDConfig(LADDConfig):
+    distill_weight: float = 2.5
+
+
+class LADD(Method):
+    config_class = LADDConfig
+    roles = ("student", "critic")
+    frozen_critic = True
+    real_data_use = "the discriminator's real images"
+
+    def __init__(self, cfg: LADDConfig, models):  # noqa: ANN001
+        super().__init__(cfg, models)
+        gan.attach_head(models.critic, seed=models.seed + 2)
+
+    @property
+    def needs_real_data(self) -> bool:
+        return True
+
+    def phase(self, step: int) -> str:
+        return "student" if step % (self.cfg.critic_updates + 1) == self.cfg.critic_updates else "critic"
+
+    def loss(self, phase: str, batch: Batch, generator: torch.Generator, step: int = 0
+             ) -> tuple[Tensor, dict[str, float]]:
+        if phase == "student":
+            return self.generator_loss(batch, generator)
+        if phase == "critic":
+            return self.critic_loss(batch, generator)
+        raise ValueError(f"unknown phase {phase!r}; choose one of: student, critic")
+
+    def student_sample(self, batch: Batch, generator: torch.Generator, grad: bool) -> Tensor:
+        """The student's output at a random step k of its own sampler (k = 0: from pure noise)."""
+        student = self.models.student
+        k = int(torch.randint(0, len(student.timesteps), (1,), generator=generator, device=generator.device))
+        x_in, t_in = student.rollout(batch.noise, batch.cond, k, generator)
+        with torch.set_grad_enabled(grad):
+            return student(x_in, t_in, batch.cond)
+
+    def noised(self, x: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        t = self.models.process.sample_timesteps(len(x), self.cfg.t_min, self.cfg.t_max, generator)
+        return self.models.process.add_noise(x, randn(x.shape, generator, x), t), t
+
+    def d(self, x_t: Tensor, t: Tensor, cond) -> Tensor:  # noqa: ANN001
+        return gan.logits(self.models.critic, x_t, t, cond)
+
+    def generator_loss(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        cfg = self.cfg
+        x = self.student_sample(batch, generator, grad=True)
+        fake_t, t = self.noised(x, generator)
+        d_fake = self.d(fake_t, t, batch.cond)
+        loss_gan = F.softplus(-d_fake).mean() if cfg.gan_loss == "softplus" else -d_fake.mean()
+        loss, logs = loss_gan, {"loss_gan_student": loss_gan.item()}
+        if cfg.distill_weight > 0:
+            loss_distill = self.distill_loss(x, batch, generator)
+            loss = loss + cfg.distill_weight * loss_distill
+            logs["loss_distill"] = loss_distill.item()
+        return loss, logs
+
+    def distill_loss(self, x: Tensor, batch: Batch, generator: torch.Generator) -> Tensor:
+        """ADD: alpha_t-weighted distance of the sample to the teacher's denoising of its re-noised self."""
+        m = self.models
+        t = m.process.sample_timesteps(len(x), 0.0, 1.0, generator)
+        with torch.no_grad():
+            x_t = m.process.add_noise(x.detach(), randn(x.shape, generator, x), t)
+            target = m.teacher.x0(x_t, t, batch.cond, self.cfg.guidance).to(x.dtype)
+        alpha, _ = m.process.alpha_sigma(t, x.float())
+        return (alpha.flatten() * (x.float() - target.float()).pow(2).flatten(1).mean(1)).mean()
+
+    def critic_loss(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        cfg = self.cfg
+        x = self.student_sample(batch, generator, grad=False).detach()
+        fake_t, t_f = self.noised(x, generator)
+        real_t, t_r = self.noised(batch.real.to(x.dtype), generator)
+        d_fake = self.d(fake_t, t_f, batch.cond)
+        d_real = self.d(real_t, t_r, batch.real_cond)
+        if cfg.gan_loss == "softplus":
+            loss = (F.softplus(d_fake) + F.softplus(-d_real)).mean()
+        else:
+            loss = (F.relu(1 + d_fake) + F.relu(1 - d_real)).mean()
+        logs = {"loss_gan_critic": loss.item(), "d_real": d_real.mean().item(), "d_fake": d_fake.mean().item()}
+        if cfg.r1_weight > 0:
+            jitter = real_t + cfg.r1_sigma * randn(real_t.shape, generator, real_t)
+            r1 = (d_real - self.d(jitter, t_r, batch.real_cond)).pow(2).mean()
+            loss = loss + cfg.r1_weight * r1
+            logs["r1"] = r1.item()
+        return loss, logs
+
+
+class ADD(LADD):
+    config_class = ADDConfig

@@ -52,7 +52,8 @@ def test_distill_and_sample_a_tiny_sd_student(tmp_path: Path, tiny_dirs: dict[st
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["distill", "configs/gmm_dmd2.yaml", "method=dmd3"], "unknown method 'dmd3'; choose one of: dmd2"),
+        (["distill", "configs/gmm_dmd2.yaml", "method=dmd3"],
+         "unknown method 'dmd3'; choose one of: add, consistency, dmd2"),
         (["distill", "configs/gmm_dmd2.yaml", "train.stepz=3"], "unknown key train.stepz; valid keys: steps"),
         (["distill", "configs/gmm_dmd2.yaml", "model.timesteps=[499, 999]"], "strictly descending"),
         (["distill", "configs/gmm_dmd2.yaml", "model.timesteps=[1000]"], "out of range"),

@@ -35,7 +35,7 @@ from distill_diffusion.config import ConfigError
 from distill_diffusion.data import Batch
 
 from . import gan
-from .base import Method, MethodConfig, randn
+from .base import AlternatingMethod, MethodConfig, randn
 
 GAN_LOSSES = ("softplus", "hinge")
 
@@ -47,6 +47,7 @@ class LADDConfig(MethodConfig):
     adam_betas: tuple[float, float] = (0.0, 0.99)
     weight_decay: float = 0.0
     critic_updates: int = 1  # discriminator updates per student update (FastGen's student_update_freq 5 = 4 : 1)
+    backward_simulation: bool = True  # multi-step students train on their own rollouts (inputs from their t list)
     gan_loss: str = "softplus"  # softplus | hinge
     t_min: float = 0.0  # discriminator noise levels, fractions of T
     t_max: float = 1.0
@@ -73,9 +74,8 @@ class ADDConfig(LADDConfig):
     distill_weight: float = 2.5
 
 
-class LADD(Method):
+class LADD(AlternatingMethod):
     config_class = LADDConfig
-    roles = ("student", "critic")
     frozen_critic = True
     real_data_use = "the discriminator's real images"
 
@@ -86,25 +86,6 @@ class LADD(Method):
     @property
     def needs_real_data(self) -> bool:
         return True
-
-    def phase(self, step: int) -> str:
-        return "student" if step % (self.cfg.critic_updates + 1) == self.cfg.critic_updates else "critic"
-
-    def loss(self, phase: str, batch: Batch, generator: torch.Generator, step: int = 0
-             ) -> tuple[Tensor, dict[str, float]]:
-        if phase == "student":
-            return self.generator_loss(batch, generator)
-        if phase == "critic":
-            return self.critic_loss(batch, generator)
-        raise ValueError(f"unknown phase {phase!r}; choose one of: student, critic")
-
-    def student_sample(self, batch: Batch, generator: torch.Generator, grad: bool) -> Tensor:
-        """The student's output at a random step k of its own sampler (k = 0: from pure noise)."""
-        student = self.models.student
-        k = int(torch.randint(0, len(student.timesteps), (1,), generator=generator, device=generator.device))
-        x_in, t_in = student.rollout(batch.noise, batch.cond, k, generator)
-        with torch.set_grad_enabled(grad):
-            return student(x_in, t_in, batch.cond)
 
     def noised(self, x: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         t = self.models.process.sample_timesteps(len(x), self.cfg.t_min, self.cfg.t_max, generator)

@@ -91,3 +91,59 @@ class Method(ABC):
 def randn(shape: torch.Size | tuple[int, ...], generator: torch.Generator, like: Tensor) -> Tensor:
     """Standard normal noise drawn from ``generator``, on ``like``'s device and dtype."""
     return torch.randn(shape, generator=generator, device=generator.device).to(like.device, like.dtype)
+
+
+class AlternatingMethod(Method):
+    """A student and a critic updated in the ratio ``cfg.critic_updates`` : 1 (the score family's fake critic, an
+    adversarial method's discriminator); subclasses give `generator_loss` and `critic_loss`. The config needs
+    ``critic_updates`` and ``backward_simulation``."""
+
+    roles = ("student", "critic")
+
+    def phase(self, step: int) -> str:
+        """``critic_updates`` critic steps, then one student step (DMD2's two time-scale rule; 1:1 in SiD, VSD)."""
+        return "student" if step % (self.cfg.critic_updates + 1) == self.cfg.critic_updates else "critic"
+
+    def loss(self, phase: str, batch: Batch, generator: torch.Generator, step: int = 0
+             ) -> tuple[Tensor, dict[str, float]]:
+        if phase == "student":
+            return self.generator_loss(batch, generator)
+        if phase == "critic":
+            return self.critic_loss(batch, generator)
+        raise ValueError(f"unknown phase {phase!r}; choose one of: student, critic")
+
+    @abstractmethod
+    def generator_loss(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        """The student's loss."""
+
+    @abstractmethod
+    def critic_loss(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        """The critic's loss."""
+
+    def student_sample(self, batch: Batch, generator: torch.Generator, grad: bool) -> Tensor:
+        """x = G(input): at a random step of the student's sampler when it has several (backward simulation,
+        tianweiy/DMD2 ``main/sd_unified_model.py`` ``sample_backward``), so training sees the inputs inference sees."""
+        student = self.models.student
+        k = 0
+        if len(student.timesteps) > 1 and self.cfg.backward_simulation:
+            k = int(torch.randint(0, len(student.timesteps), (1,), generator=generator, device=generator.device))
+        x_in, t_in = student.rollout(batch.noise, batch.cond, k, generator)
+        with torch.set_grad_enabled(grad):
+            return student(x_in, t_in, batch.cond)
+
+
+def param_state(module: torch.nn.Module, names: list[str], prefix: str) -> dict[str, Tensor]:
+    """``module``'s parameters ``names`` as a flat state dict under ``prefix`` (for `Method.state_dict`)."""
+    params = dict(module.named_parameters())
+    return {f"{prefix}{k}": params[k] for k in names}
+
+
+def load_param_state(module: torch.nn.Module, names: list[str], prefix: str, state: dict[str, Tensor]) -> None:
+    """Copy what `param_state` wrote back into ``module``; a checkpoint missing one is refused in one line."""
+    missing = [k for k in names if f"{prefix}{k}" not in state]
+    if missing:
+        raise ConfigError(f"checkpoint lacks {prefix}{missing[0]}; it was written by a run with another config")
+    params = dict(module.named_parameters())
+    with torch.no_grad():
+        for k in names:
+            params[k].copy_(state[f"{prefix}{k}"])

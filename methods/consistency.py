@@ -33,7 +33,7 @@ from distill_diffusion.config import ConfigError
 from distill_diffusion.data import Batch
 from distill_diffusion.lora import SharedDenoiser, own_parameters
 
-from .base import Method, MethodConfig, randn
+from .base import Method, MethodConfig, load_param_state, param_state, randn
 
 LOSSES = ("huber", "l2")
 
@@ -169,18 +169,8 @@ class Consistency(Method):
             target[name].lerp_(online[name].detach().to(target[name].dtype), 1 - self.ema)
 
     def state_dict(self) -> dict[str, Tensor]:
-        if self.target is None:
-            return {}
-        params = dict(self.target.named_parameters())
-        return {f"target.{k}": params[k] for k in self._names}
+        return {} if self.target is None else param_state(self.target, self._names, "target.")
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        if self.target is None:
-            return
-        params = dict(self.target.named_parameters())
-        missing = [k for k in self._names if f"target.{k}" not in state]
-        if missing:
-            raise ConfigError(f"checkpoint lacks the consistency target's weight {missing[0]}")
-        with torch.no_grad():
-            for k in self._names:
-                params[k].copy_(state[f"target.{k}"])
+        if self.target is not None:
+            load_param_state(self.target, self._names, "target.", state)

@@ -35,7 +35,7 @@ from distill_diffusion.config import ConfigError
 from distill_diffusion.data import Batch
 from distill_diffusion.lora import own_parameters
 
-from .base import Method, MethodConfig, randn
+from .base import Method, MethodConfig, load_param_state, param_state, randn
 
 WEIGHTINGS = ("truncated_snr", "snr_plus_one")
 
@@ -163,20 +163,12 @@ class Progressive(Method):
     def state_dict(self) -> dict[str, Tensor]:
         state = {"round": torch.tensor([self.round])}
         if self.round_teacher is not None:
-            params = dict(self.round_teacher.named_parameters())
-            state.update({f"round_teacher.{k}": params[k] for k in self._names})
+            state.update(param_state(self.round_teacher, self._names, "round_teacher."))
         return state
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.round = int(state["round"][0])
-        if self.round == 0:
-            self.round_teacher = None
-            return
-        self.round_teacher = copy.deepcopy(self.models.student).requires_grad_(False).eval()
-        params = dict(self.round_teacher.named_parameters())
-        missing = [k for k in self._names if f"round_teacher.{k}" not in state]
-        if missing:
-            raise ConfigError(f"checkpoint lacks the progressive round teacher's weight {missing[0]}")
-        with torch.no_grad():
-            for k in self._names:
-                params[k].copy_(state[f"round_teacher.{k}"])
+        self.round_teacher = None
+        if self.round > 0:
+            self.round_teacher = copy.deepcopy(self.models.student).requires_grad_(False).eval()
+            load_param_state(self.round_teacher, self._names, "round_teacher.", state)

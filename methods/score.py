@@ -5,8 +5,6 @@ loss; this module holds the rest.
 - `ScoreConfig`: teacher / critic guidance kept separate (SiD-LSG's kappas: the critic trains through
   ``critic_train_guidance`` and is evaluated in the student's loss at ``critic_guidance``; the teacher at
   ``guidance``), the critic's prompt dropout, the update ratio, the generator-loss timestep range.
-- `ScoreMethod.student_sample`: the student's output, at a random step of its own sampler for multi-step students
-  (DMD2's backward simulation, tianweiy/DMD2 ``main/sd_unified_model.py`` ``sample_backward``).
 - `ScoreMethod.critic_loss`: the critic's denoising loss on detached student samples, t over the whole range
   (DMD2 ``compute_loss_fake``; SiD ``SID_EDMLoss.__call__``; SwiftBrush's LoRA loss with 10% null prompts and
   an alpha_t^2 weight on the epsilon error).
@@ -17,7 +15,6 @@ weights (`distill_diffusion.lora`): every method here gets either through config
 
 from __future__ import annotations
 
-from abc import abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +24,7 @@ from distill_diffusion.config import ConfigError
 from distill_diffusion.data import Batch
 from distill_diffusion.denoiser import Cond, guided_x0
 
-from .base import Method, MethodConfig, randn
+from .base import AlternatingMethod, MethodConfig, randn
 
 CRITIC_TARGETS = ("native", "epsilon", "v_prediction", "sample", "flow")
 
@@ -75,38 +72,10 @@ def drop_prompts(cond: Cond, p: float, generator: torch.Generator) -> Cond:
     return cond.where(drop, cond.uncond)
 
 
-class ScoreMethod(Method):
+class ScoreMethod(AlternatingMethod):
     """Critic updates and student updates in the ratio ``critic_updates`` : 1; subclasses give `generator_loss`."""
 
     config_class = ScoreConfig
-    roles = ("student", "critic")
-
-    def phase(self, step: int) -> str:
-        """``critic_updates`` critic steps, then one student step (DMD2's two time-scale rule; 1:1 in SiD, VSD)."""
-        return "student" if step % (self.cfg.critic_updates + 1) == self.cfg.critic_updates else "critic"
-
-    def loss(self, phase: str, batch: Batch, generator: torch.Generator, step: int = 0
-             ) -> tuple[Tensor, dict[str, float]]:
-        if phase == "student":
-            return self.generator_loss(batch, generator)
-        if phase == "critic":
-            return self.critic_loss(batch, generator)
-        raise ValueError(f"unknown phase {phase!r}; choose one of: student, critic")
-
-    @abstractmethod
-    def generator_loss(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
-        """The student's loss: what distinguishes DMD2, SiD and VSD."""
-
-    # ------------------------------------------------------------------------------------------- shared pieces
-    def student_sample(self, batch: Batch, generator: torch.Generator, grad: bool) -> Tensor:
-        """x = G(input): at a random step of the student's sampler when it has several (backward simulation)."""
-        student = self.models.student
-        k = 0
-        if len(student.timesteps) > 1 and self.cfg.backward_simulation:
-            k = int(torch.randint(0, len(student.timesteps), (1,), generator=generator, device=generator.device))
-        x_in, t_in = student.rollout(batch.noise, batch.cond, k, generator)
-        with torch.set_grad_enabled(grad):
-            return student(x_in, t_in, batch.cond)
 
     def noised(self, x: Tensor, generator: torch.Generator, lo: float, hi: float) -> tuple[Tensor, Tensor, Tensor]:
         """(x_t, t, eps) with t uniform over the fractions [lo, hi] of training time; x_t keeps x's graph."""

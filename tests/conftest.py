@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
+
+from distill_diffusion.config import load_config
+from distill_diffusion.trainer import Trainer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -33,3 +37,17 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         tiny_pipeline(kind).save_pretrained(path)
         out[kind] = str(path)
     return out
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def trainer_for(tmp_path: Path, config: str, method: str | None = None, *overrides: str) -> Trainer:
+    """A trainer for the shipped ``configs/gmm_<config>.yaml``; a test variant (a method registered under another
+    name) reads the same knobs from a section named after it."""
+    path = CONFIGS / f"gmm_{config}.yaml"
+    if method is not None:
+        path = tmp_path / "cfg.yaml"
+        path.write_text((CONFIGS / f"gmm_{config}.yaml").read_text().replace(f"\n{config}:", f"\n{method}:"))
+    cfg = load_config(path, [f"method={method or config}", "train.progress=false", *overrides])
+    return Trainer(cfg, tmp_path / "run")

@@ -12,27 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CONFIGS, trainer_for
 
 from distill_diffusion.config import load_config
 from distill_diffusion.methods import DMD2, METHODS
-from distill_diffusion.trainer import Trainer
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 FAMILY = ["dmd2", "sid", "vsd"]
 
 
 def meets_bar(m: dict[str, float]) -> bool:
     return m["energy_distance"] <= 0.004 and 0.7 <= m["std_ratio"] <= 1.35 and m["coverage"] >= 0.9
-
-
-def trainer_for(tmp_path: Path, config: str, method: str | None = None, *overrides: str) -> Trainer:
-    """The shipped config of ``config``; a test variant reads the same knobs from a section named after it."""
-    path = CONFIGS / f"gmm_{config}.yaml"
-    if method is not None:
-        path = tmp_path / "cfg.yaml"
-        path.write_text((CONFIGS / f"gmm_{config}.yaml").read_text().replace(f"\n{config}:", f"\n{method}:"))
-    cfg = load_config(path, [f"method={method or config}", "train.progress=false", *overrides])
-    return Trainer(cfg, tmp_path / "run")
 
 
 def generator_steps(config: str) -> int:

@@ -14,25 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import trainer_for
 
-from distill_diffusion.config import load_config
 from distill_diffusion.denoiser import Cond
 from distill_diffusion.eval.mixture import mixture_metrics
 from distill_diffusion.methods import METHODS, Consistency, Progressive
 from distill_diffusion.sampling import ddim
 from distill_diffusion.trainer import Trainer
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-def trainer_for(tmp_path: Path, config: str, method: str | None = None, *overrides: str) -> Trainer:
-    """The shipped config ``configs/gmm_<config>.yaml``; a test variant reads the same knobs under its own name."""
-    path = CONFIGS / f"gmm_{config}.yaml"
-    if method is not None:
-        path = tmp_path / "cfg.yaml"
-        path.write_text((CONFIGS / f"gmm_{config}.yaml").read_text().replace(f"\n{config}:", f"\n{method}:"))
-    cfg = load_config(path, [f"method={method or config}", "train.progress=false", *overrides])
-    return Trainer(cfg, tmp_path / "run")
 
 
 class SelfTargetConsistency(Consistency):

@@ -40,8 +40,17 @@ class ModelConfig:
     critic_lora_rank: int | None = field(
         default=None, metadata={"help": "LoRA critic rank; 0 = full-weight critic; null = the method's default"})
     critic_lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: the rank)"})
+    # a w-conditioned student (consistency, progressive): it reads its CFG scale, like LCM's time_cond_proj_dim
+    guidance_embedding: int | None = field(
+        default=None, metadata={"help": "width of the student's CFG-scale embedding (LCM: 256); null = baked in"})
 
     def __post_init__(self) -> None:
+        if self.guidance_embedding is not None and self.guidance_embedding < 2:
+            raise ConfigError(f"model.guidance_embedding must be >= 2 (LCM uses 256) or null, got "
+                              f"{self.guidance_embedding}")
+        if self.guidance_embedding is not None and self.student_lora_rank is not None:
+            raise ConfigError("model.guidance_embedding needs a full-weight student (its embedding is new weights in "
+                              "the UNet); a LoRA student bakes one guidance scale in: drop one of the two")
         if self.student_lora_rank is not None and self.student_lora_rank < 1:
             raise ConfigError(f"model.student_lora_rank must be >= 1 (or null for a full-weight student), "
                               f"got {self.student_lora_rank}")

@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .denoiser import Cond
+from .denoiser import Cond, guidance_embedding
 from .process import NoiseProcess
 
 
@@ -91,7 +91,7 @@ class ResidualMLP(nn.Module):
     """``base(x_t, t, cond) + MLP(c_in x_t, log-SNR features, class)``, the MLP's last layer zero at init."""
 
     def __init__(self, base: nn.Module, process: NoiseProcess, dim: int, classes: int, hidden: int = 128,
-                 layers: int = 3, data_var: float = 1.0):
+                 layers: int = 3, data_var: float = 1.0, guidance_dim: int | None = None):
         super().__init__()
         self.base = base
         self.process = process
@@ -106,6 +106,9 @@ class ResidualMLP(nn.Module):
         self.out = nn.Linear(hidden, dim)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
+        # a w-conditioned student reads cond.guidance through the same embedding a w-conditioned UNet gets
+        self.guidance_dim = guidance_dim
+        self.guidance_embed = nn.Linear(guidance_dim, hidden) if guidance_dim else None
         for p in self.base.parameters():
             p.requires_grad_(False)
 
@@ -117,5 +120,9 @@ class ResidualMLP(nn.Module):
         feats = torch.cat([torch.sin(log_snr * freqs), torch.cos(log_snr * freqs)], -1)
         labels = cond.labels if cond.labels is not None else torch.full((len(x_t),), -1, device=x_t.device)
         labels = torch.where(labels < 0, torch.full_like(labels, self.classes), labels).long()
-        h = self.body(self.inp(torch.cat([c_in * x_t, feats], -1)) + self.label_embed(labels))
+        h = self.inp(torch.cat([c_in * x_t, feats], -1)) + self.label_embed(labels)
+        if self.guidance_embed is not None:
+            w = cond.guidance if cond.guidance is not None else torch.ones(len(x_t), device=x_t.device)
+            h = h + self.guidance_embed(guidance_embedding(w, self.guidance_dim).to(h.dtype))
+        h = self.body(h)
         return self.base(x_t, t, cond) + self.out(h)

@@ -57,16 +57,17 @@ def _build_mixture(cfg: ModelConfig, want_critic: bool, seed: int) -> Models:
     data_var = float((mixture.means**2).sum(1).mean() / mixture.dim + mixture.std**2)
     gen = torch.Generator().manual_seed(seed)
 
-    def mlp() -> Denoiser:
+    def mlp(guidance_dim: int | None = None) -> Denoiser:
         with torch.random.fork_rng():
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-            net = ResidualMLP(exact, process, mixture.dim, mixture.classes, cfg.mlp_hidden, cfg.mlp_layers, data_var)
+            net = ResidualMLP(exact, process, mixture.dim, mixture.classes, cfg.mlp_hidden, cfg.mlp_layers, data_var,
+                              guidance_dim)
         return Denoiser(net, process)
 
     return Models(
         process=process,
         teacher=Teacher(Denoiser(exact, process)),
-        student=Student(mlp(), cfg.timesteps),
+        student=Student(mlp(cfg.guidance_embedding), cfg.timesteps, guidance=_w_default(cfg)),
         critic=mlp() if want_critic else None,
         family="gmm",
         sample_shape=(mixture.dim,),
@@ -124,8 +125,8 @@ def _build_diffusers(cfg: ModelConfig, want_critic: bool, pipe: Any, seed: int =
     # on the teacher's UNet itself (the teacher computes with every adapter off).
     lora_student = cfg.student_lora_rank is not None
     lora_critic = want_critic and critic_lora_rank > 0
-    student: Denoiser = (SharedDenoiser(unet, process, adapter="student") if lora_student
-                         else Denoiser(copy.deepcopy(unet).requires_grad_(True).train(), process))
+    student: Denoiser = (SharedDenoiser(unet, process, adapter="student") if lora_student else
+                         Denoiser(_student_unet(unet, cfg.guidance_embedding).requires_grad_(True).train(), process))
     critic: Denoiser | None = None
     if want_critic and frozen_critic:  # the teacher's own network (adapters off), frozen; heads may join it
         critic = SharedDenoiser(unet, process, adapter=None) if lora_student else Denoiser(unet, process)
@@ -142,7 +143,7 @@ def _build_diffusers(cfg: ModelConfig, want_critic: bool, pipe: Any, seed: int =
     return Models(
         process=process,
         teacher=teacher,
-        student=Student(student, cfg.timesteps),
+        student=Student(student, cfg.timesteps, guidance=_w_default(cfg)),
         critic=critic,
         family="sdxl" if sdxl else "sd",
         sample_shape=shape,
@@ -151,3 +152,27 @@ def _build_diffusers(cfg: ModelConfig, want_critic: bool, pipe: Any, seed: int =
         pipeline=pipe,
         seed=seed,
     )
+
+
+def _w_default(cfg: ModelConfig) -> float | None:
+    """A w-conditioned student's guidance scale until its method sets the one it samples at (`Student.guidance`)."""
+    return 1.0 if cfg.guidance_embedding is not None else None
+
+
+def _student_unet(unet: Any, guidance_dim: int | None) -> Any:
+    """A full-weight copy of the teacher's UNet; with ``guidance_dim``, one that also reads a CFG-scale embedding
+    (diffusers' ``time_cond_proj_dim``, as LCM's UNets) through a projection that starts at exactly zero, so the
+    student starts as the teacher (LCM's script initialises it at random)."""
+    from diffusers import UNet2DConditionModel
+
+    if guidance_dim is None or unet.config.time_cond_proj_dim == guidance_dim:
+        return copy.deepcopy(unet)
+    if unet.config.time_cond_proj_dim is not None:
+        raise ConfigError(f"the teacher's UNet already reads a guidance embedding of width "
+                          f"{unet.config.time_cond_proj_dim}; set model.guidance_embedding to that or null")
+    student = UNet2DConditionModel.from_config(dict(unet.config, time_cond_proj_dim=guidance_dim))
+    missing, unexpected = student.load_state_dict(unet.state_dict(), strict=False)
+    assert not unexpected and set(missing) == {"time_embedding.cond_proj.weight"}, (missing, unexpected)
+    with torch.no_grad():
+        student.time_embedding.cond_proj.weight.zero_()
+    return student.to(unet.device, unet.dtype)

@@ -11,7 +11,7 @@ VAE, the mixture). Built by `distill_diffusion.models.build_models`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -48,7 +48,8 @@ class Student(nn.Module):
     method decides (``Method.student_sampler``).
     """
 
-    def __init__(self, denoiser: Denoiser, timesteps: list[float], sampler: str = "multistep"):
+    def __init__(self, denoiser: Denoiser, timesteps: list[float], sampler: str = "multistep",
+                 guidance: float | None = None):
         super().__init__()
         denoiser.process.check_timesteps(list(timesteps))
         if sampler not in SAMPLERS:
@@ -56,12 +57,21 @@ class Student(nn.Module):
         self.denoiser = denoiser
         self.timesteps = list(timesteps)
         self.sampler = sampler
+        self.guidance = guidance
 
     @property
     def process(self) -> NoiseProcess:
         return self.denoiser.process
 
+    @property
+    def w_conditioned(self) -> bool:
+        """Whether the student reads its CFG scale (``model.guidance_embedding``); ``guidance`` is then the scale it
+        samples at when ``cond.guidance`` gives none. Otherwise the scale it learned is baked in."""
+        return self.guidance is not None
+
     def forward(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        if self.w_conditioned and cond.guidance is None:
+            cond = replace(cond, guidance=torch.full((len(x_t),), float(self.guidance), device=x_t.device))
         return self.denoiser(x_t, t, cond)
 
     def sample(self, noise: Tensor, cond: Cond, generator: torch.Generator | list[torch.Generator]) -> Tensor:

@@ -120,7 +120,7 @@ def _write_atomic(path: Path, text: str) -> None:
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False, pipeline: Any = None):
         """``pipeline``: the teacher as a diffusers pipeline already in memory (instead of loading model.teacher)."""
-        from distill_diffusion.methods import METHODS
+        from distill_diffusion.methods import METHODS, configure_student
 
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -134,7 +134,7 @@ class Trainer:
         self.models: Models = build_models(cfg.model, need_critic="critic" in method_cls.roles, seed=tc.seed,
                                            critic_lora_rank=method_cls.critic_lora_rank, pipeline=pipeline,
                                            frozen_critic=method_cls.frozen_critic)
-        self.models.student.sampler = method_cls.student_sampler
+        configure_student(self.models, method_cls, cfg.method_args)
         self.method = method_cls(cfg.method_args, self.models)
         for module in (self.models.teacher, self.models.vae):
             if module is not None:
@@ -347,10 +347,10 @@ def load_student(run_dir: str | Path, ema: bool = True) -> tuple[Config, Models]
     if not weights.is_file():
         raise ConfigError(f"run {str(run_dir)!r} has no trained student (no final/student.safetensors); "
                           "finish or resume the run first")
-    from distill_diffusion.methods import METHODS
+    from distill_diffusion.methods import METHODS, configure_student
 
     models = build_models(cfg.model, need_critic=False, seed=cfg.train.seed)
-    models.student.sampler = METHODS[cfg.method].student_sampler
+    configure_student(models, METHODS[cfg.method], cfg.method_args)
     missing = set(trainable_state(models.student)) - set(load_file(str(weights)))
     if missing:
         raise ConfigError(f"{str(weights)!r} does not match the run's student ({len(missing)} weights missing)")

@@ -7,7 +7,7 @@ accelerator, a device, an optimizer, a logger or a file: the trainer owns those.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -53,6 +53,7 @@ class Method(ABC):
     student_sampler: str = "multistep"  # how the student samples and exports: multistep (LCMScheduler) | ddim
     real_data_use: str = "a GAN term"  # what the real images are for, named in the error when none are given
     frozen_critic: bool = False  # the default critic is the teacher's own frozen network (heads on its features)
+    guidance_conditioned: bool = False  # a w-conditioned student (model.guidance_embedding) can learn from it
     critic_lora_rank: int = 0  # the default critic: 0 = a full copy of the teacher, r = a rank-r LoRA on its base
 
     def phase(self, step: int) -> str:
@@ -75,6 +76,11 @@ class Method(ABC):
         """The learning rate of ``role`` at train step ``step`` (constant unless a method schedules it)."""
         return self.lr(role)
 
+    @classmethod
+    def student_guidance(cls, cfg: MethodConfig) -> float:
+        """The CFG scale a w-conditioned student samples, evaluates and exports at (methods that train one say)."""
+        return 1.0
+
     def after_update(self, phase: str, step: int) -> None:
         """Called once the optimizer of role ``phase`` has stepped (e.g. to move an EMA target); default: nothing."""
         return None
@@ -86,6 +92,34 @@ class Method(ABC):
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         """Restore what `state_dict` returned (resume)."""
         return None
+
+
+def configure_student(models: Models, method_cls: type[Method], cfg: MethodConfig) -> None:
+    """What the method decides about its student: how it samples and, when it reads its CFG scale
+    (``model.guidance_embedding``), at which scale it samples by default. The trainer and `load_student` call it."""
+    models.student.sampler = method_cls.student_sampler
+    if models.student.w_conditioned:
+        if not method_cls.guidance_conditioned:
+            raise ConfigError(f"model.guidance_embedding (a student that reads its CFG scale) is for consistency and "
+                              f"progressive, whose teacher solver is guided; {method_cls.__name__} bakes its guidance "
+                              "in: set it to null")
+        models.student.guidance = float(method_cls.student_guidance(cfg))
+
+
+def draw_guidance(lo: float, hi: float | None, n: int, generator: torch.Generator) -> Tensor | float:
+    """CFG scales for n samples: ``lo`` when there is no range, else w ~ U[lo, hi] per sample (LCM's w range)."""
+    if hi is None or hi == lo:
+        return lo
+    return lo + (hi - lo) * torch.rand(n, generator=generator, device=generator.device)
+
+
+def student_cond(student: torch.nn.Module, cond, w: Tensor | float):  # noqa: ANN001, ANN201
+    """``cond`` carrying the scales ``w`` when the student reads them (a w-conditioned student), else unchanged."""
+    if not student.w_conditioned:
+        return cond
+    device = cond.embeds.device if cond.embeds is not None else cond.labels.device
+    w = w.to(device) if isinstance(w, Tensor) else torch.full((cond.batch_size,), float(w), device=device)
+    return replace(cond, guidance=w)
 
 
 def randn(shape: torch.Size | tuple[int, ...], generator: torch.Generator, like: Tensor) -> Tensor:

@@ -10,9 +10,11 @@ points of the teacher's probability-flow ODE. On a DDIM grid of ``grid_steps`` t
     L       = d( f_theta(x, t_n+k),  sg f_target(x_prev, t_n) )        d: pseudo-Huber sqrt(r^2 + c^2) - c, or L2
 
 with the boundary scalings c_skip = s_d^2 / ((10 t)^2 + s_d^2), c_out = 10 t / sqrt((10 t)^2 + s_d^2), s_d = 0.5 (so
-f(x, 0) = x), the teacher guided at w ~ U[guidance, guidance_max] (Imagen convention: 1 = none), the target network
-an EMA of the student (decay 0.95) or, for a LoRA student, the online student itself under no_grad (LCM-LoRA). At the
-student's own timesteps (>= 159) c_skip < 1e-7, so the exported LCMScheduler samples exactly what the student learns.
+f(x, 0) = x), the teacher guided at w ~ U[guidance, guidance_max] (Imagen convention: 1 = none), which a student
+with ``model.guidance_embedding`` also reads (LCM's w-embedding: it then samples at any w of the range), the target
+network an EMA of the student (decay 0.95) or, for a LoRA student, the online student itself under no_grad
+(LCM-LoRA). At the student's own timesteps (>= 159) c_skip < 1e-7, so the exported LCMScheduler samples exactly what
+the student learns.
 The student samples with the multistep (re-noise) sampler, as LCMScheduler does.
 
 Checked against diffusers ``examples/consistency_distillation/train_lcm_distill_sd_wds.py`` and
@@ -33,7 +35,7 @@ from distill_diffusion.config import ConfigError
 from distill_diffusion.data import Batch
 from distill_diffusion.lora import SharedDenoiser, own_parameters
 
-from .base import Method, MethodConfig, load_param_state, param_state, randn
+from .base import Method, MethodConfig, draw_guidance, load_param_state, param_state, randn, student_cond
 
 LOSSES = ("huber", "l2")
 
@@ -46,6 +48,7 @@ class ConsistencyConfig(MethodConfig):
     skip: int = 1  # grid intervals the teacher solver jumps per step
     guidance: float = 1.0  # teacher CFG (Imagen convention, 1 = none); the range's low end with guidance_max
     guidance_max: float | None = None  # w ~ U[guidance, guidance_max] per sample (LCM: U[5, 15] for SD 1.5)
+    sample_guidance: float | None = None  # a w-conditioned student's default scale (null: guidance)
     loss: str = "huber"  # huber (pseudo-Huber) | l2
     huber_c: float = 1e-3
     target_ema: float | None = None  # target = EMA of the student; null: 0.95, or 0 (the online student) for LoRA
@@ -71,6 +74,7 @@ class ConsistencyConfig(MethodConfig):
 class Consistency(Method):
     config_class = ConsistencyConfig
     roles = ("student",)
+    guidance_conditioned = True
     real_data_use = "consistency distillation noises real data"
 
     def __init__(self, cfg: ConsistencyConfig, models):  # noqa: ANN001
@@ -114,25 +118,14 @@ class Consistency(Method):
         c_skip, c_out = self.scalings(t, x_t)
         return c_skip * x_t + c_out * net(x_t, t, cond).to(x_t.dtype)
 
-    def guidance_scales(self, n: int, generator: torch.Generator) -> Tensor | float:
-        cfg = self.cfg
-        if cfg.guidance_max is None or cfg.guidance_max == cfg.guidance:
-            return cfg.guidance
-        u = torch.rand(n, generator=generator, device=generator.device)
-        return cfg.guidance + (cfg.guidance_max - cfg.guidance) * u
-
-    def teacher_x0(self, x_t: Tensor, t: Tensor, cond, w: Tensor | float) -> Tensor:  # noqa: ANN001
-        """The teacher's x0 with CFG at per-sample scale w (one batched call over both branches)."""
-        if isinstance(w, float):
-            return self.models.teacher.x0(x_t, t, cond, w)
-        x0_u = self.models.teacher.x0(x_t, t, cond.uncond)
-        x0_c = self.models.teacher.x0(x_t, t, cond)
-        w = w.to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
-        return x0_u + w * (x0_c - x0_u)
+    @classmethod
+    def student_guidance(cls, cfg: ConsistencyConfig) -> float:
+        return cfg.sample_guidance if cfg.sample_guidance is not None else cfg.guidance
 
     def solver_step(self, x_t: Tensor, t: Tensor, t_prev: Tensor, cond, w: Tensor | float) -> Tensor:  # noqa: ANN001
-        """One DDIM step of the guided teacher from t to t_prev (the falsification test swaps the teacher here)."""
-        return self.models.process.ddim_step(self.teacher_x0(x_t, t, cond, w), x_t, t, t_prev)
+        """One DDIM step of the teacher guided at (per-sample) w from t to t_prev (the falsification test swaps the
+        teacher here)."""
+        return self.models.process.ddim_step(self.models.teacher.x0(x_t, t, cond, w), x_t, t, t_prev)
 
     def loss(self, phase: str, batch: Batch, generator: torch.Generator, step: int = 0
              ) -> tuple[Tensor, dict[str, float]]:
@@ -144,13 +137,15 @@ class Consistency(Method):
         t = torch.tensor(self.grid, device=x0.device)[idx.to(x0.device)]
         t_prev = (t - self.k).clamp_min(0)
         x_t = m.process.add_noise(x0, randn(x0.shape, generator, x0), t)
-        w = self.guidance_scales(n, generator)
+        w = draw_guidance(cfg.guidance, cfg.guidance_max, n, generator)
+        cond_w = student_cond(m.student, cond, w)  # a w-conditioned student (and its target) read w itself
         # 2. the online student's consistency function at t_n+k
-        pred = self.consistency_fn(m.student, x_t, t, cond)
+        pred = self.consistency_fn(m.student, x_t, t, cond_w)
         # 3. target: one guided teacher DDIM step, then the target network's consistency function at t_n
         with torch.no_grad():
             x_prev = self.solver_step(x_t, t, t_prev, cond, w)
-            target = self.consistency_fn(self.target if self.target is not None else m.student, x_prev, t_prev, cond)
+            target = self.consistency_fn(self.target if self.target is not None else m.student, x_prev, t_prev,
+                                         cond_w)
         pred, target = pred.float(), target.float()
         if cfg.loss == "huber":
             loss = (torch.sqrt((pred - target) ** 2 + cfg.huber_c**2) - cfg.huber_c).mean()

@@ -13,7 +13,16 @@ round's student samples on ``model.timesteps`` (which must be the trailing list 
     L     = w(t) || x_hat_student(z_t, t) - x~ ||^2,   w = max(SNR(t), 1) ("truncated SNR") or SNR(t) + 1 (v-MSE)
 
 The first round's teacher is the pretrained model, guided at ``guidance`` (1 = none): the student then carries that
-guidance, and later rounds (whose teacher is the previous student) use none. The learning rate anneals linearly to 0
+guidance, and later rounds (whose teacher is the previous student) use none.
+
+Guided distillation (Meng et al., CVPR 2023, arXiv:2210.03142): with ``model.guidance_embedding`` the student reads
+its CFG scale w (the embedding LCM and diffusers' pipelines use) and a first stage of ``steps_per_round`` steps
+teaches it the guided teacher at w ~ U[guidance, guidance_max] on every timestep,
+
+    L = w(t) || x_hat_student(z_t, t, w) - x0_teacher^w(z_t, t) ||^2,     t ~ U{0 .. T-1}
+
+after which the halving rounds run as above with the previous student, at the same per-sample w, as the teacher;
+the exported student samples at any w in the range (``guidance_scale=w``). The learning rate anneals linearly to 0
 within each round, as the reference does. The student samples with deterministic DDIM (``student_sampler = ddim``)
 and exports with a trailing ``DDIMScheduler``.
 
@@ -35,7 +44,7 @@ from distill_diffusion.config import ConfigError
 from distill_diffusion.data import Batch
 from distill_diffusion.lora import own_parameters
 
-from .base import Method, MethodConfig, load_param_state, param_state, randn
+from .base import Method, MethodConfig, draw_guidance, load_param_state, param_state, randn, student_cond
 
 WEIGHTINGS = ("truncated_snr", "snr_plus_one")
 
@@ -47,7 +56,9 @@ class ProgressiveConfig(MethodConfig):
     start_steps: int | None = None  # the first round's teacher DDIM steps (e.g. 32); null: 2 x the student's (1 round)
     steps_per_round: int = 1000  # train steps per round; train.steps = rounds x steps_per_round (more: last round)
     weighting: str = "truncated_snr"  # truncated_snr: max(SNR, 1) on the x0 error | snr_plus_one: the v error
-    guidance: float = 1.0  # CFG of the first round's teacher (Imagen convention, 1 = none)
+    guidance: float = 1.0  # CFG of the first round's teacher (Imagen convention, 1 = none); a range's low end
+    guidance_max: float | None = None  # w ~ U[guidance, guidance_max] for a w-conditioned student (Meng et al.)
+    sample_guidance: float | None = None  # a w-conditioned student's default scale (null: guidance)
     anneal: bool = True  # learning rate linearly to 0 within each round
 
     def __post_init__(self) -> None:
@@ -59,8 +70,9 @@ class ProgressiveConfig(MethodConfig):
         if self.weighting not in WEIGHTINGS:
             raise ConfigError(f"unknown progressive.weighting {self.weighting!r}; choose one of: "
                               f"{', '.join(WEIGHTINGS)}")
-        if self.guidance < 0:
-            raise ConfigError(f"progressive.guidance must be >= 0 (1 = no guidance), got {self.guidance}")
+        if self.guidance < 0 or (self.guidance_max is not None and self.guidance_max < self.guidance):
+            raise ConfigError(f"progressive.guidance must be >= 0 (1 = no guidance) and guidance_max (if set) >= "
+                              f"guidance, got {self.guidance} and {self.guidance_max}")
 
 
 class Progressive(Method):
@@ -68,6 +80,7 @@ class Progressive(Method):
     roles = ("student",)
     student_sampler = "ddim"
     real_data_use = "progressive distillation noises real data"
+    guidance_conditioned = True
 
     def __init__(self, cfg: ProgressiveConfig, models):  # noqa: ANN001
         super().__init__(cfg, models)
@@ -84,7 +97,11 @@ class Progressive(Method):
         if start % k or rounds != int(rounds) or rounds < 1:
             raise ConfigError(f"progressive.start_steps ({start}) must be the student's step count ({k}) times a "
                               "power of 2 (e.g. 8 -> 4 is one round, 32 -> 4 three)")
+        if cfg.guidance_max is not None and not models.student.w_conditioned:
+            raise ConfigError("progressive.guidance_max (a range of guidance scales) needs a student that reads its "
+                              "scale: set model.guidance_embedding (e.g. 256)")
         self.start, self.rounds = start, int(rounds)
+        self.stage = 1 if models.student.w_conditioned else 0  # the guided stage before the halving rounds
         self.round = 0
         self._names = list(own_parameters(models.student))
         self.round_teacher: torch.nn.Module | None = None  # rounds >= 1: the previous round's student, frozen
@@ -93,15 +110,20 @@ class Progressive(Method):
     def needs_real_data(self) -> bool:
         return True
 
+    @classmethod
+    def student_guidance(cls, cfg: ProgressiveConfig) -> float:
+        return cfg.sample_guidance if cfg.sample_guidance is not None else cfg.guidance
+
     def round_of(self, step: int) -> int:
-        return min(step // self.cfg.steps_per_round, self.rounds - 1)
+        """Round r of the run: r < `stage` is the guided stage, later rounds halve the teacher's steps."""
+        return min(step // self.cfg.steps_per_round, self.stage + self.rounds - 1)
 
     def teacher_steps(self, r: int) -> int:
-        return self.start // 2**r
+        return self.start // 2 ** (r - self.stage)
 
     def lr_at(self, role: str, step: int) -> float:
         lr = self.lr(role)
-        if not self.cfg.anneal or step // self.cfg.steps_per_round >= self.rounds:
+        if not self.cfg.anneal or step // self.cfg.steps_per_round >= self.stage + self.rounds:
             return lr
         return lr * (1 - (step % self.cfg.steps_per_round) / self.cfg.steps_per_round)
 
@@ -111,6 +133,8 @@ class Progressive(Method):
         self.round = r
 
     def teacher_x0(self, x_t: Tensor, t: Tensor, cond) -> Tensor:  # noqa: ANN001
+        """The round's teacher: the guided pretrained model in round 0, else the previous round's student, which
+        reads the per-sample scale in ``cond.guidance`` when it is w-conditioned."""
         if self.round == 0:
             return self.models.teacher.x0(x_t, t, cond, self.cfg.guidance)
         return self.round_teacher(x_t, t, cond)
@@ -143,6 +167,11 @@ class Progressive(Method):
         if r != self.round or (r > 0 and self.round_teacher is None):
             self._start_round(r)
         x0, cond = batch.real, batch.real_cond
+        if r < self.stage:
+            return self.guided_stage_loss(x0, cond, generator)
+        if self.stage:  # a w-conditioned student and its round teacher read per-sample scales
+            w = draw_guidance(self.cfg.guidance, self.cfg.guidance_max, len(x0), generator)
+            cond = student_cond(m.student, cond, w)
         n_student = self.teacher_steps(r) // 2
         grid = m.process.trailing_timesteps(self.teacher_steps(r)) + [-1]  # -1: the clean end
         grid = torch.tensor(grid, device=x0.device)
@@ -151,13 +180,28 @@ class Progressive(Method):
         z_t = m.process.add_noise(x0, randn(x0.shape, generator, x0), t)
         with torch.no_grad():
             x_target = self.target(z_t, t, t_mid, t_end, cond)
-        x_hat = m.student(z_t, t, cond)
-        a, s = m.process.alpha_sigma(t, z_t.float())
+        loss = self.regression(m.student(z_t, t, cond), x_target, z_t, t)
+        return loss, {"loss_pd": loss.item(), "round": float(r)}
+
+    def guided_stage_loss(self, x0: Tensor, cond, generator: torch.Generator  # noqa: ANN001
+                          ) -> tuple[Tensor, dict[str, float]]:
+        """Meng et al.'s first stage: the w-conditioned student matches the teacher guided at w, on every t."""
+        m = self.models
+        w = draw_guidance(self.cfg.guidance, self.cfg.guidance_max, len(x0), generator)
+        t = m.process.sample_timesteps(len(x0), 0.0, 1.0, generator)
+        z_t = m.process.add_noise(x0, randn(x0.shape, generator, x0), t)
+        with torch.no_grad():
+            x_target = m.teacher.x0(z_t, t, cond, w)
+        loss = self.regression(m.student(z_t, t, student_cond(m.student, cond, w)), x_target, z_t, t)
+        return loss, {"loss_guided": loss.item(), "round": 0.0}
+
+    def regression(self, x_hat: Tensor, x_target: Tensor, z_t: Tensor, t: Tensor) -> Tensor:
+        """The x0 regression with the configured weighting (truncated SNR, or SNR + 1: the v error)."""
+        a, s = self.models.process.alpha_sigma(t, z_t.float())
         snr = (a / s).pow(2).flatten()
         weight = snr.clamp_min(1.0) if self.cfg.weighting == "truncated_snr" else snr + 1
         per_sample = (x_hat.float() - x_target.float()).pow(2).flatten(1).mean(1)
-        loss = (weight * per_sample).mean()
-        return loss, {"loss_pd": loss.item(), "round": float(r)}
+        return (weight * per_sample).mean()
 
     # ------------------------------------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, Tensor]:

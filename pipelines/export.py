@@ -94,12 +94,14 @@ def _schedule(scheduler: Any, **kwargs: Any) -> list[int] | None:
         return None
 
 
-def call_arguments(scheduler: Any, timesteps: list[int], family: str, lora: bool) -> dict[str, Any]:
+def call_arguments(scheduler: Any, timesteps: list[int], family: str, lora: bool,
+                   guidance: float | None = None) -> dict[str, Any]:
     """The fewest pipeline arguments that make the export sample on ``timesteps`` without CFG.
 
-    Full exports carry a zero guidance embedding (see `export_unet`), which turns CFG off in both
+    Full exports carry a guidance embedding (see `export_unet`), which turns CFG off in both
     ``LatentConsistencyModelPipeline`` and ``StableDiffusionXLPipeline``; a LoRA applied to the teacher's own
-    pipeline does not, so there ``guidance_scale=0`` is part of the call.
+    pipeline does not, so there ``guidance_scale=0`` is part of the call. A w-conditioned student
+    (``guidance``: its default scale) reads ``guidance_scale`` through that embedding, so the call names it.
     """
     k = len(timesteps)
     lcm_pipe = family == "sd" and type(scheduler).__name__ == "LCMScheduler"
@@ -111,6 +113,8 @@ def call_arguments(scheduler: Any, timesteps: list[int], family: str, lora: bool
         kwargs = {"timesteps": list(timesteps)}
     if lora:
         kwargs["guidance_scale"] = 0.0
+    elif guidance is not None:
+        kwargs["guidance_scale"] = float(guidance)
     return kwargs
 
 
@@ -120,7 +124,8 @@ def format_call(kwargs: dict[str, Any]) -> str:
 
 def export_unet(unet: torch.nn.Module) -> torch.nn.Module:
     """The student's UNet as a plain ``UNet2DConditionModel``: any LoRA adapter folded into the weights, and a
-    guidance embedding (``time_cond_proj_dim``, as LCM's UNets have) whose projection is exactly zero.
+    guidance embedding (``time_cond_proj_dim``, as LCM's UNets have): the student's own when it is w-conditioned
+    (``model.guidance_embedding``), else one whose projection is exactly zero.
 
     The zero projection adds nothing to the time embedding, so the network computes what the student computes;
     it is there because diffusers' ``LatentConsistencyModelPipeline`` requires one and because with it
@@ -133,14 +138,16 @@ def export_unet(unet: torch.nn.Module) -> torch.nn.Module:
         unet.fuse_lora()
         unet.unload_lora()
     config = dict(unet.config)
-    if config.get("time_cond_proj_dim") is None:
+    zero_embedding = config.get("time_cond_proj_dim") is None
+    if zero_embedding:
         config["time_cond_proj_dim"] = GUIDANCE_EMBED_DIM
     plain = UNet2DConditionModel.from_config(config)
     missing, unexpected = plain.load_state_dict(unet.state_dict(), strict=False)
-    if unexpected or set(missing) - {"time_embedding.cond_proj.weight"}:
+    if unexpected or set(missing) - ({"time_embedding.cond_proj.weight"} if zero_embedding else set()):
         raise RuntimeError(f"student UNet does not fit its export: missing {missing}, unexpected {unexpected}")
-    with torch.no_grad():
-        plain.time_embedding.cond_proj.weight.zero_()
+    if zero_embedding:
+        with torch.no_grad():
+            plain.time_embedding.cond_proj.weight.zero_()
     return plain.eval()
 
 
@@ -173,7 +180,7 @@ def export(run_dir: str | Path, out_dir: str | Path, lora: bool = False, overwri
                           "run's student has full weights: export it without --lora")
     timesteps = [int(t) for t in models.student.timesteps]
     scheduler = student_scheduler(models)
-    kwargs = call_arguments(scheduler, timesteps, models.family, lora)
+    kwargs = call_arguments(scheduler, timesteps, models.family, lora, models.student.guidance)
 
     tmp = out_dir.with_name(f".tmp_{out_dir.name}")
     shutil.rmtree(tmp, ignore_errors=True)

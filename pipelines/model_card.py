@@ -43,6 +43,16 @@ def scheduler_note(info: dict[str, Any], steps: int) -> str:
     return "stock `DDIMScheduler` (eta 0, trailing spacing: deterministic DDIM)"
 
 
+def guidance_note(cfg: Config, info: dict[str, Any]) -> str:
+    if cfg.model.guidance_embedding is None or info["lora"]:
+        return "no classifier-free guidance (the guidance is distilled into the weights)."
+    args = cfg.method_args
+    lo, hi = args.guidance, getattr(args, "guidance_max", None) or args.guidance
+    w = info["call"]["guidance_scale"]
+    return (f"no classifier-free guidance pass: the student reads the scale through its guidance embedding "
+            f"(trained on `guidance_scale` in [{lo:g}, {hi:g}]; the call below uses {w:g}).")
+
+
 def model_card(cfg: Config, info: dict[str, Any], sweep_table: str | None = None) -> Any:
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -60,8 +70,7 @@ def model_card(cfg: Config, info: dict[str, Any], sweep_table: str | None = None
         "",
         f"Distilled with distill-diffusion ({cfg.method}) from the teacher `{teacher}` "
         f"(`{info['teacher_class']}`). Format: {kind}; scheduler: {scheduler_note(info, steps)}, "
-        f"sampling timesteps `{info['timesteps']}`, no classifier-free "
-        "guidance (the guidance is distilled into the weights).",
+        f"sampling timesteps `{info['timesteps']}`, " + guidance_note(cfg, info),
         "",
         "## Use",
         "",

@@ -91,14 +91,15 @@ class ResidualMLP(nn.Module):
     """``base(x_t, t, cond) + MLP(c_in x_t, log-SNR features, class)``, the MLP's last layer zero at init."""
 
     def __init__(self, base: nn.Module, process: NoiseProcess, dim: int, classes: int, hidden: int = 128,
-                 layers: int = 3, data_var: float = 1.0, guidance_dim: int | None = None):
+                 layers: int = 3, data_var: float = 1.0, guidance_dim: int | None = None, eps_features: bool = False):
         super().__init__()
         self.base = base
         self.process = process
         self.data_var = float(data_var)
         self.classes = classes
         self.label_embed = nn.Embedding(classes + 1, hidden)  # index `classes` is the null class
-        self.inp = nn.Linear(dim + 16, hidden)
+        self.eps_features = eps_features  # also read the base's epsilon prediction (a discriminator's features)
+        self.inp = nn.Linear(dim * (2 if eps_features else 1) + 16, hidden)
         blocks: list[nn.Module] = []
         for _ in range(layers - 1):
             blocks += [nn.SiLU(), nn.Linear(hidden, hidden)]
@@ -120,9 +121,13 @@ class ResidualMLP(nn.Module):
         feats = torch.cat([torch.sin(log_snr * freqs), torch.cos(log_snr * freqs)], -1)
         labels = cond.labels if cond.labels is not None else torch.full((len(x_t),), -1, device=x_t.device)
         labels = torch.where(labels < 0, torch.full_like(labels, self.classes), labels).long()
-        h = self.inp(torch.cat([c_in * x_t, feats], -1)) + self.label_embed(labels)
+        base = self.base(x_t, t, cond)
+        inputs = [c_in * x_t, feats]
+        if self.eps_features:
+            inputs.append((x_t - a * base.to(x_t.dtype)) / sigma)
+        h = self.inp(torch.cat(inputs, -1)) + self.label_embed(labels)
         if self.guidance_embed is not None:
             w = cond.guidance if cond.guidance is not None else torch.ones(len(x_t), device=x_t.device)
             h = h + self.guidance_embed(guidance_embedding(w, self.guidance_dim).to(h.dtype))
         h = self.body(h)
-        return self.base(x_t, t, cond) + self.out(h)
+        return base + self.out(h)

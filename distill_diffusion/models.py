@@ -30,8 +30,10 @@ def build_models(cfg: ModelConfig, need_critic: bool, seed: int = 0, critic_lora
 
     ``critic_lora_rank`` is the method's default critic (0: full weights); ``model.critic_lora_rank`` overrides it.
     ``frozen_critic`` (the method's default when ``model.critic_lora_rank`` is unset): the critic is the teacher's own
-    frozen network, for methods that train only heads on its features (LADD); a mixture teacher has no features, so
-    there the critic stays a trainable network.
+    frozen network, for methods that train only heads on its features (LADD); the exact mixture teacher has no
+    features, so there the critic is a trainable network that also reads the teacher's epsilon prediction of its
+    input (what a UNet's features carry about a noised image: its deviation from the teacher's denoising, scaled by
+    1 / sigma_t).
     ``pipeline``: a diffusers pipeline object already in memory, used instead of loading ``cfg.teacher``.
     """
     want_critic = need_critic if cfg.critic is None else cfg.critic
@@ -40,13 +42,13 @@ def build_models(cfg: ModelConfig, need_critic: bool, seed: int = 0, critic_lora
         if cfg.student_lora_rank is not None or (cfg.critic_lora_rank or 0) > 0:
             raise ConfigError("LoRA roles (model.student_lora_rank, model.critic_lora_rank) need a diffusers teacher; "
                               "a mixture critic already is a small correction on the frozen exact teacher")
-        return _build_mixture(cfg, want_critic, seed)
+        return _build_mixture(cfg, want_critic, seed, want_critic and frozen_critic)
     pipe = pipeline if pipeline is not None else load_pipeline(cfg.teacher)
     frozen = want_critic and frozen_critic and cfg.critic_lora_rank is None
     return _build_diffusers(cfg, want_critic, pipe, seed, rank if want_critic and not frozen else 0, frozen)
 
 
-def _build_mixture(cfg: ModelConfig, want_critic: bool, seed: int) -> Models:
+def _build_mixture(cfg: ModelConfig, want_critic: bool, seed: int, teacher_features: bool = False) -> Models:
     from diffusers import DDPMScheduler
 
     # SD 1.5's schedule: 1000 steps, scaled_linear 0.00085 .. 0.012, so alpha_bar(999) ~ 0.0047 > 0.
@@ -57,18 +59,18 @@ def _build_mixture(cfg: ModelConfig, want_critic: bool, seed: int) -> Models:
     data_var = float((mixture.means**2).sum(1).mean() / mixture.dim + mixture.std**2)
     gen = torch.Generator().manual_seed(seed)
 
-    def mlp(guidance_dim: int | None = None) -> Denoiser:
+    def mlp(guidance_dim: int | None = None, eps_features: bool = False) -> Denoiser:
         with torch.random.fork_rng():
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
             net = ResidualMLP(exact, process, mixture.dim, mixture.classes, cfg.mlp_hidden, cfg.mlp_layers, data_var,
-                              guidance_dim)
+                              guidance_dim, eps_features)
         return Denoiser(net, process)
 
     return Models(
         process=process,
         teacher=Teacher(Denoiser(exact, process)),
         student=Student(mlp(cfg.guidance_embedding), cfg.timesteps, guidance=_w_default(cfg)),
-        critic=mlp() if want_critic else None,
+        critic=mlp(eps_features=teacher_features) if want_critic else None,
         family="gmm",
         sample_shape=(mixture.dim,),
         mixture=mixture,

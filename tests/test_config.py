@@ -87,6 +87,7 @@ def test_override_errors() -> None:
         ("dmd2.lr_student=0", ["lr_student"]),
         ("train.ema_decay=1.0", ["ema_decay"]),
         ("train.progress=maybe", ["true or false"]),
+        ("model.guidance_embedding=1", ["guidance_embedding", ">= 2"]),
     ],
 )
 def test_invalid_values_rejected(override: str, words: list[str]) -> None:
@@ -118,3 +119,23 @@ def test_file_errors(tmp_path: Path) -> None:
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     assert "dmd2" in _error(load_config, empty)  # no method given: the valid ones are listed
+
+
+@pytest.mark.parametrize(("config", "overrides", "words"), [
+    ("gmm_dmd2.yaml", ["model.guidance_embedding=64"], ["guidance_embedding", "consistency and progressive"]),
+    ("gmm_progressive.yaml", ["progressive.guidance_max=3"], ["guidance_max", "model.guidance_embedding"]),
+])
+def test_w_conditioning_where_it_does_not_apply(tmp_path: Path, config: str, overrides: list[str],
+                                                words: list[str]) -> None:
+    """A w-conditioned student only for methods whose teacher solver is guided; a scale range only for one."""
+    from distill_diffusion.trainer import Trainer
+
+    cfg = load_config(CONFIG.parent / config, overrides)
+    message = _error(Trainer, cfg, tmp_path / "run")
+    assert all(w in message for w in words), message
+    assert not (tmp_path / "run").exists()
+
+
+def test_w_conditioning_needs_a_full_weight_student() -> None:
+    message = _error(load_config, CONFIG, ["model.guidance_embedding=64", "model.student_lora_rank=4"])
+    assert "full-weight student" in message, message

@@ -78,8 +78,10 @@ class Method(ABC):
 
     @classmethod
     def student_guidance(cls, cfg: MethodConfig) -> float:
-        """The CFG scale a w-conditioned student samples, evaluates and exports at (methods that train one say)."""
-        return 1.0
+        """The CFG scale a w-conditioned student samples, evaluates and exports at: the method's ``sample_guidance``,
+        else its ``guidance`` (the low end of its range)."""
+        sample = getattr(cfg, "sample_guidance", None)
+        return float(sample if sample is not None else getattr(cfg, "guidance", 1.0))
 
     def after_update(self, phase: str, step: int) -> None:
         """Called once the optimizer of role ``phase`` has stepped (e.g. to move an EMA target); default: nothing."""

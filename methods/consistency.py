@@ -118,10 +118,6 @@ class Consistency(Method):
         c_skip, c_out = self.scalings(t, x_t)
         return c_skip * x_t + c_out * net(x_t, t, cond).to(x_t.dtype)
 
-    @classmethod
-    def student_guidance(cls, cfg: ConsistencyConfig) -> float:
-        return cfg.sample_guidance if cfg.sample_guidance is not None else cfg.guidance
-
     def solver_step(self, x_t: Tensor, t: Tensor, t_prev: Tensor, cond, w: Tensor | float) -> Tensor:  # noqa: ANN001
         """One DDIM step of the teacher guided at (per-sample) w from t to t_prev (the falsification test swaps the
         teacher here)."""

@@ -110,10 +110,6 @@ class Progressive(Method):
     def needs_real_data(self) -> bool:
         return True
 
-    @classmethod
-    def student_guidance(cls, cfg: ProgressiveConfig) -> float:
-        return cfg.sample_guidance if cfg.sample_guidance is not None else cfg.guidance
-
     def round_of(self, step: int) -> int:
         """Round r of the run: r < `stage` is the guided stage, later rounds halve the teacher's steps."""
         return min(step // self.cfg.steps_per_round, self.stage + self.rounds - 1)

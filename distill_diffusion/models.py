@@ -163,18 +163,26 @@ def _w_default(cfg: ModelConfig) -> float | None:
 
 def _student_unet(unet: Any, guidance_dim: int | None) -> Any:
     """A full-weight copy of the teacher's UNet; with ``guidance_dim``, one that also reads a CFG-scale embedding
-    (diffusers' ``time_cond_proj_dim``, as LCM's UNets) through a projection that starts at exactly zero, so the
-    student starts as the teacher (LCM's script initialises it at random)."""
-    from diffusers import UNet2DConditionModel
-
+    (`with_guidance_embedding`: LCM's ``time_cond_proj_dim``, starting at zero so the student starts as the teacher;
+    LCM's script initialises it at random)."""
     if guidance_dim is None or unet.config.time_cond_proj_dim == guidance_dim:
         return copy.deepcopy(unet)
     if unet.config.time_cond_proj_dim is not None:
         raise ConfigError(f"the teacher's UNet already reads a guidance embedding of width "
                           f"{unet.config.time_cond_proj_dim}; set model.guidance_embedding to that or null")
-    student = UNet2DConditionModel.from_config(dict(unet.config, time_cond_proj_dim=guidance_dim))
-    missing, unexpected = student.load_state_dict(unet.state_dict(), strict=False)
-    assert not unexpected and set(missing) == {"time_embedding.cond_proj.weight"}, (missing, unexpected)
+    return with_guidance_embedding(unet, guidance_dim).to(unet.device, unet.dtype)
+
+
+def with_guidance_embedding(unet: Any, dim: int) -> Any:
+    """A new plain ``UNet2DConditionModel`` holding ``unet``'s weights plus a guidance embedding of width ``dim``
+    (diffusers' ``time_cond_proj_dim``) whose projection is exactly zero, so it computes what ``unet`` computes. The
+    w-conditioned student starts from it; exports of students without one get it (`pipelines.export.export_unet`)."""
+    from diffusers import UNet2DConditionModel
+
+    plain = UNet2DConditionModel.from_config(dict(unet.config, time_cond_proj_dim=dim))
+    missing, unexpected = plain.load_state_dict(unet.state_dict(), strict=False)
+    if unexpected or set(missing) != {"time_embedding.cond_proj.weight"}:
+        raise RuntimeError(f"UNet does not fit a guidance embedding: missing {missing}, unexpected {unexpected}")
     with torch.no_grad():
-        student.time_embedding.cond_proj.weight.zero_()
-    return student.to(unet.device, unet.dtype)
+        plain.time_embedding.cond_proj.weight.zero_()
+    return plain

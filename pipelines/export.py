@@ -133,21 +133,16 @@ def export_unet(unet: torch.nn.Module) -> torch.nn.Module:
     """
     from diffusers import UNet2DConditionModel
 
+    from distill_diffusion.models import with_guidance_embedding
+
     if getattr(unet, "_hf_peft_config_loaded", False):
         unet = copy.deepcopy(unet)
         unet.fuse_lora()
         unet.unload_lora()
-    config = dict(unet.config)
-    zero_embedding = config.get("time_cond_proj_dim") is None
-    if zero_embedding:
-        config["time_cond_proj_dim"] = GUIDANCE_EMBED_DIM
-    plain = UNet2DConditionModel.from_config(config)
-    missing, unexpected = plain.load_state_dict(unet.state_dict(), strict=False)
-    if unexpected or set(missing) - ({"time_embedding.cond_proj.weight"} if zero_embedding else set()):
-        raise RuntimeError(f"student UNet does not fit its export: missing {missing}, unexpected {unexpected}")
-    if zero_embedding:
-        with torch.no_grad():
-            plain.time_embedding.cond_proj.weight.zero_()
+    if unet.config.time_cond_proj_dim is None:
+        return with_guidance_embedding(unet, GUIDANCE_EMBED_DIM).eval()
+    plain = UNet2DConditionModel.from_config(unet.config)  # a peft-free copy of the w-conditioned student's UNet
+    plain.load_state_dict(unet.state_dict())
     return plain.eval()
 
 

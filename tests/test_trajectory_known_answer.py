@@ -106,10 +106,15 @@ def test_progressive_with_a_one_step_target_stays_at_ddim_half(tmp_path: Path, m
     assert abs(student["energy_distance"] - teacher_n["energy_distance"]) > 0.2 * teacher_n["energy_distance"]
 
 
+def guided_cond(models, w: float) -> Cond:  # noqa: ANN001
+    """4000 class-balanced labels with the null class for CFG and the scale w for a w-conditioned student."""
+    labels = models.mixture.balanced_labels(4000)
+    return Cond(labels=labels, guidance=torch.full((4000,), w), uncond=Cond(labels=torch.full_like(labels, -1)))
+
+
 def guided_ddim(models, x0_fn, steps: int, w: float) -> torch.Tensor:  # noqa: ANN001
     """DDIM samples of ``x0_fn(x, t, cond, w)`` with the scale w in ``cond.guidance`` too, fixed noise and labels."""
-    labels = models.mixture.balanced_labels(4000)
-    cond = Cond(labels=labels, guidance=torch.full((4000,), w), uncond=Cond(labels=torch.full_like(labels, -1)))
+    cond = guided_cond(models, w)
     noise = torch.randn(4000, models.mixture.dim, generator=torch.Generator().manual_seed(1234))
     with torch.no_grad():
         return ddim(lambda x, t: x0_fn(x, t, cond, w), noise, models.process.trailing_timesteps(steps), models.process)
@@ -163,11 +168,9 @@ def w_conditioned_lcm_distances(trainer: Trainer) -> list[float]:
     out = []
     for w in (1.5, 2.0, 2.5):
         ode = guided_ddim(models, lambda x, t, c, w: models.teacher.x0(x, t, c, w), 50, w)
-        labels = models.mixture.balanced_labels(4000)
-        cond = Cond(labels=labels, guidance=torch.full((4000,), w), uncond=Cond(labels=torch.full_like(labels, -1)))
         noise = torch.randn(4000, models.mixture.dim, generator=torch.Generator().manual_seed(5))
         with torch.no_grad():
-            x = models.student.sample(noise, cond, torch.Generator().manual_seed(6))
+            x = models.student.sample(noise, guided_cond(models, w), torch.Generator().manual_seed(6))
         out.append(energy_distance(x, ode))
     return out
 

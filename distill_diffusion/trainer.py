@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from tqdm.auto import tqdm
 
 from .config import Config, ConfigError, parse_config
 from .data import build_data
+from .files import first_non_finite, remove_dir, replace_dir, write_text_atomic
 from .lora import own_parameters
 from .models import build_models
 from .preview import preview
@@ -100,6 +100,9 @@ def _check_same_config(saved: dict, current: dict) -> None:
 
 def _prepare_run_dir(cfg: Config, run_dir: Path, resume: bool) -> Path | None:
     saved_cfg = run_dir / "config.yaml"
+    empty = not run_dir.exists() or not any(run_dir.iterdir())
+    if resume and empty:  # killed before anything was written (or never started): --resume is safe to pass always
+        return None
     if resume:
         if not saved_cfg.is_file():
             raise ConfigError(f"cannot resume: {str(run_dir)!r} holds no run (no config.yaml)")
@@ -109,12 +112,6 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, resume: bool) -> Path | None:
         raise ConfigError(f"run directory {str(run_dir)!r} is not empty; pass --resume to continue it or choose "
                           "another --out")
     return None
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class Trainer:
@@ -148,7 +145,7 @@ class Trainer:
                               "data.real to digits or an image folder")
         # the run directory is written only once everything above has been accepted
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(self.run_dir / "config.yaml")
+        cfg.save(self.run_dir / "config.yaml")  # atomically
 
         # 2. one optimizer per trainable role
         roles = {r: m for r, m in self.models.trainable().items() if r in method_cls.roles}
@@ -177,12 +174,16 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
-        """Write to a temporary directory, then rename: a kill mid-write leaves the previous checkpoint intact."""
+        """Write to a temporary directory, then rename: a kill mid-write leaves the previous checkpoint intact. The
+        weights are checked finite first, so a NaN never reaches a checkpoint."""
         root = self.run_dir / "checkpoints"
         final = root / f"{CHECKPOINT_PREFIX}{self.step:08d}"
         tmp = root / f".tmp_{final.name}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        if self.accelerator.is_main_process and root.is_dir():  # what an earlier kill left half-written
+            for stale in root.iterdir():
+                if stale.name.startswith((".tmp_", ".old_")):
+                    shutil.rmtree(stale, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(tmp), safe_serialization=True)
         if self.accelerator.is_main_process:
             save_file({"generator": self.generator.get_state()}, str(tmp / "rng.safetensors"))
@@ -194,11 +195,9 @@ class Trainer:
                 save_file(extra, str(tmp / "method.safetensors"))
             state = {"step": self.step, "counts": self.counts, "skipped": self.skipped}
             (tmp / "trainer_state.json").write_text(json.dumps(state))  # written last: marks the checkpoint complete
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            replace_dir(tmp, final)
             for old in _checkpoints(self.run_dir)[: -self.cfg.train.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+                remove_dir(old)
         self.accelerator.wait_for_everyone()
         return final
 
@@ -216,6 +215,10 @@ class Trainer:
     def _save_own_weights(self, models: list, weights: list, output_dir: str) -> None:
         for i, role in enumerate(self.roles):  # accelerate saves weights[i] as model[_i].safetensors, in prepare order
             weights[i] = trainable_state(self.accelerator.unwrap_model(self.roles[role]), self.own_names[role])
+            bad = first_non_finite(weights[i])
+            if bad is not None:
+                raise RuntimeError(f"refusing to checkpoint step {self.step}: the {role}'s weight {bad} is not "
+                                   "finite (the previous checkpoint is intact)")
 
     def _load_own_weights(self, models: list, input_dir: str) -> None:
         for i, role in enumerate(self.roles):
@@ -243,19 +246,27 @@ class Trainer:
         for group in opt.param_groups:
             group["lr"] = self.method.lr_at(phase, self.step)
         opt.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
-            # a non-finite loss never reaches the weights; too many in a row means the run is broken
+        finite = bool(torch.isfinite(loss))
+        if finite:
+            self.accelerator.backward(loss)
+            # the gradient norm (inf clip when clipping is off) also tells whether a finite loss gave non-finite
+            # gradients; under fp16 the grad scaler owns that decision (an inf while it calibrates is normal)
+            max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
+            norm = float(self.accelerator.clip_grad_norm_(self.params[phase], max_norm))
+            logs[f"grad_norm_{phase}"] = norm
+            finite = math.isfinite(norm) or self.cfg.train.mixed_precision == "fp16"
+        if not finite:
+            # a non-finite loss or gradient never reaches the weights; too many in a row means the run is broken
+            opt.zero_grad(set_to_none=True)
+            logs.pop(f"grad_norm_{phase}", None)
             self.skipped += 1
             self.bad_in_a_row += 1
             if self.bad_in_a_row >= MAX_NONFINITE_IN_A_ROW:
-                raise RuntimeError(f"{self.bad_in_a_row} non-finite losses in a row at step {self.step} "
-                                   f"(phase {phase}); lower the learning rate or check the teacher")
+                raise RuntimeError(f"{self.bad_in_a_row} non-finite losses or gradients in a row at step {self.step} "
+                                   f"(phase {phase}); lower the learning rate or check the teacher (the last "
+                                   "checkpoint holds finite weights)")
         else:
             self.bad_in_a_row = 0
-            self.accelerator.backward(loss)
-            if self.cfg.train.grad_clip > 0:
-                norm = self.accelerator.clip_grad_norm_(self.params[phase], self.cfg.train.grad_clip)
-                logs[f"grad_norm_{phase}"] = float(norm)
             opt.step()
             opt.zero_grad(set_to_none=True)  # a role's gradients never outlive its step (one role's at a time)
             self.counts[phase] += 1
@@ -269,6 +280,13 @@ class Trainer:
         tc = self.cfg.train
         if self.resume_from is not None:
             self.load_checkpoint(self.resume_from)
+        logs = self.run_dir / "logs.jsonl"
+        if self.accelerator.is_main_process and logs.is_file():  # drop what steps lost to a kill had logged
+            kept = [line for line in logs.read_text().splitlines(keepends=True) if line.endswith("\n")]
+            kept = [line for line in kept if json.loads(line).get("step", 0) <= self.step
+                    and not json.loads(line).get("final")]
+            write_text_atomic(logs, "".join(kept))
+        self._log({"step": self.step, "started_from": self.resume_from.name if self.resume_from else None})
         bar = tqdm(total=tc.steps, initial=self.step, disable=not (tc.progress and self.accelerator.is_main_process),
                    desc=f"{self.cfg.method}", dynamic_ncols=True)
         sums: dict[str, float] = {}
@@ -323,8 +341,7 @@ class Trainer:
             metrics = preview(self.models, self.cfg, tmp / "samples")
             metrics = {"step": self.step, **{k: v for k, v in metrics.items() if not math.isnan(v)}}
             (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+            replace_dir(tmp, final)
             self._log({"final": True, **metrics})
         self.accelerator.wait_for_everyone()
         return metrics

@@ -30,7 +30,10 @@ def _distill(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-    metrics = Trainer(cfg, out, resume=args.resume).train()
+    trainer = Trainer(cfg, out, resume=args.resume)
+    metrics = trainer.train()
+    if not trainer.is_main:  # the other data-parallel processes stop here; one exports and reports
+        return
     result = {"run": str(out), **metrics}
     if cfg.model.teacher != "gmm":  # every image run ends with its diffusers export
         from .pipelines.export import export_run
@@ -46,7 +49,9 @@ def _run(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-    print(f"wrote {run_job(cfg, out, resume=args.resume)}")
+    report = run_job(cfg, out, resume=args.resume)
+    if report is not None:  # None: another data-parallel process writes it
+        print(f"wrote {report}")
 
 
 def _export(args: argparse.Namespace) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from . import rng
 from .config import ConfigError, DataConfig
 from .denoiser import Cond
 from .roles import Models
@@ -34,8 +35,8 @@ class MixtureData:
 
     def sample(self, n: int, generator: torch.Generator) -> Batch:
         device = generator.device
-        labels = torch.randint(0, self.mixture.classes, (n,), generator=generator, device=device)
-        noise = torch.randn(n, self.mixture.dim, generator=generator, device=device)
+        labels = rng.randint(0, self.mixture.classes, n, generator).to(device)
+        noise = rng.randn((n, self.mixture.dim), generator).to(device)
         real = self.mixture.sample(labels, generator)
         cond = Cond(labels=labels, uncond=Cond(labels=torch.full_like(labels, -1)))
         return Batch(cond, noise, real, cond)
@@ -67,11 +68,11 @@ class PromptData:
 
     def sample(self, n: int, generator: torch.Generator) -> Batch:
         device = generator.device
-        idx = torch.randint(0, len(self.prompts), (n,), generator=generator, device=device)
-        noise = torch.randn(n, *self.shape, generator=generator, device=device)
+        idx = rng.randint(0, len(self.prompts), n, generator).to(device)
+        noise = rng.randn((n, *self.shape), generator).to(device)
         batch = Batch(self.cond[idx.to(self.cond.embeds.device)], noise)
         if self.real is not None:
-            j = torch.randint(0, len(self.real), (n,), generator=generator, device=device).to(self.real.device)
+            j = rng.randint(0, len(self.real), n, generator).to(self.real.device)
             batch.real, batch.real_cond = self.real[j], self.real_cond[self.real_caption[j]]
         return batch
 

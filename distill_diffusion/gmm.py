@@ -20,6 +20,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from . import rng
 from .denoiser import Cond, guidance_embedding
 from .process import NoiseProcess
 
@@ -53,7 +54,7 @@ class GaussianMixture:
         return self.means.shape[1]
 
     def sample(self, labels: Tensor, generator: torch.Generator) -> Tensor:
-        eps = torch.randn(len(labels), self.dim, generator=generator, device=generator.device)
+        eps = rng.randn((len(labels), self.dim), generator)
         return self.means.to(eps.device)[labels] + self.std * eps
 
     def balanced_labels(self, n: int, device: torch.device | str = "cpu") -> Tensor:

@@ -57,7 +57,7 @@ def sample_grids(cfg: Config, student_spec: str, out_dir: Path) -> tuple[Path, P
     return paths[0], paths[1]
 
 
-def run_job(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool = True) -> Path:
+def run_job(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool = True) -> Path | None:
     from distill_diffusion.pipelines.export import export_run, update_card
 
     from .eval.sweep import run_sweep, table
@@ -78,7 +78,10 @@ def run_job(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bo
     t0 = time.time()
     done = (run_dir / "final" / "student.safetensors").is_file() and resume
     if not done:
-        Trainer(cfg, run_dir, resume=resume).train()
+        trainer = Trainer(cfg, run_dir, resume=resume)
+        trainer.train()
+        if not trainer.is_main:  # data-parallel training is done; export, sweep and report are one process's work
+            return None
     times["distill_s"] = time.time() - t0
 
     t0 = time.time()

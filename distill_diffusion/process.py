@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import rng
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 KINDS = ("vp", "flow")
 
@@ -171,8 +173,8 @@ class NoiseProcess:
         T = self.num_train_timesteps
         if self.kind == "vp":
             a, b = int(lo * T), min(int(hi * T), T - 1)
-            return torch.randint(a, b + 1, (n,), generator=generator, device=device)
-        u = torch.rand(n, generator=generator, device=device)
+            return rng.randint(a, b + 1, n, generator).to(device)
+        u = rng.rand(n, generator).to(device)
         return (lo + (hi - lo) * u) * T
 
     def first_timestep(self) -> float:

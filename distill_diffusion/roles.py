@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import rng
 from .denoiser import Cond, Denoiser, guided_x0
 from .gmm import GaussianMixture
 from .process import NoiseProcess
@@ -89,7 +90,7 @@ class Student(nn.Module):
         with torch.no_grad():
             for i in range(k):
                 x0 = self(x, torch.full((len(x),), self.timesteps[i], device=x.device), cond)
-                eps = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device, x0.dtype)
+                eps = rng.randn(x0.shape, generator).to(x0.device, x0.dtype)
                 x = self.process.add_noise(x0, eps, torch.full((len(x),), self.timesteps[i + 1], device=x.device))
         t = torch.full((len(x),), self.timesteps[k], device=x.device)
         return x.detach(), t

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from . import rng
 from .process import NoiseProcess
 
 X0Fn = Callable[[Tensor, Tensor], Tensor]
@@ -38,7 +39,7 @@ def randn(shape: Sequence[int], generator: torch.Generator | list[torch.Generato
             raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
         rows = [torch.randn((1, *shape[1:]), generator=g, device=g.device) for g in generator]
         return torch.cat(rows).to(like.device, like.dtype)
-    return torch.randn(tuple(shape), generator=generator, device=generator.device).to(like.device, like.dtype)
+    return rng.randn(shape, generator).to(like.device, like.dtype)
 
 
 def multistep(

@@ -33,6 +33,7 @@ from .files import first_non_finite, remove_dir, replace_dir, write_text_atomic
 from .lora import own_parameters
 from .models import build_models
 from .preview import preview
+from .rng import ShardedGenerator
 from .roles import Models
 
 CHECKPOINT_PREFIX = "step_"
@@ -125,6 +126,8 @@ class Trainer:
         tc = cfg.train
         self.accelerator = Accelerator(mixed_precision=tc.mixed_precision)
         device = self.accelerator.device
+        self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        check_parallel(self.accelerator, tc.batch_size)
 
         # 1. roles and method; fresh weights are seeded, so two runs with one seed start identical
         method_cls = METHODS[cfg.method]
@@ -159,18 +162,25 @@ class Trainer:
         ma = cfg.method_args
         optimizers = [torch.optim.AdamW(self.params[r], lr=self.method.lr(r), betas=tuple(ma.adam_betas),
                                         eps=ma.adam_eps, weight_decay=ma.weight_decay) for r in roles]
-        prepared = self.accelerator.prepare(*roles.values(), *optimizers)
-        self.roles = dict(zip(roles, prepared[: len(roles)]))
-        self.optimizers = dict(zip(roles, prepared[len(roles):]))
+        # data parallelism without DDP wrappers: roles may share one UNet (LoRA adapters) and methods call them
+        # through Models, so the trainer averages each updating role's gradients itself (``sync_gradients``)
+        self.roles = {r: self.accelerator.prepare_model(m, evaluation_mode=True) for r, m in roles.items()}
+        self.optimizers = {r: self.accelerator.prepare_optimizer(o) for r, o in zip(roles, optimizers)}
+        broadcast_parameters([p for ps in self.params.values() for p in ps], self.world)
         # checkpoints hold each role's own weights only: a shared frozen base (LoRA roles) is not written per role
         self.accelerator.register_save_state_pre_hook(self._save_own_weights)
         self.accelerator.register_load_state_pre_hook(self._load_own_weights)
         self.ema = EMA(self.models.student, tc.ema_decay) if tc.ema_decay > 0 else None
-        self.generator = torch.Generator(device).manual_seed(tc.seed)
+        # one seed on every process; per-sample draws are sliced per process (distill_diffusion.rng)
+        self.generator = ShardedGenerator(device, tc.seed, self.rank, self.world)
         self.step = 0
         self.counts = {r: 0 for r in roles}
         self.skipped = 0
         self.bad_in_a_row = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
@@ -185,6 +195,7 @@ class Trainer:
                     shutil.rmtree(stale, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(tmp), safe_serialization=True)
+        self.accelerator.wait_for_everyone()  # every process's RNG file is in before the directory is published
         if self.accelerator.is_main_process:
             save_file({"generator": self.generator.get_state()}, str(tmp / "rng.safetensors"))
             if self.ema is not None:
@@ -239,16 +250,17 @@ class Trainer:
         for role, params in self.params.items():
             for p in params:
                 p.requires_grad_(role == phase)
-        batch = self.data.sample(self.cfg.train.batch_size, self.generator)
+        batch = self.data.sample(self.cfg.train.batch_size // self.world, self.generator)
         with self.accelerator.autocast():
             loss, logs = self.method.loss(phase, batch, self.generator, self.step)
         opt = self.optimizers[phase]
         for group in opt.param_groups:
             group["lr"] = self.method.lr_at(phase, self.step)
         opt.zero_grad(set_to_none=True)
-        finite = bool(torch.isfinite(loss))
+        finite = all_finite(loss, self.world)
         if finite:
             self.accelerator.backward(loss)
+            sync_gradients(self.params[phase], self.world)
             # the gradient norm (inf clip when clipping is off) also tells whether a finite loss gave non-finite
             # gradients; under fp16 the grad scaler owns that decision (an inf while it calibrates is normal)
             max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
@@ -347,6 +359,54 @@ class Trainer:
         return metrics
 
 
+def check_parallel(accelerator: Accelerator, batch_size: int) -> None:
+    """Data parallelism as this trainer does it: plain processes (CPU gloo or multi-GPU), global batch split evenly."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        raise ConfigError(f"accelerate distributed type {kind.value} is not supported; use a DDP config "
+                          "(configs/accelerate/ddp.yaml) with LoRA roles or gradient checkpointing to save memory")
+    if batch_size % accelerator.num_processes:
+        raise ConfigError(f"train.batch_size {batch_size} is the global batch and must divide evenly over the "
+                          f"{accelerator.num_processes} processes; choose a multiple of {accelerator.num_processes}")
+
+
+def all_finite(loss: torch.Tensor, world: int) -> bool:
+    """Whether the loss is finite on every process (so all processes skip, or none does)."""
+    flag = torch.isfinite(loss.detach()).float().reshape(1)
+    if world > 1:
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def sync_gradients(params: list[torch.nn.Parameter], world: int, bucket: int = 2**24) -> None:
+    """Average gradients over processes (what DDP's reducer does), in flat buckets of ``bucket`` elements."""
+    if world == 1:
+        return
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    grads = [p.grad for p in params if p.grad is not None]
+    while grads:
+        size, n = 0, 0
+        while n < len(grads) and (n == 0 or size + grads[n].numel() <= bucket):
+            size, n = size + grads[n].numel(), n + 1
+        flat = _flatten_dense_tensors(grads[:n])
+        torch.distributed.all_reduce(flat)
+        flat /= world
+        for g, r in zip(grads[:n], _unflatten_dense_tensors(flat, grads[:n])):
+            g.copy_(r)
+        grads = grads[n:]
+
+
+def broadcast_parameters(params: list[torch.nn.Parameter], world: int) -> None:
+    """Every process starts from process 0's weights (seeded builds agree already; this makes it certain)."""
+    if world > 1:
+        with torch.no_grad():
+            for p in params:
+                torch.distributed.broadcast(p.data, src=0)
+
+
 def load_run_config(run_dir: str | Path) -> Config:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
@@ -368,8 +428,12 @@ def load_student(run_dir: str | Path, ema: bool = True) -> tuple[Config, Models]
 
     models = build_models(cfg.model, need_critic=False, seed=cfg.train.seed)
     configure_student(models, METHODS[cfg.method], cfg.method_args)
-    missing = set(trainable_state(models.student)) - set(load_file(str(weights)))
+    state = load_file(str(weights))
+    missing = set(trainable_state(models.student)) - set(state)
     if missing:
         raise ConfigError(f"{str(weights)!r} does not match the run's student ({len(missing)} weights missing)")
-    models.student.load_state_dict(load_file(str(weights)), strict=False)
+    bad = first_non_finite(state)
+    if bad is not None:  # a NaN never reaches an export or a sample
+        raise ConfigError(f"{str(weights)!r} holds a non-finite weight ({bad}); resume from an earlier checkpoint")
+    models.student.load_state_dict(state, strict=False)
     return cfg, models

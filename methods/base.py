@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from distill_diffusion import rng
 from distill_diffusion.config import ConfigError
 from distill_diffusion.data import Batch
 from distill_diffusion.roles import Models
@@ -112,7 +113,7 @@ def draw_guidance(lo: float, hi: float | None, n: int, generator: torch.Generato
     """CFG scales for n samples: ``lo`` when there is no range, else w ~ U[lo, hi] per sample (LCM's w range)."""
     if hi is None or hi == lo:
         return lo
-    return lo + (hi - lo) * torch.rand(n, generator=generator, device=generator.device)
+    return lo + (hi - lo) * rng.rand(n, generator)
 
 
 def student_cond(student: torch.nn.Module, cond, w: Tensor | float):  # noqa: ANN001, ANN201
@@ -126,7 +127,7 @@ def student_cond(student: torch.nn.Module, cond, w: Tensor | float):  # noqa: AN
 
 def randn(shape: torch.Size | tuple[int, ...], generator: torch.Generator, like: Tensor) -> Tensor:
     """Standard normal noise drawn from ``generator``, on ``like``'s device and dtype."""
-    return torch.randn(shape, generator=generator, device=generator.device).to(like.device, like.dtype)
+    return rng.randn(shape, generator).to(like.device, like.dtype)
 
 
 class AlternatingMethod(Method):

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from distill_diffusion import rng
 from distill_diffusion.config import ConfigError
 from distill_diffusion.data import Batch
 from distill_diffusion.lora import SharedDenoiser, own_parameters
@@ -129,7 +130,7 @@ class Consistency(Method):
         x0, cond = batch.real, batch.real_cond
         n = len(x0)
         # 1. a grid point t_n+k and the point the solver reaches, t_n = t_n+k - k (clamped at 0)
-        idx = torch.randint(0, len(self.grid), (n,), generator=generator, device=generator.device)
+        idx = rng.randint(0, len(self.grid), n, generator)
         t = torch.tensor(self.grid, device=x0.device)[idx.to(x0.device)]
         t_prev = (t - self.k).clamp_min(0)
         x_t = m.process.add_noise(x0, randn(x0.shape, generator, x0), t)

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from distill_diffusion import rng
 from distill_diffusion.config import ConfigError
 from distill_diffusion.data import Batch
 from distill_diffusion.lora import own_parameters
@@ -171,7 +172,7 @@ class Progressive(Method):
         n_student = self.teacher_steps(r) // 2
         grid = m.process.trailing_timesteps(self.teacher_steps(r)) + [-1]  # -1: the clean end
         grid = torch.tensor(grid, device=x0.device)
-        i = torch.randint(0, n_student, (len(x0),), generator=generator, device=generator.device).to(x0.device)
+        i = rng.randint(0, n_student, len(x0), generator).to(x0.device)
         t, t_mid, t_end = grid[2 * i], grid[2 * i + 1], grid[2 * i + 2]
         z_t = m.process.add_noise(x0, randn(x0.shape, generator, x0), t)
         with torch.no_grad():

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from distill_diffusion import rng
 from distill_diffusion.config import ConfigError
 from distill_diffusion.data import Batch
 from distill_diffusion.denoiser import Cond, guided_x0
@@ -68,7 +69,7 @@ def drop_prompts(cond: Cond, p: float, generator: torch.Generator) -> Cond:
         return cond
     if cond.uncond is None:
         raise ConfigError("critic_dropout needs unconditional conditioning (the null prompt / null class)")
-    drop = torch.rand(cond.batch_size, generator=generator, device=generator.device) < p
+    drop = rng.rand(cond.batch_size, generator) < p
     return cond.where(drop, cond.uncond)
 
 

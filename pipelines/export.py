@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from distill_diffusion.config import ConfigError
+from distill_diffusion.files import replace_dir
 
 EXPORT_INFO = "export.json"
 C_SKIP_MAX = 1e-7  # LCM boundary scaling left in the export's sampler: negligible against the 1e-4 parity bound
@@ -203,14 +204,7 @@ def export(run_dir: str | Path, out_dir: str | Path, lora: bool = False, overwri
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out_dir.exists():
-        old = out_dir.with_name(f".old_{out_dir.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
+    replace_dir(tmp, out_dir)
     return out_dir
 
 

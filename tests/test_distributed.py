@@ -1,0 +1,64 @@
+"""Data parallelism through accelerate: two CPU processes over gloo (``ACCELERATE_USE_CPU=1 accelerate launch
+--multi_gpu --num_processes 2``; plain ``--cpu`` would silently run one process) with a global batch 2B train what
+one process with batch 2B trains, and their checkpoints resume in one process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from distill_diffusion.config import load_config
+from distill_diffusion.trainer import Trainer
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "gmm_dmd2.yaml"
+OVERRIDES = ["train.batch_size=64", "train.checkpoint_every=6", "dmd2.critic_updates=2", "train.ema_decay=0.9",
+             "train.progress=false", "train.eval_samples=200"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_two(run: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()),
+           "-m", "distill_diffusion.cli", "distill", str(CONFIG), "--out", str(run), *OVERRIDES, *overrides]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_two_processes_equal_one_with_the_global_batch_and_resume_in_one(tmp_path: Path) -> None:
+    two = tmp_path / "two"
+    r = launch_two(two, "train.steps=6")
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    one = tmp_path / "one"
+    Trainer(load_config(CONFIG, [*OVERRIDES, "train.steps=12"]), one).train()
+    first = one / "checkpoints" / "step_00000006" / "model.safetensors"
+    a, b = load_file(str(first)), load_file(str(two / "checkpoints" / "step_00000006" / "model.safetensors"))
+    later = load_file(str(one / "checkpoints" / "step_00000012" / "model.safetensors"))
+    moved = max((a[k] - later[k]).abs().max().item() for k in a)  # how far six steps move the weights
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert moved > 1e-3 and diff <= 1e-5 * max(1.0, moved), (diff, moved)  # trained, and trained the same
+
+    # the 2-process checkpoint resumes in one process and ends where the 1-process run ends
+    Trainer(load_config(CONFIG, [*OVERRIDES, "train.steps=12"]), two, resume=True).train()
+    for name in ("final/student.safetensors", "final/student_ema.safetensors"):
+        wa, wb = load_file(str(one / name)), load_file(str(two / name))
+        assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-5, name
+
+
+def test_a_global_batch_that_does_not_split_evenly_is_refused(tmp_path: Path) -> None:
+    r = launch_two(tmp_path / "run", "train.steps=2", "train.batch_size=63")
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.splitlines() if line.startswith("distill-diffusion: error:")]
+    assert lines and "train.batch_size 63" in lines[0] and "multiple of 2" in lines[0], r.stderr[-2000:]
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())

@@ -21,7 +21,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .config import ConfigError
+from .config import ConfigError, RunError
 
 
 def _distill(args: argparse.Namespace) -> None:
@@ -272,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as e:  # bad input: one line, no traceback
         print(f"distill-diffusion: error: {e}", file=sys.stderr)
         return 2
+    except RunError as e:  # the run could not go on; what it wrote before is intact
+        print(f"distill-diffusion: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

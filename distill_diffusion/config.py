@@ -20,6 +20,11 @@ class ConfigError(ValueError):
     """A configuration problem, reported as one line."""
 
 
+class RunError(RuntimeError):
+    """A run that cannot go on (a checkpoint that cannot be written, losses that stay non-finite), reported as one
+    line; what was written before it stays intact."""
+
+
 @dataclass
 class ModelConfig:
     teacher: str = field(default="gmm", metadata={"help": "gmm | tiny:sd15 | tiny:sd21 | tiny:sdxl | diffusers dir"})

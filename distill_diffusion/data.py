@@ -118,7 +118,16 @@ def read_image_folder(folder: Path, vae: torch.nn.Module) -> tuple[Tensor, list[
     size = vae.config.sample_size
     images, captions = [], []
     for f in files:
-        img = Image.open(f).convert("RGB").resize((size, size), Image.BICUBIC)
+        try:
+            img = Image.open(f)
+            img.load()
+        except (OSError, SyntaxError) as e:  # PIL's ways of saying "not an image I can decode"
+            raise ConfigError(f"data.real image {str(f)!r} cannot be read ({type(e).__name__}); remove or replace "
+                              "it (allowed: readable .png/.jpg/.jpeg/.webp files)") from None
+        if img.width != img.height or img.width < 8:
+            raise ConfigError(f"data.real image {str(f)!r} is {img.width}x{img.height}; images must be square, at "
+                              f"least 8x8 (each is resized to the teacher's {size}x{size}); crop it first")
+        img = img.convert("RGB").resize((size, size), Image.BICUBIC)
         images.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1)
         caption = f.with_suffix(".txt")
         captions.append(caption.read_text().strip() if caption.is_file() else "")

@@ -27,7 +27,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .config import Config, ConfigError, parse_config
+from .config import Config, ConfigError, RunError, parse_config
 from .data import build_data
 from .files import first_non_finite, remove_dir, replace_dir, write_text_atomic
 from .lora import own_parameters
@@ -194,23 +194,36 @@ class Trainer:
                 if stale.name.startswith((".tmp_", ".old_")):
                     shutil.rmtree(stale, ignore_errors=True)
         self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(tmp), safe_serialization=True)
-        self.accelerator.wait_for_everyone()  # every process's RNG file is in before the directory is published
+        try:
+            self.accelerator.save_state(str(tmp), safe_serialization=True)
+            self.accelerator.wait_for_everyone()  # every process's RNG file is in before the directory is published
+            if self.accelerator.is_main_process:
+                self._save_trainer_state(tmp)
+        except RunError:
+            raise
+        except Exception as e:  # a full disk, a quota, a vanished mount: each library words it its own way
+            shutil.rmtree(tmp, ignore_errors=True)
+            previous = latest_checkpoint(self.run_dir)
+            kept = f"{previous.name} is intact" if previous else "there is no earlier checkpoint"
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RunError(f"could not write checkpoint {final.name} in {str(root)!r} ({reason}); {kept}: free space "
+                           "and rerun with --resume") from e
         if self.accelerator.is_main_process:
-            save_file({"generator": self.generator.get_state()}, str(tmp / "rng.safetensors"))
-            if self.ema is not None:
-                save_file({k: v.contiguous() for k, v in self.ema.shadow.items()}, str(tmp / "ema.safetensors"))
-            extra = self.method.state_dict()
-            if extra:
-                extra = {k: v.detach().cpu().contiguous() for k, v in extra.items()}
-                save_file(extra, str(tmp / "method.safetensors"))
-            state = {"step": self.step, "counts": self.counts, "skipped": self.skipped}
-            (tmp / "trainer_state.json").write_text(json.dumps(state))  # written last: marks the checkpoint complete
             replace_dir(tmp, final)
             for old in _checkpoints(self.run_dir)[: -self.cfg.train.keep_checkpoints]:
                 remove_dir(old)
         self.accelerator.wait_for_everyone()
         return final
+
+    def _save_trainer_state(self, tmp: Path) -> None:
+        save_file({"generator": self.generator.get_state()}, str(tmp / "rng.safetensors"))
+        if self.ema is not None:
+            save_file({k: v.contiguous() for k, v in self.ema.shadow.items()}, str(tmp / "ema.safetensors"))
+        extra = self.method.state_dict()
+        if extra:
+            save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, str(tmp / "method.safetensors"))
+        state = {"step": self.step, "counts": self.counts, "skipped": self.skipped}
+        (tmp / "trainer_state.json").write_text(json.dumps(state))  # written last: marks the checkpoint complete
 
     def load_checkpoint(self, path: Path) -> None:
         self.accelerator.load_state(str(path))
@@ -228,7 +241,7 @@ class Trainer:
             weights[i] = trainable_state(self.accelerator.unwrap_model(self.roles[role]), self.own_names[role])
             bad = first_non_finite(weights[i])
             if bad is not None:
-                raise RuntimeError(f"refusing to checkpoint step {self.step}: the {role}'s weight {bad} is not "
+                raise RunError(f"refusing to checkpoint step {self.step}: the {role}'s weight {bad} is not "
                                    "finite (the previous checkpoint is intact)")
 
     def _load_own_weights(self, models: list, input_dir: str) -> None:
@@ -274,7 +287,7 @@ class Trainer:
             self.skipped += 1
             self.bad_in_a_row += 1
             if self.bad_in_a_row >= MAX_NONFINITE_IN_A_ROW:
-                raise RuntimeError(f"{self.bad_in_a_row} non-finite losses or gradients in a row at step {self.step} "
+                raise RunError(f"{self.bad_in_a_row} non-finite losses or gradients in a row at step {self.step} "
                                    f"(phase {phase}); lower the learning rate or check the teacher (the last "
                                    "checkpoint holds finite weights)")
         else:

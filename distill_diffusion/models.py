@@ -8,6 +8,7 @@ diffusers pipelines built offline from config), or a diffusers pipeline director
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -92,14 +93,35 @@ def load_pipeline(spec: str) -> Any:
 
         return zoo.load(spec)
     path = Path(spec)
+    if not path.is_dir() and HUB_ID.fullmatch(spec):
+        return _from_hub(spec)
     if not path.is_dir():
         raise ConfigError(
-            f"teacher {spec!r} is not a directory; give gmm, embedded:digits, tiny:sd15, tiny:sd21, tiny:sdxl or a "
-            "diffusers pipeline directory (hub ids are not downloaded: save the pipeline locally first)"
+            f"teacher {spec!r} is not a directory; give gmm, embedded:digits, tiny:sd15, tiny:sd21, tiny:sdxl, a "
+            "diffusers pipeline directory or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5"
         )
     if not (path / "model_index.json").is_file():
         raise ConfigError(f"teacher {spec!r} is not a diffusers pipeline directory (no model_index.json)")
     return DiffusionPipeline.from_pretrained(path, local_files_only=True, safety_checker=None)
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def _from_hub(repo: str) -> Any:
+    """A pipeline by hub id (downloaded or from the local cache; remote code is never trusted)."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        return DiffusionPipeline.from_pretrained(repo, safety_checker=None)
+    except (OSError, ValueError) as e:  # offline, unknown repo, gated repo: huggingface_hub's errors are OSErrors
+        from huggingface_hub import constants
+
+        reason = "HF_HUB_OFFLINE is set and it is not in the local cache" if constants.HF_HUB_OFFLINE else \
+            (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError(f"teacher {repo!r} is not a local directory and could not be loaded from the Hugging Face "
+                          f"hub ({reason}); download it where there is network, or give a local pipeline "
+                          "directory") from None
 
 
 def _build_diffusers(cfg: ModelConfig, want_critic: bool, pipe: Any, seed: int = 0,

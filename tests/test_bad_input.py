@@ -42,6 +42,14 @@ def test_a_directory_that_is_not_a_diffusers_pipeline(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
 
 
+def test_a_hub_id_that_cannot_be_reached(tmp_path: Path) -> None:
+    """GPU configs name hub ids; offline (as here, HF_HUB_OFFLINE=1) and not cached, that is one clear line."""
+    cfg = image_run(tmp_path, "stable-diffusion-v1-5/stable-diffusion-v1-5")
+    message = one_line(ConfigError, Trainer, cfg, tmp_path / "run")
+    assert "could not be loaded from the Hugging Face hub" in message and "local pipeline directory" in message
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_teacher_with_an_unknown_prediction_type(tmp_path: Path, tiny_dirs: dict[str, str]) -> None:
     teacher = tmp_path / "teacher"
     shutil.copytree(tiny_dirs["sd15"], teacher)

@@ -139,3 +139,22 @@ def test_w_conditioning_where_it_does_not_apply(tmp_path: Path, config: str, ove
 def test_w_conditioning_needs_a_full_weight_student() -> None:
     message = _error(load_config, CONFIG, ["model.guidance_embedding=64", "model.student_lora_rank=4"])
     assert "full-weight student" in message, message
+
+
+def test_every_shipped_config_parses_and_every_method_has_gpu_configs() -> None:
+    """The GPU configs (hub ids, run elsewhere) are checked here as far as CPU can: they parse with every key known,
+    name a hub id, and exist for each method at both SD 1.5 and SDXL."""
+    from distill_diffusion.methods import METHODS
+    from distill_diffusion.models import HUB_ID
+
+    root = CONFIG.parent
+    for path in sorted(root.glob("*.yaml")):
+        cfg = load_config(path)
+        assert cfg.method in METHODS, path
+        if path.name.startswith(("sd15_", "sdxl_")):
+            assert HUB_ID.fullmatch(cfg.model.teacher), (path, cfg.model.teacher)
+    for method in METHODS:
+        for arch in ("sd15", "sdxl"):
+            assert (root / f"{arch}_{method}.yaml").is_file(), (arch, method)
+    ddp = yaml.safe_load((root / "accelerate" / "ddp.yaml").read_text())
+    assert ddp["distributed_type"] == "MULTI_GPU" and ddp["mixed_precision"] == "no"

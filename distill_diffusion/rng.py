@@ -19,7 +19,7 @@ from torch import Tensor
 class ShardedGenerator(torch.Generator):
     """A ``torch.Generator`` that knows this process's share (``rank`` of ``world``) of each per-sample draw."""
 
-    def __new__(cls, device: torch.device | str, seed: int, rank: int = 0, world: int = 1):  # noqa: ARG003
+    def __new__(cls, device: torch.device | str, seed: int, rank: int = 0, world: int = 1):
         return super().__new__(cls, device)
 
     def __init__(self, device: torch.device | str, seed: int, rank: int = 0, world: int = 1):

@@ -10,7 +10,7 @@ batch) use the generator directly, identically everywhere.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -27,30 +27,24 @@ class ShardedGenerator(torch.Generator):
         self.rank, self.world = rank, world
 
 
-def _share(generator: torch.Generator) -> tuple[int, int]:
-    return (generator.rank, generator.world) if isinstance(generator, ShardedGenerator) else (0, 1)
-
-
-def _rows(draw: Tensor, n: int, generator: torch.Generator) -> Tensor:
-    rank, _ = _share(generator)
-    return draw[rank * n:(rank + 1) * n]
+def _mine(draw: Callable[[int], Tensor], n: int, generator: torch.Generator) -> Tensor:
+    """``draw(rows)`` for the global batch of n rows per process; this process's n rows of it."""
+    rank, world = (generator.rank, generator.world) if isinstance(generator, ShardedGenerator) else (0, 1)
+    return draw(n * world)[rank * n:(rank + 1) * n]
 
 
 def randn(shape: Sequence[int], generator: torch.Generator) -> Tensor:
     """Standard normal rows ``shape[0]`` of this process's share, on the generator's device."""
     shape = tuple(shape)
-    world = _share(generator)[1]
-    draw = torch.randn((shape[0] * world, *shape[1:]), generator=generator, device=generator.device)
-    return _rows(draw, shape[0], generator)
+    return _mine(lambda m: torch.randn((m, *shape[1:]), generator=generator, device=generator.device), shape[0],
+                 generator)
 
 
 def rand(n: int, generator: torch.Generator) -> Tensor:
     """n uniform [0, 1) draws, one per sample."""
-    draw = torch.rand(n * _share(generator)[1], generator=generator, device=generator.device)
-    return _rows(draw, n, generator)
+    return _mine(lambda m: torch.rand(m, generator=generator, device=generator.device), n, generator)
 
 
 def randint(low: int, high: int, n: int, generator: torch.Generator) -> Tensor:
     """n integers in [low, high), one per sample."""
-    draw = torch.randint(low, high, (n * _share(generator)[1],), generator=generator, device=generator.device)
-    return _rows(draw, n, generator)
+    return _mine(lambda m: torch.randint(low, high, (m,), generator=generator, device=generator.device), n, generator)

@@ -199,10 +199,10 @@ class Trainer:
             self.accelerator.wait_for_everyone()  # every process's RNG file is in before the directory is published
             if self.accelerator.is_main_process:
                 self._save_trainer_state(tmp)
-        except RunError:
-            raise
         except Exception as e:  # a full disk, a quota, a vanished mount: each library words it its own way
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, RunError):  # refused before writing (non-finite weights): already one line
+                raise
             previous = latest_checkpoint(self.run_dir)
             kept = f"{previous.name} is intact" if previous else "there is no earlier checkpoint"
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -242,7 +242,7 @@ class Trainer:
             bad = first_non_finite(weights[i])
             if bad is not None:
                 raise RunError(f"refusing to checkpoint step {self.step}: the {role}'s weight {bad} is not "
-                                   "finite (the previous checkpoint is intact)")
+                               "finite (the previous checkpoint is intact)")
 
     def _load_own_weights(self, models: list, input_dir: str) -> None:
         for i, role in enumerate(self.roles):
@@ -288,8 +288,8 @@ class Trainer:
             self.bad_in_a_row += 1
             if self.bad_in_a_row >= MAX_NONFINITE_IN_A_ROW:
                 raise RunError(f"{self.bad_in_a_row} non-finite losses or gradients in a row at step {self.step} "
-                                   f"(phase {phase}); lower the learning rate or check the teacher (the last "
-                                   "checkpoint holds finite weights)")
+                               f"(phase {phase}); lower the learning rate or check the teacher (the last "
+                               "checkpoint holds finite weights)")
         else:
             self.bad_in_a_row = 0
             opt.step()
@@ -307,10 +307,10 @@ class Trainer:
             self.load_checkpoint(self.resume_from)
         logs = self.run_dir / "logs.jsonl"
         if self.accelerator.is_main_process and logs.is_file():  # drop what steps lost to a kill had logged
-            kept = [line for line in logs.read_text().splitlines(keepends=True) if line.endswith("\n")]
-            kept = [line for line in kept if json.loads(line).get("step", 0) <= self.step
-                    and not json.loads(line).get("final")]
-            write_text_atomic(logs, "".join(kept))
+            lines = [line for line in logs.read_text().splitlines(keepends=True) if line.endswith("\n")]
+            records = [json.loads(line) for line in lines]
+            write_text_atomic(logs, "".join(line for line, r in zip(lines, records)
+                                            if r.get("step", 0) <= self.step and not r.get("final")))
         self._log({"step": self.step, "started_from": self.resume_from.name if self.resume_from else None})
         bar = tqdm(total=tc.steps, initial=self.step, disable=not (tc.progress and self.accelerator.is_main_process),
                    desc=f"{self.cfg.method}", dynamic_ncols=True)

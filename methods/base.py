@@ -16,6 +16,7 @@ from distill_diffusion import rng
 from distill_diffusion.config import ConfigError
 from distill_diffusion.data import Batch
 from distill_diffusion.roles import Models
+from distill_diffusion.sampling import randn  # noqa: F401  (the methods draw their noise through it)
 
 
 @dataclass
@@ -123,11 +124,6 @@ def student_cond(student: torch.nn.Module, cond, w: Tensor | float):  # noqa: AN
     device = cond.embeds.device if cond.embeds is not None else cond.labels.device
     w = w.to(device) if isinstance(w, Tensor) else torch.full((cond.batch_size,), float(w), device=device)
     return replace(cond, guidance=w)
-
-
-def randn(shape: torch.Size | tuple[int, ...], generator: torch.Generator, like: Tensor) -> Tensor:
-    """Standard normal noise drawn from ``generator``, on ``like``'s device and dtype."""
-    return rng.randn(shape, generator).to(like.device, like.dtype)
 
 
 class AlternatingMethod(Method):

@@ -79,6 +79,10 @@ class DataConfig:
     real: str | None = field(default=None, metadata={"help": "real images for GAN terms: digits | image folder"})
 
 
+OPTIMIZERS = ("adamw", "adamw8bit")
+ATTENTION = ("sdpa", "xformers")
+
+
 @dataclass
 class TrainConfig:
     steps: int = field(default=1000, metadata={"help": "optimizer steps over all roles"})
@@ -92,12 +96,21 @@ class TrainConfig:
     log_every: int = 50
     sample_every: int = field(default=0, metadata={"help": "periodic samples / known-answer metrics; 0 = at end"})
     eval_samples: int = 4000
+    half_frozen: bool = field(default=True, metadata={
+        "help": "under fp16/bf16, keep frozen weights (teacher, VAE, text encoders, LoRA roles' shared base) in "
+                "that precision; trainable weights stay fp32"})
+    optimizer: str = field(default="adamw", metadata={"help": "adamw | adamw8bit (bitsandbytes)"})
+    attention: str = field(default="sdpa", metadata={"help": "sdpa (PyTorch, diffusers' default) | xformers (GPU)"})
     gradient_checkpointing: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ConfigError(f"unknown mixed_precision {self.mixed_precision!r}; choose one of: no, fp16, bf16")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown train.optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
+        if self.attention not in ATTENTION:
+            raise ConfigError(f"unknown train.attention {self.attention!r}; choose one of: {', '.join(ATTENTION)}")
         for name in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every", "eval_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")

@@ -31,6 +31,7 @@ from .config import Config, ConfigError, RunError, parse_config
 from .data import build_data
 from .files import first_non_finite, remove_dir, replace_dir, write_text_atomic
 from .lora import own_parameters
+from .memory import HALF, cast_frozen, make_optimizer, set_attention
 from .models import build_models
 from .preview import preview
 from .rng import ShardedGenerator
@@ -40,7 +41,7 @@ CHECKPOINT_PREFIX = "step_"
 MAX_NONFINITE_IN_A_ROW = 10
 # config sections a resumed run may change: how long it runs and how it reports, never what it computes
 RESUMABLE_KEYS = {"steps", "checkpoint_every", "keep_checkpoints", "log_every", "sample_every", "eval_samples",
-                  "progress"}
+                  "progress", "attention"}  # attention kernels compute the same function
 
 
 class EMA:
@@ -107,7 +108,8 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, resume: bool) -> Path | None:
     if resume:
         if not saved_cfg.is_file():
             raise ConfigError(f"cannot resume: {str(run_dir)!r} holds no run (no config.yaml)")
-        _check_same_config(yaml.safe_load(saved_cfg.read_text()), cfg.to_dict())
+        # parsed first, so a key added since the run was saved compares at its default
+        _check_same_config(parse_config(yaml.safe_load(saved_cfg.read_text())).to_dict(), cfg.to_dict())
         return latest_checkpoint(run_dir)
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"run directory {str(run_dir)!r} is not empty; pass --resume to continue it or choose "
@@ -146,6 +148,10 @@ class Trainer:
         if self.method.needs_real_data and not self.data.has_real:
             raise ConfigError(f"{cfg.method} as configured trains on real images ({self.method.real_data_use}); set "
                               "data.real to digits or an image folder")
+        set_attention(self.models, tc.attention, device)
+        half = HALF.get(tc.mixed_precision)
+        if half is not None and tc.half_frozen:  # after build_data: prompts and real images encode in fp32
+            cast_frozen(self.models, half)
         # the run directory is written only once everything above has been accepted
         self.run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(self.run_dir / "config.yaml")  # atomically
@@ -160,8 +166,8 @@ class Trainer:
         self.params = {r: list(o.values()) for r, o in own.items()}
         self.own_names = {r: set(o) for r, o in own.items()}
         ma = cfg.method_args
-        optimizers = [torch.optim.AdamW(self.params[r], lr=self.method.lr(r), betas=tuple(ma.adam_betas),
-                                        eps=ma.adam_eps, weight_decay=ma.weight_decay) for r in roles]
+        optimizers = [make_optimizer(tc.optimizer, self.params[r], lr=self.method.lr(r), betas=tuple(ma.adam_betas),
+                                     eps=ma.adam_eps, weight_decay=ma.weight_decay) for r in roles]
         # data parallelism without DDP wrappers: roles may share one UNet (LoRA adapters) and methods call them
         # through Models, so the trainer averages each updating role's gradients itself (``sync_gradients``)
         self.roles = {r: self.accelerator.prepare_model(m, evaluation_mode=True) for r, m in roles.items()}
@@ -330,7 +336,7 @@ class Trainer:
                            "seconds": round(time.time() - t0, 2), **means})
                 sums, seen = {}, {}
             if tc.sample_every and self.step % tc.sample_every == 0 and self.step < tc.steps:
-                self._log({"step": self.step, **self._preview(f"step_{self.step:08d}")})
+                self._log({"step": self.step, **self._preview(self.run_dir / "samples" / f"step_{self.step:08d}")})
             if self.step % tc.checkpoint_every == 0 and self.step < tc.steps:
                 self.save_checkpoint()
         bar.close()
@@ -339,10 +345,11 @@ class Trainer:
                 p.requires_grad_(True)
         return self._finish()
 
-    def _preview(self, name: str) -> dict[str, float]:
+    def _preview(self, out: Path) -> dict[str, float]:
         if not self.accelerator.is_main_process:
             return {}
-        return preview(self.models, self.cfg, self.run_dir / "samples" / name)
+        with self.accelerator.autocast():  # frozen weights may be in half precision (train.half_frozen)
+            return preview(self.models, self.cfg, out)
 
     def _log(self, record: dict) -> None:
         if self.accelerator.is_main_process:
@@ -363,7 +370,7 @@ class Trainer:
             if self.ema is not None:
                 self.ema.copy_to(student)  # previews and `sample` use the EMA weights when there are some
                 save_file(trainable_state(student, self.own_names["student"]), str(tmp / "student_ema.safetensors"))
-            metrics = preview(self.models, self.cfg, tmp / "samples")
+            metrics = self._preview(tmp / "samples")
             metrics = {"step": self.step, **{k: v for k, v in metrics.items() if not math.isnan(v)}}
             (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
             replace_dir(tmp, final)

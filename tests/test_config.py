@@ -83,6 +83,8 @@ def test_override_errors() -> None:
         ("dmd2.critic_updates=0", ["critic_updates", ">= 1"]),
         ("dmd2.guidance=-1", ["guidance", ">= 0"]),
         ("train.mixed_precision=fp8", ["fp8", "no, fp16, bf16"]),
+        ("train.optimizer=lion", ["lion", "adamw, adamw8bit"]),
+        ("train.attention=flash", ["flash", "sdpa, xformers"]),
         ("dmd2.critic_target=x0", ["x0", "native"]),
         ("dmd2.lr_student=0", ["lr_student"]),
         ("train.ema_decay=1.0", ["ema_decay"]),

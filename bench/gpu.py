@@ -1,7 +1,8 @@
 """Training throughput and peak memory of one training step per method, at SD 1.5 (512 px) and SDXL (1024 px) shapes.
 
     python bench/gpu.py [--shapes sd15 sdxl] [--methods dmd2 sid ...] [--roles full lora] [--batch 1] [--steps 6]
-                        [--precision bf16] [--checkpointing] [--out runs/bench_gpu]
+                        [--precision bf16] [--optimizer adamw8bit] [--attention xformers] [--checkpointing]
+                        [--out runs/bench_gpu]
     python bench/gpu.py --shapes tiny          # on CPU: the tiny SD shapes, so the script stays tested
 
 Each (shape, method, roles) runs in a fresh process: the real ``Trainer`` on an in-memory pipeline built from config
@@ -11,15 +12,17 @@ encoders of the right widths (prompts are encoded once, before training, so the 
 on the teacher's one frozen base. Every run gets a folder of random images at the model's resolution as real data
 (the adversarial terms, consistency and progressive train on it; the others ignore it). After ``--warmup`` steps
 (both roles' optimizer states exist), ``--steps`` steps are timed; images/s counts student samples per second of
-training (the global batch per step). Peak memory is
-``torch.cuda.max_memory_allocated`` on a GPU, else the process's peak resident memory above its post-import level.
+training (the global batch per step). ``--precision`` (default bf16 on a GPU, fp32 on CPU) also stores the frozen
+weights in that precision (``train.half_frozen``); ``--optimizer adamw8bit`` keeps Adam's moments in 8 bits. Peak
+memory is
+``torch.cuda.max_memory_allocated`` on a GPU, else the process's peak resident memory during the timed steps (reset
+after warmup through ``/proc/self/clear_refs``) above its post-import level.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -27,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from memory import SD15_UNET, current_rss_kib  # noqa: E402
+from memory import SD15_UNET  # noqa: E402
 
 SDXL_UNET = {
     "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
@@ -42,6 +45,12 @@ SD_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per
           "block_out_channels": [128, 256, 512, 512],
           "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4}
 METHODS = ["dmd2", "sid", "vsd", "consistency", "progressive", "ladd", "add"]
+
+
+def status_kib(field: str) -> int:
+    """``VmRSS`` (resident now) or ``VmHWM`` (peak resident since start or the last reset) of this process."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 def sd_pipeline(shape: str):  # noqa: ANN201
@@ -94,7 +103,7 @@ def one(shape: str, method: str, roles: str, args: argparse.Namespace) -> dict:
     from distill_diffusion.trainer import Trainer
 
     cuda = torch.cuda.is_available()
-    base = current_rss_kib()
+    base = status_kib("VmRSS")
     pipe = None if shape.startswith("tiny") else sd_pipeline(shape)
     teacher = f"tiny:{shape.split(':')[1]}" if shape.startswith("tiny") else "in-memory"
     lora = 64 if roles == "lora" else None
@@ -104,7 +113,7 @@ def one(shape: str, method: str, roles: str, args: argparse.Namespace) -> dict:
            "model": {"teacher": teacher, "timesteps": timesteps, "student_lora_rank": lora,
                      "critic_lora_rank": 64 if roles == "lora" else 0},
            "train": {"batch_size": args.batch, "steps": 10**6, "progress": False, "checkpoint_every": 10**6,
-                     "mixed_precision": args.precision if cuda else "no",
+                     "mixed_precision": args.precision, "optimizer": args.optimizer, "attention": args.attention,
                      "gradient_checkpointing": args.checkpointing}}
     with tempfile.TemporaryDirectory() as tmp:
         size = 16 if pipe is None else pipe.unet.config.sample_size * 8
@@ -117,6 +126,8 @@ def one(shape: str, method: str, roles: str, args: argparse.Namespace) -> dict:
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+        else:  # the peak of the timed steps, not of building the fp32 pipeline before the frozen weights were cast
+            Path("/proc/self/clear_refs").write_text("5")
         t0 = time.time()
         for _ in range(args.steps):
             trainer.train_step()
@@ -124,10 +135,11 @@ def one(shape: str, method: str, roles: str, args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         seconds = time.time() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else \
-        (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 2**20
+        (status_kib("VmHWM") - base) / 2**20
     device = torch.cuda.get_device_name() if cuda else "cpu"
     return {"shape": shape, "method": method, "roles": roles, "device": device,
-            "precision": args.precision if cuda else "fp32", "batch": args.batch,
+            "precision": {"no": "fp32"}.get(args.precision, args.precision), "optimizer": args.optimizer,
+            "batch": args.batch,
             "images_per_s": round(args.batch * args.steps / seconds, 3), "s_per_step": round(seconds / args.steps, 3),
             "peak_gib": round(peak, 2)}
 
@@ -140,17 +152,24 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--precision", default="bf16", choices=["no", "fp16", "bf16"])
+    ap.add_argument("--precision", default=None, choices=["no", "fp16", "bf16"], help="bf16 on GPU, no on CPU")
+    ap.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"])
+    ap.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers"])
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--out", default="runs/bench_gpu")
     ap.add_argument("--one", nargs=3, metavar=("SHAPE", "METHOD", "ROLES"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.precision is None:
+        import torch
+
+        args.precision = "bf16" if torch.cuda.is_available() else "no"
     if args.one:
         print(json.dumps(one(*args.one, args)))
         return
     shapes = [s for shape in args.shapes for s in (["tiny:sd15", "tiny:sdxl"] if shape == "tiny" else [shape])]
     passed = [f"--{k}={v}" for k, v in (("batch", args.batch), ("warmup", args.warmup), ("steps", args.steps),
-                                        ("precision", args.precision))] + ["--checkpointing"] * args.checkpointing
+                                        ("precision", args.precision), ("optimizer", args.optimizer),
+                                        ("attention", args.attention))] + ["--checkpointing"] * args.checkpointing
     rows = []
     for shape in shapes:
         for method in args.methods:
@@ -164,14 +183,15 @@ def main() -> None:
                     row = {"shape": shape, "method": method, "roles": roles, "failed": tail}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    lines = ["| shape | method | roles | device | precision | batch | images/s | s/step | peak GiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| shape | method | roles | device | precision | optimizer | batch | images/s | s/step | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "failed" in r:
-            lines.append(f"| {r['shape']} | {r['method']} | {r['roles']} | failed: {r['failed']} | | | | | |")
+            lines.append(f"| {r['shape']} | {r['method']} | {r['roles']} | failed: {r['failed']} | | | | | | |")
         else:
             lines.append(f"| {r['shape']} | {r['method']} | {r['roles']} | {r['device']} | {r['precision']} | "
-                         f"{r['batch']} | {r['images_per_s']} | {r['s_per_step']} | {r['peak_gib']} |")
+                         f"{r['optimizer']} | {r['batch']} | {r['images_per_s']} | {r['s_per_step']} | "
+                         f"{r['peak_gib']} |")
     print("\n".join(lines))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -12,11 +12,11 @@ BENCH = Path(__file__).resolve().parents[1] / "bench" / "gpu.py"
 
 def test_bench_gpu_runs_at_tiny_shapes(tmp_path: Path) -> None:
     cmd = [sys.executable, str(BENCH), "--shapes", "tiny", "--methods", "dmd2", "consistency", "--roles", "lora",
-           "--warmup", "1", "--steps", "1", "--out", str(tmp_path)]
+           "--warmup", "1", "--steps", "1", "--precision", "bf16", "--optimizer", "adamw8bit", "--out", str(tmp_path)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads((tmp_path / "gpu.json").read_text())
     assert [(r["shape"], r["method"]) for r in rows] == [("tiny:sd15", "dmd2"), ("tiny:sd15", "consistency"),
                                                          ("tiny:sdxl", "dmd2"), ("tiny:sdxl", "consistency")]
     assert all("failed" not in r and r["images_per_s"] > 0 and r["peak_gib"] > 0 for r in rows), rows
-    assert "| tiny:sdxl | consistency | lora | cpu |" in (tmp_path / "gpu.md").read_text()
+    assert "| tiny:sdxl | consistency | lora | cpu | bf16 | adamw8bit |" in (tmp_path / "gpu.md").read_text()

@@ -52,14 +52,22 @@ def cast_frozen(models: Models, dtype: torch.dtype) -> int:
     return saved
 
 
-def make_optimizer(name: str, params: Iterable[nn.Parameter], **kwargs) -> torch.optim.Optimizer:  # noqa: ANN003
-    """``adamw`` (torch) or ``adamw8bit`` (bitsandbytes, optional dependency)."""
+def check_optimizer(name: str) -> None:
+    """Refuse an optimizer that cannot be built before the run directory is written."""
     if name == "adamw8bit":
         try:
-            import bitsandbytes as bnb
+            import bitsandbytes  # noqa: F401
         except ImportError:
             raise ConfigError("train.optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes, or the "
                               "package's [bnb] extra); or use train.optimizer adamw") from None
+
+
+def make_optimizer(name: str, params: Iterable[nn.Parameter], **kwargs) -> torch.optim.Optimizer:  # noqa: ANN003
+    """``adamw`` (torch) or ``adamw8bit`` (bitsandbytes, optional dependency)."""
+    check_optimizer(name)
+    if name == "adamw8bit":
+        import bitsandbytes as bnb
+
         return bnb.optim.AdamW8bit(params, **kwargs)
     return torch.optim.AdamW(params, **kwargs)
 

@@ -31,7 +31,7 @@ from .config import Config, ConfigError, RunError, parse_config
 from .data import build_data
 from .files import first_non_finite, remove_dir, replace_dir, write_text_atomic
 from .lora import own_parameters
-from .memory import HALF, cast_frozen, make_optimizer, set_attention
+from .memory import HALF, cast_frozen, check_optimizer, make_optimizer, set_attention
 from .models import build_models
 from .preview import preview
 from .rng import ShardedGenerator
@@ -149,6 +149,7 @@ class Trainer:
             raise ConfigError(f"{cfg.method} as configured trains on real images ({self.method.real_data_use}); set "
                               "data.real to digits or an image folder")
         set_attention(self.models, tc.attention, device)
+        check_optimizer(tc.optimizer)
         half = HALF.get(tc.mixed_precision)
         if half is not None and tc.half_frozen:  # after build_data: prompts and real images encode in fp32
             cast_frozen(self.models, half)

@@ -7,6 +7,7 @@ checkpoint or export in half precision, start a run it cannot finish).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -120,4 +121,14 @@ def test_xformers_without_a_gpu_is_one_line_and_writes_nothing(tmp_path: Path, t
         Trainer(sd_config(tiny_dirs["sd15"], attention="xformers"), tmp_path / "run")
     message = str(e.value)
     assert "\n" not in message and "xformers" in message and "sdpa" in message
+    assert not (tmp_path / "run").exists()
+
+
+def test_adamw8bit_without_bitsandbytes_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # what `import bitsandbytes` meets when it is not installed
+    cfg = load_config(CONFIGS / "gmm_dmd2.yaml", ["train.optimizer=adamw8bit", "train.progress=false"])
+    with pytest.raises(ConfigError) as e:
+        Trainer(cfg, tmp_path / "run")
+    message = str(e.value)
+    assert "\n" not in message and "bitsandbytes" in message and "adamw" in message
     assert not (tmp_path / "run").exists()

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import yaml
 from accelerate import Accelerator
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -201,20 +202,29 @@ class Trainer:
                 if stale.name.startswith((".tmp_", ".old_")):
                     shutil.rmtree(stale, ignore_errors=True)
         self.accelerator.wait_for_everyone()
+        # every process writes (its RNG state at least), any may fail; they agree before anything is published, so
+        # a failure on one never leaves the others waiting at a barrier it will not reach
+        error: Exception | None = None
         try:
             self.accelerator.save_state(str(tmp), safe_serialization=True)
-            self.accelerator.wait_for_everyone()  # every process's RNG file is in before the directory is published
-            if self.accelerator.is_main_process:
-                self._save_trainer_state(tmp)
         except Exception as e:  # a full disk, a quota, a vanished mount: each library words it its own way
-            shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(e, RunError):  # refused before writing (non-finite weights): already one line
-                raise
+            error = e
+        if agree(error is None, self.world) and self.accelerator.is_main_process:
+            try:
+                self._save_trainer_state(tmp)
+            except Exception as e:
+                error = e
+        if not agree(error is None, self.world):
+            if self.accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(error, RunError):  # refused before writing (non-finite weights): already one line
+                raise error
             previous = latest_checkpoint(self.run_dir)
             kept = f"{previous.name} is intact" if previous else "there is no earlier checkpoint"
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reason = "another process failed to write its part" if error is None else \
+                (str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
             raise RunError(f"could not write checkpoint {final.name} in {str(root)!r} ({reason}); {kept}: free space "
-                           "and rerun with --resume") from e
+                           "and rerun with --resume") from error
         if self.accelerator.is_main_process:
             replace_dir(tmp, final)
             for old in _checkpoints(self.run_dir)[: -self.cfg.train.keep_checkpoints]:
@@ -359,24 +369,38 @@ class Trainer:
 
     def _finish(self) -> dict[str, float]:
         """Final checkpoint, student weights (raw and EMA) and the end-of-run preview/metrics."""
-        self.save_checkpoint()
+        last = self.save_checkpoint()
         final = self.run_dir / "final"
         metrics: dict[str, float] = {}
+        error: Exception | None = None
         if self.accelerator.is_main_process:
             tmp = self.run_dir / ".tmp_final"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            student = self.models.student
-            save_file(trainable_state(student, self.own_names["student"]), str(tmp / "student.safetensors"))
-            if self.ema is not None:
-                self.ema.copy_to(student)  # previews and `sample` use the EMA weights when there are some
-                save_file(trainable_state(student, self.own_names["student"]), str(tmp / "student_ema.safetensors"))
-            metrics = self._preview(tmp / "samples")
-            metrics = {"step": self.step, **{k: v for k, v in metrics.items() if not math.isnan(v)}}
-            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
-            replace_dir(tmp, final)
-            self._log({"final": True, **metrics})
-        self.accelerator.wait_for_everyone()
+            try:
+                metrics = self._write_final(tmp, final)
+            except Exception as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                error = e
+        if not agree(error is None, self.world):  # the other processes must not wait for a process that failed
+            if error is not None and not isinstance(error, (OSError, SafetensorError)):  # not a write failure
+                raise error
+            reason = "process 0 failed" if error is None else (str(error).strip().splitlines() or ["?"])[0]
+            raise RunError(f"could not write {str(final)!r} ({reason}); checkpoint {last.name} is complete: free "
+                           "space and rerun with --resume") from error
+        return metrics
+
+    def _write_final(self, tmp: Path, final: Path) -> dict[str, float]:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        student = self.models.student
+        save_file(trainable_state(student, self.own_names["student"]), str(tmp / "student.safetensors"))
+        if self.ema is not None:
+            self.ema.copy_to(student)  # previews and `sample` use the EMA weights when there are some
+            save_file(trainable_state(student, self.own_names["student"]), str(tmp / "student_ema.safetensors"))
+        metrics = self._preview(tmp / "samples")
+        metrics = {"step": self.step, **{k: v for k, v in metrics.items() if not math.isnan(v)}}
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        replace_dir(tmp, final)
+        self._log({"final": True, **metrics})
         return metrics
 
 
@@ -391,6 +415,17 @@ def check_parallel(accelerator: Accelerator, batch_size: int) -> None:
     if batch_size % accelerator.num_processes:
         raise ConfigError(f"train.batch_size {batch_size} is the global batch and must divide evenly over the "
                           f"{accelerator.num_processes} processes; choose a multiple of {accelerator.num_processes}")
+
+
+def agree(ok: bool, world: int) -> bool:
+    """Whether ``ok`` holds on every process (a collective: every process must call it)."""
+    if world == 1:
+        return ok
+    flag = torch.tensor([float(ok)])
+    if torch.distributed.get_backend() == "nccl":
+        flag = flag.cuda()
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def all_finite(loss: torch.Tensor, world: int) -> bool:

@@ -131,3 +131,18 @@ def test_a_student_with_non_finite_weights_is_not_exported_or_sampled(tmp_path: 
     save_file(weights, str(path))
     message = one_line(ConfigError, load_student, run, False)
     assert "non-finite weight" in message and name in message
+
+
+def test_a_final_directory_that_cannot_be_written(tmp_path: Path) -> None:
+    """Training is done and its last checkpoint complete when `final/` is written; a failure there is one line that
+    says so, and --resume writes `final/` without training again."""
+    run = tmp_path / "run"
+    cfg = load_config(CONFIGS / "gmm_dmd2.yaml", [*GMM, "train.steps=10", "train.checkpoint_every=5"])
+    trainer = Trainer(cfg, run)
+    (run / ".tmp_final").write_text("a file where the temporary directory must go")  # mkdir meets FileExistsError
+    message = one_line(RunError, trainer.train)
+    assert "could not write" in message and "final" in message and "step_00000010 is complete" in message
+    assert not (run / "final").exists() and latest_checkpoint(run).name == "step_00000010"
+    (run / ".tmp_final").unlink()
+    assert Trainer(cfg, run, resume=True).train()["step"] == 10
+    assert (run / "final" / "student.safetensors").is_file()

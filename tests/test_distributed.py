@@ -5,6 +5,7 @@ one process with batch 2B trains, and their checkpoints resume in one process.""
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -26,13 +27,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_two(run: Path, *overrides: str) -> subprocess.CompletedProcess:
+def launch_two(run: Path, *overrides: str, max_file_bytes: int | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(free_port()),
            "-m", "distill_diffusion.cli", "distill", str(CONFIG), "--out", str(run), *OVERRIDES, *overrides]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    def limit() -> None:  # writes past this size fail as on a full disk (EFBIG); inherited by both processes
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600,
+                          preexec_fn=limit if max_file_bytes else None)
 
 
 def test_two_processes_equal_one_with_the_global_batch_and_resume_in_one(tmp_path: Path) -> None:
@@ -62,3 +67,15 @@ def test_a_global_batch_that_does_not_split_evenly_is_refused(tmp_path: Path) ->
     lines = [line for line in r.stderr.splitlines() if line.startswith("distill-diffusion: error:")]
     assert lines and "train.batch_size 63" in lines[0] and "multiple of 2" in lines[0], r.stderr[-2000:]
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_a_checkpoint_failing_on_one_process_stops_both_with_one_line(tmp_path: Path) -> None:
+    """Process 0 writes the weights (over the 100 kB limit: it fails), process 1 only its RNG file (it succeeds): both
+    must agree and stop with the same one-line error, not wait forever at a barrier the other never reaches."""
+    r = launch_two(tmp_path / "run", "train.steps=6", max_file_bytes=100_000)
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.splitlines() if line.startswith("distill-diffusion: error:")]
+    assert len(lines) == 2, r.stderr[-3000:]  # one from each process
+    assert all("could not write checkpoint step_00000006" in line for line in lines), lines
+    assert any("another process failed" in line for line in lines), lines
+    assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir()]  # nothing half-written is left

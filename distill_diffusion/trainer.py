@@ -430,10 +430,7 @@ def agree(ok: bool, world: int) -> bool:
 
 def all_finite(loss: torch.Tensor, world: int) -> bool:
     """Whether the loss is finite on every process (so all processes skip, or none does)."""
-    flag = torch.isfinite(loss.detach()).float().reshape(1)
-    if world > 1:
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-    return bool(flag.item())
+    return agree(bool(torch.isfinite(loss.detach()).all()), world)
 
 
 def sync_gradients(params: list[torch.nn.Parameter], world: int, bucket: int = 2**24) -> None:

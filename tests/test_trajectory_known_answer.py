@@ -207,7 +207,11 @@ def test_adversarial_student_matches_the_mixture(tmp_path: Path, method: str) ->
 
 
 @pytest.mark.slow
-def test_ladd_with_flipped_sign_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(METHODS, "ladd_flipped", flipped(METHODS["ladd"]))
-    m = trainer_for(tmp_path, "ladd", "ladd_flipped", "train.steps=1500").train()  # 300 generator updates
-    assert not meets_bar(m), m
+@pytest.mark.parametrize("method", ["ladd", "add"])
+def test_adversarial_student_with_flipped_sign_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     method: str) -> None:
+    """300 generator updates are too few for the bar either way (measured unflipped: LADD ED 0.0063, ADD 0.0071), so
+    the flipped student must do more than miss it: it diverges (measured: ADD ED 2.6e3, coverage 0)."""
+    monkeypatch.setitem(METHODS, f"{method}_flipped", flipped(METHODS[method]))
+    m = trainer_for(tmp_path, "ladd", f"{method}_flipped", "train.steps=1500").train()  # 300 generator updates
+    assert not meets_bar(m) and m["energy_distance"] > 0.1 and m["coverage"] < 0.5, m

@@ -24,9 +24,10 @@ from distill_diffusion.trainer import Trainer, latest_checkpoint, load_student
 
 @pytest.fixture(autouse=True)
 def fresh_precision() -> Iterator[None]:
-    """accelerate fixes one mixed precision per process; these tests switch it, so each leaves the state unset."""
+    """accelerate fixes one mixed precision per process; these tests switch it, so each starts and ends unset."""
     from accelerate.state import AcceleratorState
 
+    AcceleratorState._reset_state()
     yield
     AcceleratorState._reset_state()
 

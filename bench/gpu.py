@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from memory import SD15_UNET  # noqa: E402
+from memory import SD15_UNET, status_kib  # noqa: E402
 
 SDXL_UNET = {
     "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
@@ -45,12 +45,6 @@ SD_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per
           "block_out_channels": [128, 256, 512, 512],
           "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4}
 METHODS = ["dmd2", "sid", "vsd", "consistency", "progressive", "ladd", "add"]
-
-
-def status_kib(field: str) -> int:
-    """``VmRSS`` (resident now) or ``VmHWM`` (peak resident since start or the last reset) of this process."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 def sd_pipeline(shape: str):  # noqa: ANN201

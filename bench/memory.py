@@ -42,9 +42,10 @@ def rss_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def current_rss_kib() -> int:
+def status_kib(field: str = "VmRSS") -> int:
+    """``VmRSS`` (resident now) or ``VmHWM`` (peak resident since start or the last reset) of this process."""
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 def sd15_pipeline(width: float):  # noqa: ANN201
@@ -79,7 +80,7 @@ def one(shape: str, student: str, critic: str, method: str, out: str) -> dict:
     from distill_diffusion.trainer import Trainer
 
     torch.set_num_threads(2)
-    base = current_rss_kib()
+    base = status_kib()
     pipe = None if shape == "tiny" else sd15_pipeline(float(shape))
     teacher = "tiny:sd15" if shape == "tiny" else "in-memory"
     raw = {"method": method, method: {"critic_updates": 1},
@@ -87,7 +88,7 @@ def one(shape: str, student: str, critic: str, method: str, out: str) -> dict:
                      "student_lora_rank": None if student == "full" else 64},
            "train": {"batch_size": 1, "steps": 4, "progress": False, "checkpoint_every": 1000}}
     trainer = Trainer(parse_config(raw), Path(out) / f"{shape}_{student}_{critic}", pipeline=pipe)
-    built = current_rss_kib()
+    built = status_kib()
     t0 = time.time()
     for _ in range(4):
         trainer.train_step()

@@ -272,12 +272,9 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     try:
         args.func(args)
-    except (ConfigError, ValueError) as e:  # bad input: one line, no traceback
+    except (ConfigError, ValueError, RunError) as e:  # one line, no traceback; what was written before is intact
         print(f"distill-diffusion: error: {e}", file=sys.stderr)
-        return 2
-    except RunError as e:  # the run could not go on; what it wrote before is intact
-        print(f"distill-diffusion: error: {e}", file=sys.stderr)
-        return 1
+        return 1 if isinstance(e, RunError) else 2  # 1: the run could not go on; 2: bad input
     return 0
 
 

@@ -25,6 +25,11 @@ class RunError(RuntimeError):
     line; what was written before it stays intact."""
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's message cut to its first line (its type's name when it has none), for one-line errors."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 @dataclass
 class ModelConfig:
     teacher: str = field(default="gmm", metadata={"help": "gmm | tiny:sd15 | tiny:sd21 | tiny:sdxl | diffusers dir"})

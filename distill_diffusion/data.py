@@ -34,9 +34,8 @@ class MixtureData:
         self.mixture = models.mixture
 
     def sample(self, n: int, generator: torch.Generator) -> Batch:
-        device = generator.device
-        labels = rng.randint(0, self.mixture.classes, n, generator).to(device)
-        noise = rng.randn((n, self.mixture.dim), generator).to(device)
+        labels = rng.randint(0, self.mixture.classes, n, generator)
+        noise = rng.randn((n, self.mixture.dim), generator)
         real = self.mixture.sample(labels, generator)
         cond = Cond(labels=labels, uncond=Cond(labels=torch.full_like(labels, -1)))
         return Batch(cond, noise, real, cond)
@@ -67,9 +66,8 @@ class PromptData:
         return self.real is not None
 
     def sample(self, n: int, generator: torch.Generator) -> Batch:
-        device = generator.device
-        idx = rng.randint(0, len(self.prompts), n, generator).to(device)
-        noise = rng.randn((n, *self.shape), generator).to(device)
+        idx = rng.randint(0, len(self.prompts), n, generator)
+        noise = rng.randn((n, *self.shape), generator)
         batch = Batch(self.cond[idx.to(self.cond.embeds.device)], noise)
         if self.real is not None:
             j = rng.randint(0, len(self.real), n, generator).to(self.real.device)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError, ModelConfig
+from .config import ConfigError, ModelConfig, first_line
 from .denoiser import Denoiser
 from .gmm import GaussianMixture, MixtureDenoiserNet, ResidualMLP
 from .lora import SharedDenoiser, add_lora
@@ -118,7 +118,7 @@ def _from_hub(repo: str) -> Any:
         from huggingface_hub import constants
 
         reason = "HF_HUB_OFFLINE is set and it is not in the local cache" if constants.HF_HUB_OFFLINE else \
-            (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            first_line(e)[:200]
         raise ConfigError(f"teacher {repo!r} is not a local directory and could not be loaded from the Hugging Face "
                           f"hub ({reason}); download it where there is network, or give a local pipeline "
                           "directory") from None

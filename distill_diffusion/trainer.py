@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .config import Config, ConfigError, RunError, parse_config
+from .config import Config, ConfigError, RunError, first_line, parse_config
 from .data import build_data
 from .files import first_non_finite, remove_dir, replace_dir, write_text_atomic
 from .lora import own_parameters
@@ -221,8 +221,7 @@ class Trainer:
                 raise error
             previous = latest_checkpoint(self.run_dir)
             kept = f"{previous.name} is intact" if previous else "there is no earlier checkpoint"
-            reason = "another process failed to write its part" if error is None else \
-                (str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
+            reason = "another process failed to write its part" if error is None else first_line(error)
             raise RunError(f"could not write checkpoint {final.name} in {str(root)!r} ({reason}); {kept}: free space "
                            "and rerun with --resume") from error
         if self.accelerator.is_main_process:
@@ -383,7 +382,7 @@ class Trainer:
         if not agree(error is None, self.world):  # the other processes must not wait for a process that failed
             if error is not None and not isinstance(error, (OSError, SafetensorError)):  # not a write failure
                 raise error
-            reason = "process 0 failed" if error is None else (str(error).strip().splitlines() or ["?"])[0]
+            reason = "process 0 failed" if error is None else first_line(error)
             raise RunError(f"could not write {str(final)!r} ({reason}); checkpoint {last.name} is complete: free "
                            "space and rerun with --resume") from error
         return metrics
@@ -411,7 +410,8 @@ def check_parallel(accelerator: Accelerator, batch_size: int) -> None:
     kind = accelerator.distributed_type
     if kind not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
         raise ConfigError(f"accelerate distributed type {kind.value} is not supported; use a DDP config "
-                          "(configs/accelerate/ddp.yaml) with LoRA roles or gradient checkpointing to save memory")
+                          "(configs/accelerate/ddp.yaml) and save memory with LoRA roles, train.mixed_precision bf16, "
+                          "train.optimizer adamw8bit or gradient checkpointing (docs/distributed.md)")
     if batch_size % accelerator.num_processes:
         raise ConfigError(f"train.batch_size {batch_size} is the global batch and must divide evenly over the "
                           f"{accelerator.num_processes} processes; choose a multiple of {accelerator.num_processes}")

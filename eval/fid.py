@@ -1,8 +1,11 @@
-"""FID and KID over any feature space, with reference statistics cached as ``.npz``.
+"""FID, KID and precision / recall over any feature space, with reference statistics cached as ``.npz``.
 
 FID (Heusel et al. 2017): ||mu_1 - mu_2||^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2)), the matrix square root by
 ``scipy.linalg.sqrtm`` as pytorch-fid and clean-fid compute it. KID (Binkowski et al. 2018): the unbiased MMD^2 with
-the cubic polynomial kernel k(x, y) = (x.y / d + 1)^3, averaged over random subsets.
+the cubic polynomial kernel k(x, y) = (x.y / d + 1)^3, averaged over random subsets. Precision and recall
+(Kynkaanniemi et al. 2019, "Improved precision and recall", k = 3): the fraction of generated samples inside the
+real samples' k-NN balls (fidelity), and of real samples inside the generated samples' balls (coverage of the
+real distribution). FID mixes the two; a mode-seeking student shows as high precision, low recall.
 
 Feature backends (`feature_backend`):
 - ``"clean"``: clean-fid's Inception-V3 with its anti-aliased "clean" resize (the GigaGAN / DMD2 / SiD protocol;
@@ -106,6 +109,25 @@ def kid(a: np.ndarray, b: np.ndarray, subsets: int = 100, subset_size: int = 100
         mmd = (kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
         vals.append(mmd - 2 * kxy.mean())
     return float(np.mean(vals)), float(np.std(vals))
+
+
+def precision_recall(fake: np.ndarray, real: np.ndarray, k: int = 3, chunk: int = 1024) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019) of ``fake`` against ``real`` features (N, D): each
+    set's manifold is the union of balls reaching each sample's k-th nearest neighbour within its own set."""
+    a, b = (torch.as_tensor(np.asarray(x), dtype=torch.float64) for x in (fake, real))
+    if min(len(a), len(b)) <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than {k} samples in each set, "
+                         f"got {len(a)} and {len(b)}")
+
+    def radii(x: Tensor) -> Tensor:  # distance to the k-th neighbour, the sample itself (distance 0) not counted
+        return torch.cat([torch.cdist(x[i : i + chunk], x).kthvalue(k + 1, dim=1).values
+                          for i in range(0, len(x), chunk)])
+
+    def inside(x: Tensor, y: Tensor, r: Tensor) -> float:  # fraction of x within some ball of (y, r)
+        hit = [(torch.cdist(x[i : i + chunk], y) <= r).any(1) for i in range(0, len(x), chunk)]
+        return float(torch.cat(hit).double().mean())
+
+    return inside(a, b, radii(b)), inside(b, a, radii(a))
 
 
 # ------------------------------------------------------------------------------------------------ features

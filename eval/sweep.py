@@ -19,7 +19,7 @@ import torch
 
 from distill_diffusion.config import ConfigError
 
-from .fid import FeatureStats, cache_key, cached_stats, extract, feature_backend, fid_from_stats, kid
+from .fid import FeatureStats, cache_key, cached_stats, extract, feature_backend, fid_from_stats, kid, precision_recall
 from .generate import Model, generate, load_model
 
 
@@ -110,9 +110,11 @@ def run_sweep(models: list[str], ref: str, nfes: list[int], solvers: list[str], 
         for solver, w, steps, nfe in _settings(model, nfes, solvers, guidances):
             images, seconds = generate(model, prompts, seeds, steps, w, solver, batch_size, progress)
             stats = FeatureStats.from_features(extract(images, feat))
+            precision, recall = precision_recall(stats.features, reference.features)
             row = {"model": spec, "solver": solver, "guidance": w, "steps": steps, "nfe": nfe, "n": num_samples,
                    "fid": fid_from_stats(stats, reference),
                    "kid": kid(stats.features, reference.features, subsets=20, subset_size=min(500, num_samples))[0],
+                   "precision": precision, "recall": recall,
                    "ms_per_image": 1000 * seconds / num_samples, "images_per_s": num_samples / seconds,
                    "batch_size": batch_size}
             if classifier is not None:
@@ -126,12 +128,14 @@ def run_sweep(models: list[str], ref: str, nfes: list[int], solvers: list[str], 
 
 def table(rows: list[dict]) -> str:
     acc = any("prompt_accuracy" in r for r in rows)
-    head = "| model | solver | CFG | steps | NFE | FID | KID | " + ("prompt acc. | " if acc else "")
+    head = "| model | solver | CFG | steps | NFE | FID | KID | precision | recall | "
+    head += "prompt acc. | " if acc else ""
     head += "ms / image | images / s |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         cells = [Path(r["model"]).name or r["model"], r["solver"], f"{r['guidance']:g}", str(r["steps"]),
-                 str(r["nfe"]), f"{r['fid']:.3f}", f"{r['kid']:.4f}"]
+                 str(r["nfe"]), f"{r['fid']:.3f}", f"{r['kid']:.4f}", f"{r.get('precision', float('nan')):.3f}",
+                 f"{r.get('recall', float('nan')):.3f}"]
         if acc:
             cells.append(f"{r.get('prompt_accuracy', float('nan')):.3f}")
         cells += [f"{r['ms_per_image']:.2f}", f"{r['images_per_s']:.1f}"]

@@ -30,6 +30,7 @@ from distill_diffusion.eval.fid import (
     fid_from_stats,
     frechet_distance,
     kid,
+    precision_recall,
 )
 from distill_diffusion.eval.generate import SOLVERS, Model, generate, make_scheduler
 from distill_diffusion.eval.sweep import run_sweep
@@ -218,6 +219,23 @@ def test_kid_near_zero_for_one_distribution_positive_for_a_shift_and_determinist
     assert std < 1e-10
 
 
+# ------------------------------------------------------------------------------------------------ precision / recall
+def test_precision_recall_exact_on_points_and_the_signs_of_collapse_and_shift() -> None:
+    # k = 1 by hand: real radii 1, 1, 1, 1, 7; fake radii 2.4, 17.1, 2.4. 0.5 and 2.9 fall in real balls, 20 does not
+    # (10 from the point 10, whose radius is 7); every real point lies in some fake ball (10 in 20's)
+    real, fake = np.array([[0.0], [1], [2], [3], [10]]), np.array([[0.5], [20], [2.9]])
+    assert precision_recall(fake, real, k=1) == (pytest.approx(2 / 3), 1.0)
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(500, 16)), rng.normal(size=(500, 16))
+    p_same, r_same = precision_recall(a, b)
+    assert p_same > 0.6 and r_same > 0.6  # one distribution: both high
+    p_narrow, r_narrow = precision_recall(0.5 * a, b)  # a mode-seeking generator: faithful but narrow
+    assert p_narrow > p_same and r_narrow < 0.2
+    assert precision_recall(a + 3, b) == (0.0, 0.0)  # far off: neither
+    with pytest.raises(ValueError, match="more than 3 samples"):
+        precision_recall(a[:3], b)
+
+
 # ------------------------------------------------------------------------------------------------ CLIP score
 def test_clip_score_random_vit_b_32() -> None:
     scorer = ClipScorer("ViT-B-32", pretrained=None)
@@ -293,6 +311,7 @@ def test_run_sweep_end_to_end(tmp_path: Path, tiny_dirs: dict[str, str]) -> None
     for r in rows:
         assert r["solver"] == "ddim" and r["n"] == 16
         assert np.isfinite(r["fid"]) and r["fid"] > 0 and np.isfinite(r["kid"])
+        assert 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1
         assert r["ms_per_image"] > 0
         assert r["images_per_s"] == pytest.approx(1000 / r["ms_per_image"])
     saved = json.loads((out / "sweep.json").read_text())

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from . import sharding
 from .config import Config, ConfigError, RunError, first_line, parse_config
 from .data import build_data
 from .files import first_non_finite, remove_dir, replace_dir, write_text_atomic
@@ -69,7 +71,8 @@ def trainable_state(module: torch.nn.Module, names: set[str] | None = None) -> d
     """The weights a role trains (frozen parts such as the mixture teacher inside a residual MLP, a shared base and
     other roles' adapters are left out); ``names`` (the trainer's, fixed at build) or the module's own parameters."""
     names = set(own_parameters(module)) if names is None else names
-    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items() if k in names}
+    # full tensors: gathering a sharded role's weights is a collective, so every process calls this
+    return {k: sharding.full(v.detach()).cpu().contiguous() for k, v in module.state_dict().items() if k in names}
 
 
 def _checkpoints(run_dir: Path) -> list[Path]:
@@ -127,6 +130,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.resume_from = _prepare_run_dir(cfg, self.run_dir, resume)
         tc = cfg.train
+        self.sharding = sharding.requested()  # an accelerate FSDP launch (read before accelerate sees it)
         self.accelerator = Accelerator(mixed_precision=tc.mixed_precision)
         device = self.accelerator.device
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
@@ -154,27 +158,33 @@ class Trainer:
         half = HALF.get(tc.mixed_precision)
         if half is not None and tc.half_frozen:  # after build_data: prompts and real images encode in fp32
             cast_frozen(self.models, half)
+        roles = {r: m for r, m in self.models.trainable().items() if r in method_cls.roles}
+        to_shard = self._check_sharding(roles, method_cls) if self.sharding is not None else []
         # the run directory is written only once everything above has been accepted
         self.run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(self.run_dir / "config.yaml")  # atomically
 
         # 2. one optimizer per trainable role
-        roles = {r: m for r, m in self.models.trainable().items() if r in method_cls.roles}
         for module in roles.values():
             net = getattr(module, "denoiser", module).net
             if tc.gradient_checkpointing and hasattr(net, "enable_gradient_checkpointing"):
                 net.enable_gradient_checkpointing()
+        # data parallelism without DDP wrappers: roles may share one UNet (LoRA adapters) and methods call them
+        # through Models, so the trainer averages each updating role's gradients itself (``sync_gradients``)
+        self.roles = {r: self.accelerator.prepare_model(m, evaluation_mode=True) for r, m in roles.items()}
+        broadcast_parameters([p for m in roles.values() for p in own_parameters(m).values()], self.world)
+        self.sharded = to_shard if self.world > 1 else []  # one process has nothing to shard across
+        for r in self.sharded:  # after the broadcast: every process shards the same weights
+            sharding.shard_network(sharding.network(roles[r]), self.sharding, device)
         own = {r: own_parameters(m) for r, m in roles.items()}  # fixed here: phases toggle requires_grad later
         self.params = {r: list(o.values()) for r, o in own.items()}
         self.own_names = {r: set(o) for r, o in own.items()}
         ma = cfg.method_args
         optimizers = [make_optimizer(tc.optimizer, self.params[r], lr=self.method.lr(r), betas=tuple(ma.adam_betas),
                                      eps=ma.adam_eps, weight_decay=ma.weight_decay) for r in roles]
-        # data parallelism without DDP wrappers: roles may share one UNet (LoRA adapters) and methods call them
-        # through Models, so the trainer averages each updating role's gradients itself (``sync_gradients``)
-        self.roles = {r: self.accelerator.prepare_model(m, evaluation_mode=True) for r, m in roles.items()}
+        for opt in optimizers if self.sharded else []:
+            sharding.hook_optimizer(opt)  # checkpoints keep full optimizer states, as one process writes them
         self.optimizers = {r: self.accelerator.prepare_optimizer(o) for r, o in zip(roles, optimizers)}
-        broadcast_parameters([p for ps in self.params.values() for p in ps], self.world)
         # checkpoints hold each role's own weights only: a shared frozen base (LoRA roles) is not written per role
         self.accelerator.register_save_state_pre_hook(self._save_own_weights)
         self.accelerator.register_load_state_pre_hook(self._load_own_weights)
@@ -185,6 +195,21 @@ class Trainer:
         self.counts = {r: 0 for r in roles}
         self.skipped = 0
         self.bad_in_a_row = 0
+
+    def _check_sharding(self, roles: dict[str, torch.nn.Module], method_cls: type) -> list[str]:
+        """The roles an FSDP launch shards (each full-weight role: distill_diffusion/sharding.py), or a refusal."""
+        if self.cfg.train.optimizer != "adamw":
+            raise ConfigError(f"train.optimizer {self.cfg.train.optimizer} cannot step sharded weights; use adamw "
+                              "under FSDP (it shards the Adam states already) or configs/accelerate/ddp.yaml")
+        sharded = [r for r, m in roles.items() if sharding.shardable(m, own_parameters(m))]
+        if "student" in sharded and method_cls.copies_student:
+            raise ConfigError(f"{self.cfg.method} keeps a copy of the student, which a sharded student cannot give; "
+                              "use configs/accelerate/ddp.yaml (or a LoRA student, model.student_lora_rank)")
+        return sharded
+
+    def _reshard(self) -> None:
+        for role in self.sharded:
+            sharding.reshard(sharding.network(self.roles[role]))
 
     @property
     def is_main(self) -> bool:
@@ -202,16 +227,19 @@ class Trainer:
                 if stale.name.startswith((".tmp_", ".old_")):
                     shutil.rmtree(stale, ignore_errors=True)
         self.accelerator.wait_for_everyone()
+        self._reshard()  # sharded weights are gathered from their shards, which hold the current values
         # every process writes (its RNG state at least), any may fail; they agree before anything is published, so
         # a failure on one never leaves the others waiting at a barrier it will not reach
         error: Exception | None = None
+        ema = None if self.ema is None else {k: sharding.full(v).cpu().contiguous()  # every process: may gather
+                                             for k, v in self.ema.shadow.items()}
         try:
             self.accelerator.save_state(str(tmp), safe_serialization=True)
         except Exception as e:  # a full disk, a quota, a vanished mount: each library words it its own way
             error = e
         if agree(error is None, self.world) and self.accelerator.is_main_process:
             try:
-                self._save_trainer_state(tmp)
+                self._save_trainer_state(tmp, ema)
             except Exception as e:
                 error = e
         if not agree(error is None, self.world):
@@ -231,10 +259,10 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return final
 
-    def _save_trainer_state(self, tmp: Path) -> None:
+    def _save_trainer_state(self, tmp: Path, ema: dict[str, torch.Tensor] | None) -> None:
         save_file({"generator": self.generator.get_state()}, str(tmp / "rng.safetensors"))
-        if self.ema is not None:
-            save_file({k: v.contiguous() for k, v in self.ema.shadow.items()}, str(tmp / "ema.safetensors"))
+        if ema is not None:
+            save_file(ema, str(tmp / "ema.safetensors"))
         extra = self.method.state_dict()
         if extra:
             save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, str(tmp / "method.safetensors"))
@@ -245,7 +273,8 @@ class Trainer:
         self.accelerator.load_state(str(path))
         self.generator.set_state(load_file(str(path / "rng.safetensors"))["generator"].to(torch.uint8))
         if self.ema is not None:
-            self.ema.shadow = load_file(str(path / "ema.safetensors"))
+            saved = load_file(str(path / "ema.safetensors"))
+            self.ema.shadow = {k: sharding.like(saved[k], v) for k, v in self.ema.shadow.items()}
         if (path / "method.safetensors").is_file():
             extra = load_file(str(path / "method.safetensors"))
             self.method.load_state_dict({k: v.to(self.accelerator.device) for k, v in extra.items()})
@@ -268,13 +297,14 @@ class Trainer:
             if missing:
                 raise ConfigError(f"checkpoint {input_dir!r} lacks {len(missing)} of the {role}'s weights (e.g. "
                                   f"{sorted(missing)[0]}); it was written by a run with another model config")
-            self.accelerator.unwrap_model(self.roles[role]).load_state_dict(state, strict=False)
+            sharding.load_full(self.accelerator.unwrap_model(self.roles[role]), state)
         models.clear()  # loaded here; accelerate then restores optimizers and RNG states only
 
     # ------------------------------------------------------------------------------------------- the loop
     def train_step(self) -> tuple[str, dict[str, float]]:
         """One iteration: the method's phase picks the role; only that role's optimizer steps."""
         phase = self.method.phase(self.step)
+        self._reshard()  # so the phase's requires_grad below reaches the weights each forward gathers
         # only the updating role's weights take gradients (others may still pass gradients through, as in SiD)
         for role, params in self.params.items():
             for p in params:
@@ -289,11 +319,16 @@ class Trainer:
         finite = all_finite(loss, self.world)
         if finite:
             self.accelerator.backward(loss)
-            sync_gradients(self.params[phase], self.world)
+            # sharded weights had their gradients reduce-scattered in backward; the rest are averaged here
+            sync_gradients([p for p in self.params[phase] if not sharding.is_sharded(p)], self.world)
             # the gradient norm (inf clip when clipping is off) also tells whether a finite loss gave non-finite
             # gradients; under fp16 the grad scaler owns that decision (an inf while it calibrates is normal)
             max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
-            norm = float(self.accelerator.clip_grad_norm_(self.params[phase], max_norm))
+            if phase in self.sharded:
+                self.accelerator.unscale_gradients()
+                norm = sharding.clip_grad_norm_(self.params[phase], max_norm)
+            else:
+                norm = float(self.accelerator.clip_grad_norm_(self.params[phase], max_norm))
             logs[f"grad_norm_{phase}"] = norm
             finite = math.isfinite(norm) or self.cfg.train.mixed_precision == "fp16"
         if not finite:
@@ -327,7 +362,8 @@ class Trainer:
             records = [json.loads(line) for line in lines]
             write_text_atomic(logs, "".join(line for line, r in zip(lines, records)
                                             if r.get("step", 0) <= self.step and not r.get("final")))
-        self._log({"step": self.step, "started_from": self.resume_from.name if self.resume_from else None})
+        self._log({"step": self.step, "started_from": self.resume_from.name if self.resume_from else None,
+                   **({"sharded": self.sharded} if self.sharding is not None else {})})
         bar = tqdm(total=tc.steps, initial=self.step, disable=not (tc.progress and self.accelerator.is_main_process),
                    desc=f"{self.cfg.method}", dynamic_ncols=True)
         sums: dict[str, float] = {}
@@ -356,10 +392,18 @@ class Trainer:
         return self._finish()
 
     def _preview(self, out: Path) -> dict[str, float]:
-        if not self.accelerator.is_main_process:
+        """Process 0 samples and writes; with a sharded student every process samples (each forward gathers its
+        weights), the others into a directory that is then removed."""
+        if not self.is_main and "student" not in self.sharded:
             return {}
-        with self.accelerator.autocast():  # frozen weights may be in half precision (train.half_frozen)
-            return preview(self.models, self.cfg, out)
+        scratch = None if self.is_main else Path(tempfile.mkdtemp(prefix="distill_preview_"))
+        try:
+            with self.accelerator.autocast():  # frozen weights may be in half precision (train.half_frozen)
+                metrics = preview(self.models, self.cfg, scratch or out)
+        finally:
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
+        return metrics if self.is_main else {}
 
     def _log(self, record: dict) -> None:
         if self.accelerator.is_main_process:
@@ -369,37 +413,44 @@ class Trainer:
     def _finish(self) -> dict[str, float]:
         """Final checkpoint, student weights (raw and EMA) and the end-of-run preview/metrics."""
         last = self.save_checkpoint()
-        final = self.run_dir / "final"
+        final, tmp = self.run_dir / "final", self.run_dir / ".tmp_final"
+        student, names = self.models.student, self.own_names["student"]
+        self._reshard()
+        weights: dict[str, dict[str, torch.Tensor]] = {}
+        if self.is_main or "student" in self.sharded:  # gathering a sharded student takes every process
+            weights["student.safetensors"] = trainable_state(student, names)
+            if self.ema is not None:  # the raw weights may share storage with the student's (CPU): copy them first
+                weights["student.safetensors"] = {k: v.clone() for k, v in weights["student.safetensors"].items()}
+                self.ema.copy_to(student)  # previews and `sample` use the EMA weights when there are some
+                weights["student_ema.safetensors"] = trainable_state(student, names)
         metrics: dict[str, float] = {}
         error: Exception | None = None
-        if self.accelerator.is_main_process:
-            tmp = self.run_dir / ".tmp_final"
+        if self.is_main:
             try:
-                metrics = self._write_final(tmp, final)
-            except Exception as e:
                 shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+                for name, state in weights.items():
+                    save_file(state, str(tmp / name))
+            except Exception as e:
                 error = e
-        if not agree(error is None, self.world):  # the other processes must not wait for a process that failed
+        if agree(error is None, self.world):  # the other processes must not wait for a process that failed
+            try:
+                metrics = self._preview(tmp / "samples")
+                if self.is_main:
+                    metrics = {"step": self.step, **{k: v for k, v in metrics.items() if not math.isnan(v)}}
+                    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
+                    replace_dir(tmp, final)
+                    self._log({"final": True, **metrics})
+            except Exception as e:
+                error = e
+        if not agree(error is None, self.world):
+            if self.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
             if error is not None and not isinstance(error, (OSError, SafetensorError)):  # not a write failure
                 raise error
             reason = "process 0 failed" if error is None else first_line(error)
             raise RunError(f"could not write {str(final)!r} ({reason}); checkpoint {last.name} is complete: free "
                            "space and rerun with --resume") from error
-        return metrics
-
-    def _write_final(self, tmp: Path, final: Path) -> dict[str, float]:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        student = self.models.student
-        save_file(trainable_state(student, self.own_names["student"]), str(tmp / "student.safetensors"))
-        if self.ema is not None:
-            self.ema.copy_to(student)  # previews and `sample` use the EMA weights when there are some
-            save_file(trainable_state(student, self.own_names["student"]), str(tmp / "student_ema.safetensors"))
-        metrics = self._preview(tmp / "samples")
-        metrics = {"step": self.step, **{k: v for k, v in metrics.items() if not math.isnan(v)}}
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        replace_dir(tmp, final)
-        self._log({"final": True, **metrics})
         return metrics
 
 

@@ -57,6 +57,7 @@ class Method(ABC):
     frozen_critic: bool = False  # the default critic is the teacher's own frozen network (heads on its features)
     guidance_conditioned: bool = False  # a w-conditioned student (model.guidance_embedding) can learn from it
     critic_lora_rank: int = 0  # the default critic: 0 = a full copy of the teacher, r = a rank-r LoRA on its base
+    copies_student: bool = False  # keeps a deepcopy of the student (a target network): refused when it is sharded
 
     def phase(self, step: int) -> str:
         return "student"

@@ -75,6 +75,7 @@ class ConsistencyConfig(MethodConfig):
 class Consistency(Method):
     config_class = ConsistencyConfig
     roles = ("student",)
+    copies_student = True  # the EMA target network
     guidance_conditioned = True
     real_data_use = "consistency distillation noises real data"
 

@@ -80,6 +80,7 @@ class Progressive(Method):
     config_class = ProgressiveConfig
     roles = ("student",)
     student_sampler = "ddim"
+    copies_student = True  # each round's teacher is a copy of the student
     real_data_use = "progressive distillation noises real data"
     guidance_conditioned = True
 

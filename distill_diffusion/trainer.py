@@ -460,9 +460,8 @@ def check_parallel(accelerator: Accelerator, batch_size: int) -> None:
 
     kind = accelerator.distributed_type
     if kind not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
-        raise ConfigError(f"accelerate distributed type {kind.value} is not supported; use a DDP config "
-                          "(configs/accelerate/ddp.yaml) and save memory with LoRA roles, train.mixed_precision bf16, "
-                          "train.optimizer adamw8bit or gradient checkpointing (docs/distributed.md)")
+        raise ConfigError(f"accelerate distributed type {kind.value} is not supported; use configs/accelerate/"
+                          "ddp.yaml, fsdp.yaml or fsdp_zero2.yaml (docs/distributed.md)")
     if batch_size % accelerator.num_processes:
         raise ConfigError(f"train.batch_size {batch_size} is the global batch and must divide evenly over the "
                           f"{accelerator.num_processes} processes; choose a multiple of {accelerator.num_processes}")

@@ -111,11 +111,15 @@ def test_unsupported_launches_are_refused_in_one_line(environ: dict, words: list
     assert "\n" not in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
 
 
-def test_a_method_that_copies_a_sharded_student_is_refused_before_writing(tmp_path: Path,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("config", "override", "words"), [
+    ("digits_consistency.yaml", "train.steps=2", ["keeps a copy of the student", "ddp.yaml"]),
+    ("digits_dmd2.yaml", "train.optimizer=adamw8bit", ["adamw8bit cannot step sharded weights", "ddp.yaml"]),
+])
+def test_what_cannot_be_sharded_is_refused_before_writing(config: str, override: str, words: list[str],
+                                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    cfg = load_config(ROOT / "configs" / "digits_consistency.yaml", ["train.steps=2", "train.batch_size=2"])
+    cfg = load_config(ROOT / "configs" / config, ["train.steps=2", "train.batch_size=2", override])
     with pytest.raises(ConfigError) as e:
         Trainer(cfg, tmp_path / "run")
-    assert "keeps a copy of the student" in str(e.value) and "ddp.yaml" in str(e.value)
+    assert "\n" not in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
     assert not (tmp_path / "run").exists()

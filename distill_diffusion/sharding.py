@@ -67,8 +67,8 @@ def requested() -> Sharding | None:
         reshard = strategy == ShardingStrategy.FULL_SHARD
         offload = bool(plugin.cpu_offload.offload_params)
     if offload:
-        raise ConfigError("fsdp_offload_params is not supported; use train.optimizer: adamw8bit and "
-                          "train.half_frozen to save memory (docs/distributed.md)")
+        raise ConfigError("fsdp_offload_params is not supported; shard over more processes, or use "
+                          "configs/accelerate/ddp.yaml with train.optimizer: adamw8bit (docs/distributed.md)")
     for key in [k for k in environ if k == "ACCELERATE_USE_FSDP" or k.startswith("FSDP_")]:
         del environ[key]
     return Sharding(reshard_after_forward=bool(reshard))

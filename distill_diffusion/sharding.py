@@ -141,12 +141,11 @@ def load_full(module: nn.Module, state: Mapping[str, Tensor]) -> None:
 def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> float:
     """Clip the global gradient norm over sharded and replicated parameters; returns the norm before clipping."""
     grads = [p.grad for p in params if p.grad is not None]
-    local = sum((g.to_local().float().pow(2).sum() for g in grads if is_sharded(g)), torch.zeros(()))
-    local = local.to(grads[0].device if grads else "cpu")
-    torch.distributed.all_reduce(local)  # the shards' squares add up to the whole's
-    replicated = [g.float().pow(2).sum() for g in grads if not is_sharded(g)]  # the same on every process
-    total = local + sum(replicated, torch.zeros((), device=local.device))
-    norm = float(total.sqrt())
+    zero = torch.zeros((), device=grads[0].device if grads else "cpu")
+    shards = sum((g.to_local().float().pow(2).sum() for g in grads if is_sharded(g)), zero)
+    torch.distributed.all_reduce(shards)  # the shards' squares add up to the whole's
+    replicated = sum((g.float().pow(2).sum() for g in grads if not is_sharded(g)), zero)  # alike on every process
+    norm = float((shards + replicated).sqrt())
     if math.isfinite(norm) and norm > max_norm:
         with torch.no_grad():
             for g in grads:

@@ -166,7 +166,7 @@ class Trainer:
 
         # 2. one optimizer per trainable role
         for module in roles.values():
-            net = getattr(module, "denoiser", module).net
+            net = sharding.network(module)
             if tc.gradient_checkpointing and hasattr(net, "enable_gradient_checkpointing"):
                 net.enable_gradient_checkpointing()
         # data parallelism without DDP wrappers: roles may share one UNet (LoRA adapters) and methods call them
@@ -414,8 +414,7 @@ class Trainer:
         """Final checkpoint, student weights (raw and EMA) and the end-of-run preview/metrics."""
         last = self.save_checkpoint()
         final, tmp = self.run_dir / "final", self.run_dir / ".tmp_final"
-        student, names = self.models.student, self.own_names["student"]
-        self._reshard()
+        student, names = self.models.student, self.own_names["student"]  # resharded by save_checkpoint
         weights: dict[str, dict[str, torch.Tensor]] = {}
         if self.is_main or "student" in self.sharded:  # gathering a sharded student takes every process
             weights["student.safetensors"] = trainable_state(student, names)

@@ -31,8 +31,6 @@ from torch import Tensor, nn
 
 from .config import ConfigError
 
-FSDP_CONFIGS = "configs/accelerate/fsdp.yaml (ZeRO-3) or configs/accelerate/fsdp_zero2.yaml (ZeRO-2)"
-
 
 @dataclass(frozen=True)
 class Sharding:
@@ -43,10 +41,6 @@ def requested() -> Sharding | None:
     """The sharding the launch asked for (None: plain data parallelism), taken out of the environment so that
     accelerate itself stays a plain multi-process launch (its FSDP path would wrap modules the methods call)."""
     environ = os.environ
-    if environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        raise ConfigError("DeepSpeed is not supported (its engine owns one model and its optimizer step; this "
-                          "trainer alternates roles over one Models); for ZeRO-2 / ZeRO-3 sharding launch with "
-                          f"{FSDP_CONFIGS}")
     if environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
         return None
     from accelerate.utils import FullyShardedDataParallelPlugin

@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import sharding
+from . import sharding, zero
 from .config import Config, ConfigError, RunError, first_line, parse_config
 from .data import build_data
 from .files import first_non_finite, remove_dir, replace_dir, write_text_atomic
@@ -131,6 +131,9 @@ class Trainer:
         self.resume_from = _prepare_run_dir(cfg, self.run_dir, resume)
         tc = cfg.train
         self.sharding = sharding.requested()  # an accelerate FSDP launch (read before accelerate sees it)
+        self.zero = zero.requested()  # or a DeepSpeed ZeRO-1/2 launch
+        if self.zero is not None:
+            zero.check(cfg)
         self.accelerator = Accelerator(mixed_precision=tc.mixed_precision)
         device = self.accelerator.device
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
@@ -184,6 +187,10 @@ class Trainer:
                                      eps=ma.adam_eps, weight_decay=ma.weight_decay) for r in roles]
         for opt in optimizers if self.sharded else []:
             sharding.hook_optimizer(opt)  # checkpoints keep full optimizer states, as one process writes them
+        self.zero_roles = list(roles) if self.zero is not None and self.world > 1 else []
+        for i, r in enumerate(self.zero_roles):  # each role's engine averages, clips and partitions (zero.py)
+            optimizers[i] = zero.engine(roles[r], self.params[r], optimizers[i], self.zero, tc.batch_size,
+                                        self.world, tc.grad_clip)
         self.optimizers = {r: self.accelerator.prepare_optimizer(o) for r, o in zip(roles, optimizers)}
         # checkpoints hold each role's own weights only: a shared frozen base (LoRA roles) is not written per role
         self.accelerator.register_save_state_pre_hook(self._save_own_weights)
@@ -317,7 +324,12 @@ class Trainer:
             group["lr"] = self.method.lr_at(phase, self.step)
         opt.zero_grad(set_to_none=True)
         finite = all_finite(loss, self.world)
-        if finite:
+        if finite and phase in self.zero_roles:  # the role's engine reduces, clips and skips a non-finite norm
+            opt.optimizer.backward(loss)
+            opt.step()
+            logs[f"grad_norm_{phase}"] = opt.optimizer.grad_norm
+            finite = opt.optimizer.applied
+        elif finite:
             self.accelerator.backward(loss)
             # sharded weights had their gradients reduce-scattered in backward; the rest are averaged here
             sync_gradients([p for p in self.params[phase] if not sharding.is_sharded(p)], self.world)
@@ -343,7 +355,8 @@ class Trainer:
                                "checkpoint holds finite weights)")
         else:
             self.bad_in_a_row = 0
-            opt.step()
+            if phase not in self.zero_roles:  # an engine has stepped already
+                opt.step()
             opt.zero_grad(set_to_none=True)  # a role's gradients never outlive its step (one role's at a time)
             self.counts[phase] += 1
             self.method.after_update(phase, self.step)
@@ -363,7 +376,8 @@ class Trainer:
             write_text_atomic(logs, "".join(line for line, r in zip(lines, records)
                                             if r.get("step", 0) <= self.step and not r.get("final")))
         self._log({"step": self.step, "started_from": self.resume_from.name if self.resume_from else None,
-                   **({"sharded": self.sharded} if self.sharding is not None else {})})
+                   **({"sharded": self.sharded} if self.sharding is not None else {}),
+                   **({"zero_stage": self.zero.stage, "zero_roles": self.zero_roles} if self.zero is not None else {})})
         bar = tqdm(total=tc.steps, initial=self.step, disable=not (tc.progress and self.accelerator.is_main_process),
                    desc=f"{self.cfg.method}", dynamic_ncols=True)
         sums: dict[str, float] = {}
@@ -460,7 +474,7 @@ def check_parallel(accelerator: Accelerator, batch_size: int) -> None:
     kind = accelerator.distributed_type
     if kind not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
         raise ConfigError(f"accelerate distributed type {kind.value} is not supported; use configs/accelerate/"
-                          "ddp.yaml, fsdp.yaml or fsdp_zero2.yaml (docs/distributed.md)")
+                          "ddp.yaml, fsdp.yaml, fsdp_zero2.yaml or deepspeed_zero2.yaml (docs/distributed.md)")
     if batch_size % accelerator.num_processes:
         raise ConfigError(f"train.batch_size {batch_size} is the global batch and must divide evenly over the "
                           f"{accelerator.num_processes} processes; choose a multiple of {accelerator.num_processes}")

@@ -97,7 +97,6 @@ def test_the_launch_config_is_read_and_taken_out_of_the_environment(environ: dic
 
 
 @pytest.mark.parametrize(("environ", "words"), [
-    ({"ACCELERATE_USE_DEEPSPEED": "true"}, ["DeepSpeed is not supported", "fsdp_zero2.yaml"]),
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "NO_SHARD"}, ["NO_SHARD", "FULL_SHARD"]),
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_OFFLOAD_PARAMS": "true"},
      ["fsdp_offload_params", "adamw8bit"]),

@@ -377,7 +377,7 @@ class Trainer:
                                             if r.get("step", 0) <= self.step and not r.get("final")))
         self._log({"step": self.step, "started_from": self.resume_from.name if self.resume_from else None,
                    **({"sharded": self.sharded} if self.sharding is not None else {}),
-                   **({"zero_stage": self.zero.stage, "zero_roles": self.zero_roles} if self.zero is not None else {})})
+                   **({"zero_stage": self.zero.stage, "zero_roles": self.zero_roles} if self.zero else {})})
         bar = tqdm(total=tc.steps, initial=self.step, disable=not (tc.progress and self.accelerator.is_main_process),
                    desc=f"{self.cfg.method}", dynamic_ncols=True)
         sums: dict[str, float] = {}

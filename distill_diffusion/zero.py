@@ -198,7 +198,7 @@ class ZeroOptimizer:
         for flat, _ in flats:
             inner.state[flat] = {"step": torch.as_tensor(step, dtype=torch.float32).clone(),
                                  **{key: torch.zeros_like(flat) for key in ADAM_KEYS}}
-        for i, p, g, mapping in self._slices():
+        for i, _, g, mapping in self._slices():
             if mapping is None or i not in saved:  # a weight without saved state starts at zero (as AdamW would)
                 continue
             lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address

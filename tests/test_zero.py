@@ -52,8 +52,8 @@ def test_zero_trains_what_ddp_trains_from_and_to_the_one_process_format(tmp_path
             ("step_00000003", stage, ["student", "critic"]), record
 
     ckpt = Path("checkpoints") / "step_00000006"
-    a, b = load_file(str(start / "final/student.safetensors")), load_file(str(runs["ddp"] / ckpt / "model.safetensors"))
-    assert max_diff(a, b) > 1e-5  # three more steps moved the student
+    before = load_file(str(start / "final/student.safetensors"))
+    assert max_diff(before, load_file(str(runs["ddp"] / ckpt / "model.safetensors"))) > 1e-5  # three steps moved it
     for stage in ("zero1", "zero2"):
         # measured 0.0: same gradients (averaged the same way), same AdamW arithmetic on the flat partitions
         for name in ("model.safetensors", "model_1.safetensors", "final/student_ema.safetensors"):

@@ -188,9 +188,9 @@ class Trainer:
         for opt in optimizers if self.sharded else []:
             sharding.hook_optimizer(opt)  # checkpoints keep full optimizer states, as one process writes them
         self.zero_roles = list(roles) if self.zero is not None and self.world > 1 else []
-        for i, r in enumerate(self.zero_roles):  # each role's engine averages, clips and partitions (zero.py)
-            optimizers[i] = zero.engine(roles[r], self.params[r], optimizers[i], self.zero, tc.batch_size,
-                                        self.world, tc.grad_clip)
+        if self.zero_roles:  # each role's engine averages, clips and partitions (zero.py)
+            optimizers = [zero.engine(roles[r], self.params[r], o, self.zero, tc.batch_size, self.world, tc.grad_clip)
+                          for r, o in zip(roles, optimizers)]
         self.optimizers = {r: self.accelerator.prepare_optimizer(o) for r, o in zip(roles, optimizers)}
         # checkpoints hold each role's own weights only: a shared frozen base (LoRA roles) is not written per role
         self.accelerator.register_save_state_pre_hook(self._save_own_weights)

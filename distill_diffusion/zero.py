@@ -166,7 +166,7 @@ class ZeroOptimizer:
         flats = self._flat()
         state: dict[int, dict[str, torch.Tensor]] = {}
         if all(s for _, s in flats):  # before a role's first step there is no state (as in torch)
-            group = self.zero.dp_process_group
+            dp = self.zero.dp_process_group
             for i, p, g, mapping in self._slices():
                 entry = {"step": flats[g][1]["step"].detach().clone()}
                 for key in ADAM_KEYS:
@@ -174,12 +174,12 @@ class ZeroOptimizer:
                     if mapping is not None:  # this process holds a slice of the weight: put it in place
                         lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
                         full.narrow(0, lp.start, lp.numel).copy_(flats[g][1][key].narrow(0, hp.start, hp.numel))
-                    torch.distributed.all_reduce(full, group=group)  # the slices are disjoint: their sum is whole
+                    torch.distributed.all_reduce(full, group=dp)  # the slices are disjoint: their sum is whole
                     entry[key] = full.view_as(p)
                 state[i] = entry
-        groups = [{**{k: v for k, v in group.items() if k != "params"}, "params": list(range(len(self.params)))}
-                  for group in self.zero.optimizer.param_groups[:1]]
-        return {"state": state, "param_groups": groups}
+        group = self.zero.optimizer.param_groups[0]  # a role's AdamW has one group (memory.make_optimizer)
+        hyper = {k: v for k, v in group.items() if k != "params"}
+        return {"state": state, "param_groups": [{**hyper, "params": list(range(len(self.params)))}]}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Scatter full per-weight Adam states into this process's partitions and restart the fp32 master copies

@@ -36,7 +36,6 @@ from torch import Tensor
 from distill_diffusion.config import ConfigError
 from distill_diffusion.data import Batch
 
-from . import gan
 from .score import ScoreConfig, ScoreMethod, per_sample_mean_abs
 
 
@@ -44,9 +43,7 @@ from .score import ScoreConfig, ScoreMethod, per_sample_mean_abs
 class DMD2Config(ScoreConfig):
     guidance: float = 1.75  # teacher CFG scale for the real score (1.75 SD 1.5, 8 SDXL in the paper)
     critic_updates: int = 5  # critic updates per generator update (dfake_gen_update_ratio: 10 SD 1.5, 5 SDXL)
-    gan_generator_weight: float = 0.0  # student's GAN weight (1e-3 SD 1.5 stage 2, 5e-3 SDXL, 3e-3 ImageNet)
-    gan_critic_weight: float = 0.0  # critic's GAN weight (1e-2 in the paper); both 0 = data-free
-    gan_start: int = 0  # student updates before the GAN terms switch on (stage 2 of the SD 1.5 schedule)
+    # the GAN weights (ScoreConfig): 1e-3 SD 1.5 stage 2, 5e-3 SDXL, 3e-3 ImageNet for the student; 1e-2 critic
     stage2_lr_student: float | None = None  # the student's learning rate from `gan_start` on (5e-7 for SD 1.5)
 
     def __post_init__(self) -> None:
@@ -54,8 +51,6 @@ class DMD2Config(ScoreConfig):
         if self.critic_guidance != 1 or self.critic_train_guidance != 1:
             raise ConfigError("dmd2 evaluates and trains the critic without guidance (the reference asserts fake "
                               "guidance 1): leave critic_guidance and critic_train_guidance at 1, or use sid")
-        if self.gan_generator_weight < 0 or self.gan_critic_weight < 0 or self.gan_start < 0:
-            raise ConfigError("dmd2.gan_generator_weight, gan_critic_weight and gan_start must be >= 0")
         if self.stage2_lr_student is not None and self.stage2_lr_student <= 0:
             raise ConfigError(f"dmd2.stage2_lr_student must be > 0 (or null), got {self.stage2_lr_student}")
 
@@ -63,33 +58,10 @@ class DMD2Config(ScoreConfig):
 class DMD2(ScoreMethod):
     config_class = DMD2Config
 
-    def __init__(self, cfg: DMD2Config, models):  # noqa: ANN001
-        super().__init__(cfg, models)
-        self.use_gan = cfg.gan_generator_weight > 0 or cfg.gan_critic_weight > 0
-        self._gan_now = False
-        if self.use_gan:
-            gan.attach_head(models.critic, seed=models.seed + 2)
-
-    @property
-    def needs_real_data(self) -> bool:
-        return self.use_gan
-
-    def student_updates(self, step: int) -> int:
-        """How many student updates come before train step ``step``."""
-        return step // (self.cfg.critic_updates + 1)
-
-    def gan_on(self, step: int) -> bool:
-        return self.use_gan and self.student_updates(step) >= self.cfg.gan_start
-
     def lr_at(self, role: str, step: int) -> float:
         if role == "student" and self.cfg.stage2_lr_student is not None and self.gan_on(step):
             return self.cfg.stage2_lr_student
         return self.lr(role)
-
-    def loss(self, phase: str, batch: Batch, generator: torch.Generator, step: int = 0
-             ) -> tuple[Tensor, dict[str, float]]:
-        self._gan_now = self.gan_on(step)
-        return super().loss(phase, batch, generator, step)
 
     def generator_loss(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         m, cfg = self.models, self.cfg
@@ -107,24 +79,8 @@ class DMD2(ScoreMethod):
         # 5. a surrogate whose gradient with respect to x is `grad`
         loss = 0.5 * F.mse_loss(x.float(), (x - grad).detach().float())
         logs = {"loss_dm": loss.item(), "dm_grad_norm": grad.flatten(1).norm(dim=1).mean().item()}
-        if self._gan_now and cfg.gan_generator_weight > 0:
-            # 6. fool the head: gradient through the frozen critic's encoder into x
-            fake_t, t_gan, _ = self.noised(x, generator, 0.0, 1.0)
-            loss_gan = F.softplus(-gan.logits(m.critic, fake_t, t_gan, batch.cond)).mean()
+        if self.gan_student_now():  # 6. fool the head: gradient through the frozen critic's encoder into x
+            loss_gan = self.gan_student_loss(x, batch, generator)
             loss = loss + cfg.gan_generator_weight * loss_gan
             logs["loss_gan_student"] = loss_gan.item()
-        return loss, logs
-
-    def critic_loss(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
-        x = self.student_sample(batch, generator, grad=False).detach()
-        loss, logs = self.critic_denoising_loss(x, batch.cond, generator)
-        if self._gan_now and self.cfg.gan_critic_weight > 0:
-            m = self.models
-            fake_t, t_f, _ = self.noised(x, generator, 0.0, 1.0)
-            real_t, t_r, _ = self.noised(batch.real.to(x.dtype), generator, 0.0, 1.0)
-            d_fake = gan.logits(m.critic, fake_t, t_f, batch.cond)
-            d_real = gan.logits(m.critic, real_t, t_r, batch.real_cond)
-            loss_gan = (F.softplus(d_fake) + F.softplus(-d_real)).mean()
-            loss = loss + self.cfg.gan_critic_weight * loss_gan
-            logs.update(loss_gan_critic=loss_gan.item(), d_real=d_real.mean().item(), d_fake=d_fake.mean().item())
         return loss, logs

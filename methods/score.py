@@ -10,7 +10,10 @@ loss; this module holds the rest.
   an alpha_t^2 weight on the epsilon error).
 
 The critic is a full copy of the teacher or, with ``model.critic_lora_rank``, a LoRA adapter on the teacher's own
-weights (`distill_diffusion.lora`): every method here gets either through config.
+weights (`distill_diffusion.lora`): every method here gets either through config. Likewise the GAN head on the
+critic's bottleneck (DMD2 Sec. 4.3, `methods/gan.py`): ``gan_critic_weight`` adds its classification loss on noised
+real vs student images to the critic's loss here, for every method; each method adds the student's side
+(``gan_generator_weight``) in its own units (DMD2 and VSD: the mean softplus, SiD: SiDA's per-sample form).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from distill_diffusion import rng
@@ -25,6 +29,7 @@ from distill_diffusion.config import ConfigError
 from distill_diffusion.data import Batch
 from distill_diffusion.denoiser import Cond, guided_x0
 
+from . import gan
 from .base import AlternatingMethod, MethodConfig, randn
 
 CRITIC_TARGETS = ("native", "epsilon", "v_prediction", "sample", "flow")
@@ -42,6 +47,9 @@ class ScoreConfig(MethodConfig):
     backward_simulation: bool = True  # multi-step students train on their own rollouts
     critic_target: str = "native"  # critic loss space: native (the network's own: eps for SD) | epsilon | ...
     critic_weighting: str = "uniform"  # uniform | alpha2 (SwiftBrush: MSE(alpha_t eps_hat, alpha_t eps))
+    gan_generator_weight: float = 0.0  # student's GAN weight (DMD2: 1e-3 SD 1.5 stage 2, 5e-3 SDXL; SiDA: 1)
+    gan_critic_weight: float = 0.0  # critic's GAN weight beside its per-element denoising loss (DMD2: 1e-2); 0 = off
+    gan_start: int = 0  # student updates before the GAN terms switch on (stage 2 of DMD2's SD 1.5 schedule)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -61,6 +69,8 @@ class ScoreConfig(MethodConfig):
         if self.critic_weighting not in ("uniform", "alpha2"):
             raise ConfigError(f"unknown {name}.critic_weighting {self.critic_weighting!r}; choose one of: "
                               "uniform, alpha2")
+        if self.gan_generator_weight < 0 or self.gan_critic_weight < 0 or self.gan_start < 0:
+            raise ConfigError(f"{name}.gan_generator_weight, gan_critic_weight and gan_start must be >= 0")
 
 
 def drop_prompts(cond: Cond, p: float, generator: torch.Generator) -> Cond:
@@ -77,6 +87,40 @@ class ScoreMethod(AlternatingMethod):
     """Critic updates and student updates in the ratio ``critic_updates`` : 1; subclasses give `generator_loss`."""
 
     config_class = ScoreConfig
+    real_data_use = "the GAN head's real images"
+
+    def __init__(self, cfg: ScoreConfig, models):  # noqa: ANN001
+        super().__init__(cfg, models)
+        self.use_gan = cfg.gan_generator_weight > 0 or cfg.gan_critic_weight > 0
+        self._gan_now = False
+        if self.use_gan:
+            gan.attach_head(models.critic, seed=models.seed + 2)
+
+    @property
+    def needs_real_data(self) -> bool:
+        return self.use_gan
+
+    def student_updates(self, step: int) -> int:
+        """How many student updates come before train step ``step``."""
+        return step // (self.cfg.critic_updates + 1)
+
+    def gan_on(self, step: int) -> bool:
+        return self.use_gan and self.student_updates(step) >= self.cfg.gan_start
+
+    def gan_student_now(self) -> bool:
+        """Whether the student's loss takes its GAN term at this step."""
+        return self._gan_now and self.cfg.gan_generator_weight > 0
+
+    def loss(self, phase: str, batch: Batch, generator: torch.Generator, step: int = 0
+             ) -> tuple[Tensor, dict[str, float]]:
+        self._gan_now = self.gan_on(step)
+        return super().loss(phase, batch, generator, step)
+
+    def gan_student_loss(self, x: Tensor, batch: Batch, generator: torch.Generator) -> Tensor:
+        """softplus(-D(x_t)) averaged over the batch, x_t = x noised at t ~ U[0, T): fool the head, the gradient
+        flowing through the (frozen) critic's encoder into x (DMD2 ``compute_generator_clean_cls_loss``)."""
+        fake_t, t, _ = self.noised(x, generator, 0.0, 1.0)
+        return F.softplus(-gan.logits(self.models.critic, fake_t, t, batch.cond)).mean()
 
     def noised(self, x: Tensor, generator: torch.Generator, lo: float, hi: float) -> tuple[Tensor, Tensor, Tensor]:
         """(x_t, t, eps) with t uniform over the fractions [lo, hi] of training time; x_t keeps x's graph."""
@@ -92,7 +136,17 @@ class ScoreMethod(AlternatingMethod):
 
     def critic_loss(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         x = self.student_sample(batch, generator, grad=False).detach()
-        return self.critic_denoising_loss(x, batch.cond, generator)
+        loss, logs = self.critic_denoising_loss(x, batch.cond, generator)
+        if self._gan_now and self.cfg.gan_critic_weight > 0:  # the head tells noised real from noised student images
+            m = self.models
+            fake_t, t_f, _ = self.noised(x, generator, 0.0, 1.0)
+            real_t, t_r, _ = self.noised(batch.real.to(x.dtype), generator, 0.0, 1.0)
+            d_fake = gan.logits(m.critic, fake_t, t_f, batch.cond)
+            d_real = gan.logits(m.critic, real_t, t_r, batch.real_cond)
+            loss_gan = (F.softplus(d_fake) + F.softplus(-d_real)).mean()
+            loss = loss + self.cfg.gan_critic_weight * loss_gan
+            logs.update(loss_gan_critic=loss_gan.item(), d_real=d_real.mean().item(), d_fake=d_fake.mean().item())
+        return loss, logs
 
     def critic_denoising_loss(self, x: Tensor, cond: Cond, generator: torch.Generator
                               ) -> tuple[Tensor, dict[str, float]]:

@@ -13,6 +13,20 @@ averaged over the batch (SiD Eq. 11 with its per-sample normaliser; alpha = 1.2 
 dropped. The critic is fitted to the student's samples by the usual denoising loss, one critic update per student
 update (1:1 alternation), Adam betas (0, 0.999) for both (the reference's defaults).
 
+SiDA (Zhou et al., ICLR 2025, arXiv:2410.14919) adds the GAN head of the shared critic (`methods/gan.py`,
+``gan_generator_weight`` / ``gan_critic_weight`` with real images in ``data.real``): the student's extra term is the
+head's non-saturating loss at the *same* noised sample, logits clamped to [-10, 10], scaled per sample like SiD's
+sum (times C*H*W) and divided by the same normaliser w:
+
+    L_G += gan_generator_weight * C*H*W * softplus(-D(x_t)) / w
+
+SiDA weighs the two halves 0.5 / 0.5, i.e. ``gan_generator_weight: 1``. Its critic adds the head's loss on noised
+real and student images at weight 1 beside a denoising loss summed over C*H*W, about 1e-3 .. 1e-2 in this package's
+per-element units (``gan_critic_weight``; DMD2's 1e-2). Checked against mingyuanzhou/SiD ``sida/training/
+sida_loss.py`` (``generator_share_encoder_loss``, ``fakescore_discriminator_share_encoder_loss``) and
+``sida_training_loop.py`` (the 0.5 / 0.5 sum, loss scalings 1). Differences: SiDA reads its logit off the encoder
+output itself, this head is DMD2's small conv head on the bottleneck; its real and fake images share one noise draw.
+
 Guidance is kept in three places (SiD-LSG): the critic trains through ``critic_train_guidance`` (kappa_1), is
 evaluated in the student's loss at ``critic_guidance`` (kappa_2 = kappa_3) and the teacher at ``guidance``
 (kappa_4). SiD-LSG's SD student reads pure noise at t_init = 625: set ``model.timesteps: [625]``; a multi-step
@@ -28,11 +42,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from distill_diffusion.config import ConfigError
 from distill_diffusion.data import Batch
 
+from . import gan
 from .score import ScoreConfig, ScoreMethod, per_sample_mean_abs
 
 
@@ -61,6 +77,7 @@ class SiD(ScoreMethod):
         # 2. teacher and critic estimates with gradients through both networks (their weights do not update here)
         y_real = self.real_x0(x_t, t, batch.cond).float()
         y_fake = self.fake_x0(x_t, t, batch.cond).float()
+        d = gan.logits(self.models.critic, x_t, t, batch.cond).float() if self.gan_student_now() else None
         x = x.float()
         # 3. drop samples with a NaN anywhere (the reference's per-sample mask)
         ok = ~(x.isnan() | y_real.isnan() | y_fake.isnan()).flatten(1).any(1)
@@ -70,6 +87,11 @@ class SiD(ScoreMethod):
             w = per_sample_mean_abs(x - y_real)
         diff = y_real - y_fake
         per_sample = (diff * ((y_real - x) - cfg.alpha * diff) / w).flatten(1).sum(1)
+        logs = {"loss_sid": per_sample.mean().item() if len(per_sample) else 0.0, "sid_dropped": float((~ok).sum()),
+                "score_gap": diff.flatten(1).norm(dim=1).mean().item() if len(diff) else 0.0}
+        if d is not None:  # 5. SiDA: fool the head at the same x_t, in SiD's per-sample units
+            gan_per_sample = F.softplus(-d[ok].clamp(-10, 10)) * x[0].numel() / w.flatten()
+            logs["loss_gan_student"] = gan_per_sample.mean().item() if len(per_sample) else 0.0
+            per_sample = per_sample + cfg.gan_generator_weight * gan_per_sample
         loss = per_sample.mean() if len(per_sample) else x.sum() * 0
-        return loss, {"loss_sid": loss.item(), "sid_dropped": float((~ok).sum()),
-                      "score_gap": diff.flatten(1).norm(dim=1).mean().item() if len(diff) else 0.0}
+        return loss, logs

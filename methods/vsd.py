@@ -59,4 +59,9 @@ class VSD(ScoreMethod):
             _, sigma = m.process.alpha_sigma(t, eps_real)
             grad = torch.nan_to_num(sigma.pow(2) * (eps_real - eps_fake)).to(x.dtype)
         loss = 0.5 * F.mse_loss(x.float(), (x - grad).detach().float())
-        return loss, {"loss_vsd": loss.item(), "vsd_grad_norm": grad.flatten(1).norm(dim=1).mean().item()}
+        logs = {"loss_vsd": loss.item(), "vsd_grad_norm": grad.flatten(1).norm(dim=1).mean().item()}
+        if self.gan_student_now():  # the shared critic's GAN head, as in DMD2 (ScoreMethod.gan_student_loss)
+            loss_gan = self.gan_student_loss(x, batch, generator)
+            loss = loss + cfg.gan_generator_weight * loss_gan
+            logs["loss_gan_student"] = loss_gan.item()
+        return loss, logs

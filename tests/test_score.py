@@ -1,4 +1,4 @@
-"""The score family's plumbing: DMD2's two-stage schedule, real data for its GAN term, guidance and prompt dropout."""
+"""The score family's plumbing: DMD2's two-stage schedule, real data for the family's GAN term, guidance and prompt dropout."""
 
 from __future__ import annotations
 
@@ -32,16 +32,19 @@ def test_dmd2_two_stage_schedule_switches_gan_and_student_lr(tmp_path: Path) -> 
     assert seen[4:] == [("critic", True, 1e-3), ("student", True, 1e-5)] * 2
 
 
-def test_gan_needs_real_images_for_an_image_teacher(tmp_path: Path, tiny_dirs: dict[str, str]) -> None:
-    raw = {"method": "dmd2", "dmd2": {"gan_generator_weight": 1e-3, "gan_critic_weight": 1e-2},
+@pytest.mark.parametrize("method", ["dmd2", "sid", "vsd"])
+def test_gan_needs_real_images_for_an_image_teacher(tmp_path: Path, tiny_dirs: dict[str, str], method: str) -> None:
+    raw = {"method": method, method: {"gan_generator_weight": 1e-3, "gan_critic_weight": 1e-2},
            "model": {"teacher": tiny_dirs["sd15"]}, "train": {"batch_size": 2, "steps": 2, "progress": False}}
     with pytest.raises(ConfigError, match="data.real"):
         Trainer(parse_config(raw), tmp_path / "run")
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
-def test_digits_real_images_reach_the_gan_with_their_captions(tmp_path: Path) -> None:
-    raw = {"method": "dmd2", "dmd2": {"gan_generator_weight": 1e-3, "gan_critic_weight": 1e-2, "critic_updates": 1},
+@pytest.mark.parametrize("method", ["dmd2", "sid", "vsd"])
+def test_digits_real_images_reach_the_gan_with_their_captions(tmp_path: Path, method: str) -> None:
+    """The GAN head is the score family's, not DMD2's: every member takes it through config."""
+    raw = {"method": method, method: {"gan_generator_weight": 1e-3, "gan_critic_weight": 1e-2, "critic_updates": 1},
            "model": {"teacher": "embedded:digits"}, "data": {"real": "digits"},
            "train": {"batch_size": 4, "steps": 2, "progress": False}}
     trainer = Trainer(parse_config(raw), tmp_path / "run")

@@ -25,7 +25,8 @@ real and student images at weight 1 beside a denoising loss summed over C*H*W, a
 per-element units (``gan_critic_weight``; DMD2's 1e-2). Checked against mingyuanzhou/SiD ``sida/training/
 sida_loss.py`` (``generator_share_encoder_loss``, ``fakescore_discriminator_share_encoder_loss``) and
 ``sida_training_loop.py`` (the 0.5 / 0.5 sum, loss scalings 1). Differences: SiDA reads its logit off the encoder
-output itself, this head is DMD2's small conv head on the bottleneck; its real and fake images share one noise draw.
+output itself, here it is DMD2's small conv head on the bottleneck; SiDA noises the critic's real and fake images
+with one draw, here each has its own.
 
 Guidance is kept in three places (SiD-LSG): the critic trains through ``critic_train_guidance`` (kappa_1), is
 evaluated in the student's loss at ``critic_guidance`` (kappa_2 = kappa_3) and the teacher at ``guidance``

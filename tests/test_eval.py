@@ -265,7 +265,10 @@ def test_generate_per_image_seeds(sd15: Model, solver: str, steps: int) -> None:
     assert images.shape == (4, 16, 16, 3) and images.dtype == np.uint8
     assert seconds > 0
     batched, _ = generate(sd15, PROMPTS, [0, 1, 2, 3], steps, solver=solver, batch_size=4, progress=False)
-    np.testing.assert_array_equal(batched, images)
+    # the same images in a batch of 4: equal up to a CPU kernel's batch-size rounding, which can tip a pixel by one
+    # level on some processors (measured: 1 of 3072 values on one machine, none on another)
+    diff = np.abs(batched.astype(int) - images)
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
     other, _ = generate(sd15, PROMPTS, [4, 5, 6, 7], steps, solver=solver, batch_size=4, progress=False)
     for i in range(4):
         assert np.abs(other[i].astype(int) - images[i]).mean() > 5

@@ -1,4 +1,4 @@
-"""The score family's plumbing: DMD2's two-stage schedule, real data for the family's GAN term, guidance and prompt dropout."""
+"""The score family's plumbing: DMD2's two-stage schedule, real data for the GAN head, guidance and prompt dropout."""
 
 from __future__ import annotations
 

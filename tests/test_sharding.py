@@ -42,6 +42,10 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+def l2(tensors: dict[str, torch.Tensor]) -> float:
+    return sum(t.double().pow(2).sum().item() for t in tensors.values()) ** 0.5
+
+
 def test_fsdp_trains_what_one_process_trains_and_resumes_in_one(tmp_path: Path) -> None:
     two = tmp_path / "two"
     r = launch_sharded(two, "configs/accelerate/fsdp.yaml", "train.steps=6")
@@ -55,10 +59,13 @@ def test_fsdp_trains_what_one_process_trains_and_resumes_in_one(tmp_path: Path) 
     for name in ("model", "model_1"):  # student, critic (with its GAN head): whole tensors, the one-process names
         a = load_file(str(one / "checkpoints" / "step_00000006" / f"{name}.safetensors"))
         b = load_file(str(two / "checkpoints" / "step_00000006" / f"{name}.safetensors"))
-        moved = max((a[k] - start[k.split("net.", 1)[1]]).abs().max().item() for k in a if "net." in k)
-        # Adam turns reduction-order rounding in near-zero gradients into up to a step of lr; plain data
-        # parallelism measures the same (tests/test_distributed.py's gmm run is tighter: its gradients are not tiny)
-        assert moved > 1e-4 and max_diff(a, b) <= 0.25 * moved, (name, max_diff(a, b), moved)
+        moved = l2({k: a[k] - start[k.split("net.", 1)[1]] for k in a if "net." in k})
+        apart = l2({k: a[k] - b[k] for k in a})
+        # Adam turns reduction-order rounding in near-zero gradients into up to a step of lr on single weights (the
+        # largest such difference depends on the processor: 2.3e-5 on one machine, 5.8e-5 on another, of 2e-4
+        # moved), so the whole update is compared in L2: measured 0.09% (student) and 0.15% (critic) of it apart;
+        # gradients that were not averaged across the processes would differ by O(1)
+        assert moved > 0 and apart <= 0.02 * moved, (name, apart, moved)
     # optimizer states are whole too: the sharded checkpoint resumes in one process and ends near the one-process run
     Trainer(load_config(CONFIG, [*OVERRIDES, "train.steps=12"]), two, resume=True).train()
     for name in ("final/student.safetensors", "final/student_ema.safetensors"):

@@ -28,6 +28,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch_error(r: subprocess.CompletedProcess) -> str:
+    """Each process's own error lines first (a crash on one rank shows on the other only as a closed connection),
+    then the end of stderr."""
+    own = [line for line in r.stderr.splitlines() if "Error" in line and "[rank" in line]
+    return "\n".join(own[-20:]) + "\n...\n" + r.stderr[-1500:]
+
+
 def launch_two(run: Path, *overrides: str, max_file_bytes: int | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -44,7 +51,7 @@ def launch_two(run: Path, *overrides: str, max_file_bytes: int | None = None) ->
 def test_two_processes_equal_one_with_the_global_batch_and_resume_in_one(tmp_path: Path) -> None:
     two = tmp_path / "two"
     r = launch_two(two, "train.steps=6")
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, launch_error(r)
 
     one = tmp_path / "one"
     Trainer(load_config(CONFIG, [*OVERRIDES, "train.steps=12"]), one).train()

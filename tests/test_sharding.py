@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_distributed import free_port
+from test_distributed import free_port, launch_error
 
 from distill_diffusion.config import ConfigError, load_config
 from distill_diffusion.sharding import Sharding, requested
@@ -49,7 +49,7 @@ def l2(tensors: dict[str, torch.Tensor]) -> float:
 def test_fsdp_trains_what_one_process_trains_and_resumes_in_one(tmp_path: Path) -> None:
     two = tmp_path / "two"
     r = launch_sharded(two, "configs/accelerate/fsdp.yaml", "train.steps=6")
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, launch_error(r)
     first = json.loads((two / "logs.jsonl").read_text().splitlines()[0])
     assert first["sharded"] == ["student", "critic"]  # both full-weight roles were sharded
 
@@ -77,7 +77,7 @@ def test_zero2_config_and_a_one_process_checkpoint_resumed_sharded(tmp_path: Pat
     run = tmp_path / "run"
     Trainer(load_config(CONFIG, [*OVERRIDES, "train.steps=3"]), run).train()
     r = launch_sharded(run, "configs/accelerate/fsdp_zero2.yaml", "train.steps=6", "--resume")
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, launch_error(r)
     logs = [json.loads(line) for line in (run / "logs.jsonl").read_text().splitlines()]
     assert any(rec.get("started_from") == "step_00000003" and rec.get("sharded") == ["student", "critic"]
                for rec in logs)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_distributed import launch_error
 from test_sharding import CONFIG, OVERRIDES, ROOT, launch_sharded, max_diff
 
 from distill_diffusion.config import ConfigError, load_config
@@ -44,7 +45,7 @@ def test_zero_trains_what_ddp_trains_from_and_to_the_one_process_format(tmp_path
         runs[name] = tmp_path / name
         shutil.copytree(start, runs[name])
         r = launch_sharded(runs[name], config, "train.steps=6", "--resume")
-        assert r.returncode == 0, (name, r.stderr[-3000:])
+        assert r.returncode == 0, (name, launch_error(r))
     for stage in (1, 2):
         logs = [json.loads(line) for line in (runs[f"zero{stage}"] / "logs.jsonl").read_text().splitlines()]
         record = next(r for r in logs if r.get("started_from"))  # the resumed launch's first record

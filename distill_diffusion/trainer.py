@@ -165,7 +165,8 @@ class Trainer:
         to_shard = self._check_sharding(roles, method_cls) if self.sharding is not None else []
         # the run directory is written only once everything above has been accepted
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(self.run_dir / "config.yaml")  # atomically
+        if self.accelerator.is_main_process:  # one writer: two through the same temporary name race (FileNotFound)
+            cfg.save(self.run_dir / "config.yaml")  # atomically
 
         # 2. one optimizer per trainable role
         for module in roles.values():

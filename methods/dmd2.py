@@ -79,8 +79,4 @@ class DMD2(ScoreMethod):
         # 5. a surrogate whose gradient with respect to x is `grad`
         loss = 0.5 * F.mse_loss(x.float(), (x - grad).detach().float())
         logs = {"loss_dm": loss.item(), "dm_grad_norm": grad.flatten(1).norm(dim=1).mean().item()}
-        if self.gan_student_now():  # 6. fool the head: gradient through the frozen critic's encoder into x
-            loss_gan = self.gan_student_loss(x, batch, generator)
-            loss = loss + cfg.gan_generator_weight * loss_gan
-            logs["loss_gan_student"] = loss_gan.item()
-        return loss, logs
+        return self.add_gan_student(loss, logs, x, batch, generator), logs  # 6. the GAN head, when on

@@ -116,11 +116,17 @@ class ScoreMethod(AlternatingMethod):
         self._gan_now = self.gan_on(step)
         return super().loss(phase, batch, generator, step)
 
-    def gan_student_loss(self, x: Tensor, batch: Batch, generator: torch.Generator) -> Tensor:
-        """softplus(-D(x_t)) averaged over the batch, x_t = x noised at t ~ U[0, T): fool the head, the gradient
-        flowing through the (frozen) critic's encoder into x (DMD2 ``compute_generator_clean_cls_loss``)."""
+    def add_gan_student(self, loss: Tensor, logs: dict[str, float], x: Tensor, batch: Batch,
+                        generator: torch.Generator) -> Tensor:
+        """``loss`` plus ``gan_generator_weight * mean softplus(-D(x_t))`` when the GAN is on, x_t = x noised at
+        t ~ U[0, T): fool the head, the gradient flowing through the (frozen) critic's encoder into x (DMD2
+        ``compute_generator_clean_cls_loss``). SiD adds its own per-sample form instead."""
+        if not self.gan_student_now():
+            return loss
         fake_t, t, _ = self.noised(x, generator, 0.0, 1.0)
-        return F.softplus(-gan.logits(self.models.critic, fake_t, t, batch.cond)).mean()
+        loss_gan = F.softplus(-gan.logits(self.models.critic, fake_t, t, batch.cond)).mean()
+        logs["loss_gan_student"] = loss_gan.item()
+        return loss + self.cfg.gan_generator_weight * loss_gan
 
     def noised(self, x: Tensor, generator: torch.Generator, lo: float, hi: float) -> tuple[Tensor, Tensor, Tensor]:
         """(x_t, t, eps) with t uniform over the fractions [lo, hi] of training time; x_t keeps x's graph."""

@@ -60,8 +60,4 @@ class VSD(ScoreMethod):
             grad = torch.nan_to_num(sigma.pow(2) * (eps_real - eps_fake)).to(x.dtype)
         loss = 0.5 * F.mse_loss(x.float(), (x - grad).detach().float())
         logs = {"loss_vsd": loss.item(), "vsd_grad_norm": grad.flatten(1).norm(dim=1).mean().item()}
-        if self.gan_student_now():  # the shared critic's GAN head, as in DMD2 (ScoreMethod.gan_student_loss)
-            loss_gan = self.gan_student_loss(x, batch, generator)
-            loss = loss + cfg.gan_generator_weight * loss_gan
-            logs["loss_gan_student"] = loss_gan.item()
-        return loss, logs
+        return self.add_gan_student(loss, logs, x, batch, generator), logs  # 6. the GAN head, when on

@@ -15,16 +15,16 @@ from pathlib import Path
 
 import torch
 
+from distill_diffusion.assembly import assemble
 from distill_diffusion.config import load_config
 from distill_diffusion.denoiser import Cond
 from distill_diffusion.eval.mixture import mixture_metrics
-from distill_diffusion.models import build_models
 from distill_diffusion.sampling import ddim
 from distill_diffusion.trainer import Trainer
 
 
 def teacher_rows(cfg, n: int) -> list[dict]:
-    models = build_models(cfg.model, need_critic=False)
+    models = assemble(cfg, train=False).models
     mixture, process = models.mixture, models.process
     labels = mixture.balanced_labels(n)
     cond = Cond(labels=labels)

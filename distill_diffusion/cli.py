@@ -10,6 +10,9 @@
     distill-diffusion zoo train-digits OUT_DIR | zoo train-classifier OUT
 
 Errors are one line naming what was wrong and what is allowed; the exit status is then 2.
+
+Each command imports what it runs when it runs, so ``--help`` and argument errors answer at once (torch and diffusers
+take seconds to import); no import here is placed to dodge a cycle, and the package has none.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .config import ConfigError, RunError
+from .errors import ConfigError, RunError
 
 
 def _distill(args: argparse.Namespace) -> None:
@@ -62,14 +65,13 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _read_prompt_args(args: argparse.Namespace) -> list[str] | None:
+    from .data import read_prompt_file
+
     if args.prompts is None:
         return args.prompt
-    path = Path(args.prompts)
-    if not path.is_file():
-        raise ConfigError(f"prompt file {str(path)!r} not found")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    prompts = read_prompt_file(args.prompts)
     if not prompts:
-        raise ConfigError(f"prompt file {str(path)!r} has no non-blank line")
+        raise ConfigError(f"prompt file {args.prompts!r} has no non-blank line")
     return (args.prompt or []) + prompts
 
 
@@ -112,8 +114,8 @@ def _sample(args: argparse.Namespace) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        if model.run is not None and model.run[1].family == "gmm":
-            _sample_mixture(args, model.run[1], tmp, seed)
+        if model.run is not None and model.run.models.family == "gmm":
+            _sample_mixture(args, model.run.models, tmp, seed)
         else:
             from .eval.generate import generate
 
@@ -123,7 +125,7 @@ def _sample(args: argparse.Namespace) -> None:
                                       "drop --steps / --scheduler / --guidance")
                 if not prompts and model.run is None:
                     raise ConfigError("give --prompt TEXT (repeatable) or --prompts FILE")
-                prompts = prompts or model.run[0].data.prompts
+                prompts = prompts or model.run.cfg.data.prompts
                 steps, guidance, solver = model.student_steps, 1.0, "student"
             else:
                 if not prompts:

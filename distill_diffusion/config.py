@@ -15,26 +15,15 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration problem, reported as one line."""
-
-
-class RunError(RuntimeError):
-    """A run that cannot go on (a checkpoint that cannot be written, losses that stay non-finite), reported as one
-    line; what was written before it stays intact."""
-
-
-def first_line(error: BaseException) -> str:
-    """An exception's message cut to its first line (its type's name when it has none), for one-line errors."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+from .errors import ConfigError
+from .files import write_text_atomic
+from .methods import METHODS
 
 
 @dataclass
 class ModelConfig:
     teacher: str = field(default="gmm", metadata={"help": "gmm | tiny:sd15 | tiny:sd21 | tiny:sdxl | diffusers dir"})
     timesteps: list[int] = field(default_factory=lambda: [999], metadata={"help": "student sampling timesteps"})
-    critic: bool | None = field(default=None, metadata={"help": "build a fake critic (default: the method decides)"})
     # the Gaussian-mixture known answer
     gmm_classes: int = 8
     gmm_radius: float = 4.0
@@ -50,17 +39,18 @@ class ModelConfig:
     critic_lora_rank: int | None = field(
         default=None, metadata={"help": "LoRA critic rank; 0 = full-weight critic; null = the method's default"})
     critic_lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: the rank)"})
-    # a w-conditioned student (consistency, progressive): it reads its CFG scale, like LCM's time_cond_proj_dim
-    guidance_embedding: int | None = field(
+    # a student that reads its CFG scale (consistency, progressive), through an embedding like LCM's
+    # time_cond_proj_dim
+    cfg_embedding_dim: int | None = field(
         default=None, metadata={"help": "width of the student's CFG-scale embedding (LCM: 256); null = baked in"})
 
     def __post_init__(self) -> None:
-        if self.guidance_embedding is not None and self.guidance_embedding < 2:
-            raise ConfigError(f"model.guidance_embedding must be >= 2 (LCM uses 256) or null, got "
-                              f"{self.guidance_embedding}")
-        if self.guidance_embedding is not None and self.student_lora_rank is not None:
-            raise ConfigError("model.guidance_embedding needs a full-weight student (its embedding is new weights in "
-                              "the UNet); a LoRA student bakes one guidance scale in: drop one of the two")
+        if self.cfg_embedding_dim is not None and self.cfg_embedding_dim < 2:
+            raise ConfigError(f"model.cfg_embedding_dim must be >= 2 (LCM uses 256) or null, got "
+                              f"{self.cfg_embedding_dim}")
+        if self.cfg_embedding_dim is not None and self.student_lora_rank is not None:
+            raise ConfigError("model.cfg_embedding_dim needs a full-weight student (its embedding is new weights in "
+                              "the UNet); a LoRA student bakes one CFG scale in: drop one of the two")
         if self.student_lora_rank is not None and self.student_lora_rank < 1:
             raise ConfigError(f"model.student_lora_rank must be >= 1 (or null for a full-weight student), "
                               f"got {self.student_lora_rank}")
@@ -132,13 +122,13 @@ class EvalConfig:
     num_samples: int = 1000
     nfe: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 50])
     solvers: list[str] = field(default_factory=lambda: ["ddim"])
-    guidance: list[float] = field(default_factory=lambda: [1.0], metadata={"help": "teacher CFG scales swept"})
+    teacher_cfg: list[float] = field(default_factory=lambda: [1.0], metadata={"help": "teacher CFG scales swept"})
     features: str = "auto"
     batch_size: int = 250
     grid_prompts: int = 10
     grid_seeds: int = 4
     grid_teacher_steps: int = 50
-    grid_teacher_guidance: float = 1.0
+    grid_teacher_cfg: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("num_samples", "batch_size", "grid_prompts", "grid_seeds", "grid_teacher_steps"):
@@ -146,8 +136,8 @@ class EvalConfig:
                 raise ConfigError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
         if not self.nfe or any(n < 1 for n in self.nfe):
             raise ConfigError(f"eval.nfe must be a non-empty list of positive integers, got {self.nfe}")
-        if any(w < 0 for w in [*self.guidance, self.grid_teacher_guidance]):
-            raise ConfigError("eval guidance scales must be >= 0 (1 = no guidance)")
+        if any(w < 0 for w in [*self.teacher_cfg, self.grid_teacher_cfg]):
+            raise ConfigError("eval.teacher_cfg and eval.grid_teacher_cfg must be >= 0 (1 = no guidance)")
 
 
 @dataclass
@@ -170,8 +160,6 @@ class Config:
         }
 
     def save(self, path: str | Path) -> None:
-        from .files import write_text_atomic
-
         write_text_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
@@ -180,6 +168,21 @@ def _plain(d: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ parsing
+# keys renamed before 1.0 (old -> new, in whichever section has the new key), so one name means one thing; an old key
+# is refused with the new one's name
+RENAMED = {
+    "guidance": "teacher_cfg",  # a method's teacher CFG scale (the low end of its range where it has one)
+    "guidance_max": "teacher_cfg_max",
+    "sample_guidance": "student_cfg",
+    "critic_guidance": "critic_cfg",
+    "critic_train_guidance": "critic_train_cfg",
+    "gan_generator_weight": "gan_student_weight",
+    "guidance_embedding": "cfg_embedding_dim",
+    "grid_teacher_guidance": "grid_teacher_cfg",
+}
+REMOVED = {"model.critic": "the method decides whether it has a critic; model.critic_lora_rank chooses its kind"}
+
+
 def from_dict(cls: type, data: dict[str, Any] | None, where: str) -> Any:
     """Build dataclass ``cls`` from a dict, rejecting unknown keys and values of the wrong type."""
     if data is None:
@@ -189,6 +192,11 @@ def from_dict(cls: type, data: dict[str, Any] | None, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     unknown = sorted(set(data) - set(names))
+    for key in unknown:
+        if RENAMED.get(key) in names:
+            raise ConfigError(f"{where}.{key} was renamed to {where}.{RENAMED[key]}; rename it in the config")
+        if f"{where}.{key}" in REMOVED:
+            raise ConfigError(f"{where}.{key} was removed: {REMOVED[f'{where}.{key}']}")
     if unknown:
         raise ConfigError(f"unknown key {where}.{unknown[0]}; valid keys: {', '.join(names)}")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
@@ -268,8 +276,6 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def parse_config(raw: dict[str, Any]) -> Config:
-    from distill_diffusion.methods import METHODS
-
     if not isinstance(raw, dict):
         raise ConfigError("config must be a YAML mapping with at least `method:`")
     method = raw.get("method")

@@ -1,28 +1,27 @@
-"""What a method receives each step: a `Batch` of conditioning and the noise its student starts from.
+"""The data of a run: each step a `Batch` of conditioning and the noise its student starts from (and real samples
+with their conditioning when the method needs them); prompt files and image folders are read here.
 
 Sources are seeded through the generator the trainer passes in, so a resumed run draws the same batches.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
-from . import rng
-from .config import ConfigError, DataConfig
+from . import draws
+from .config import DataConfig
 from .denoiser import Cond
-from .roles import Models
+from .errors import ConfigError
+from .latents import encode
+from .roles import Batch, Models
+from .zoo.digits_data import digits_split, prompt_for, to_rgb
 
-
-@dataclass
-class Batch:
-    cond: Cond
-    noise: Tensor  # the student's starting noise, shaped like a sample
-    real: Tensor | None = None  # real samples (latents for image teachers), for GAN terms; None when data-free
-    real_cond: Cond | None = None  # the real samples' own conditioning (their class / caption)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 class MixtureData:
@@ -34,8 +33,8 @@ class MixtureData:
         self.mixture = models.mixture
 
     def sample(self, n: int, generator: torch.Generator) -> Batch:
-        labels = rng.randint(0, self.mixture.classes, n, generator)
-        noise = rng.randn((n, self.mixture.dim), generator)
+        labels = draws.randint(0, self.mixture.classes, n, generator)
+        noise = draws.randn((n, self.mixture.dim), generator)
         real = self.mixture.sample(labels, generator)
         cond = Cond(labels=labels, uncond=Cond(labels=torch.full_like(labels, -1)))
         return Batch(cond, noise, real, cond)
@@ -66,23 +65,25 @@ class PromptData:
         return self.real is not None
 
     def sample(self, n: int, generator: torch.Generator) -> Batch:
-        idx = rng.randint(0, len(self.prompts), n, generator)
-        noise = rng.randn((n, *self.shape), generator)
+        idx = draws.randint(0, len(self.prompts), n, generator)
+        noise = draws.randn((n, *self.shape), generator)
         batch = Batch(self.cond[idx.to(self.cond.embeds.device)], noise)
         if self.real is not None:
-            j = rng.randint(0, len(self.real), n, generator).to(self.real.device)
+            j = draws.randint(0, len(self.real), n, generator).to(self.real.device)
             batch.real, batch.real_cond = self.real[j], self.real_cond[self.real_caption[j]]
         return batch
 
 
+def read_prompt_file(path: str | Path) -> list[str]:
+    """One prompt per non-blank line (stripped); a missing file is refused in one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"prompt file {str(path)!r} not found")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
 def read_prompts(cfg: DataConfig) -> list[str]:
-    if cfg.prompt_file is None:
-        prompts = list(cfg.prompts)
-    else:
-        path = Path(cfg.prompt_file)
-        if not path.is_file():
-            raise ConfigError(f"prompt file {str(path)!r} not found")
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    prompts = list(cfg.prompts) if cfg.prompt_file is None else read_prompt_file(cfg.prompt_file)
     if not prompts:
         raise ConfigError("no prompts: data.prompts is empty or data.prompt_file has no non-blank line")
     return prompts
@@ -91,11 +92,7 @@ def read_prompts(cfg: DataConfig) -> list[str]:
 def real_latents(models: Models, spec: str) -> tuple[Tensor, list[str]]:
     """Real images as the teacher's latents, with a caption each: ``digits`` (the embedded teacher's training split,
     captioned by class) or a folder of images (caption from a same-named .txt beside each image, else empty)."""
-    from .preview import encode
-
     if spec == "digits":
-        from .zoo.digits_data import digits_split, prompt_for, to_rgb
-
         images, labels = digits_split(models.vae.config.sample_size)["train"]  # the teacher's image size
         images = to_rgb(images)
         captions = [prompt_for(int(k)) for k in labels]
@@ -104,13 +101,15 @@ def real_latents(models: Models, spec: str) -> tuple[Tensor, list[str]]:
     return encode(models, images), captions
 
 
-def read_image_folder(folder: Path, vae: torch.nn.Module) -> tuple[Tensor, list[str]]:
-    import numpy as np
-    from PIL import Image
+def image_files(folder: Path) -> list[Path]:
+    """The images of a folder (.png/.jpg/.jpeg/.webp, any case), sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
+
+def read_image_folder(folder: Path, vae: torch.nn.Module) -> tuple[Tensor, list[str]]:
     if not folder.is_dir():
         raise ConfigError(f"data.real {str(folder)!r} is neither `digits` nor an image folder")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    files = image_files(folder)
     if not files:
         raise ConfigError(f"data.real {str(folder)!r} holds no .png/.jpg/.jpeg/.webp image")
     size = vae.config.sample_size

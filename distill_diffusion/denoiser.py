@@ -3,7 +3,7 @@
 Like k-diffusion's ``external.py`` wrappers: whatever the wrapped network predicts (epsilon, v, x0, flow velocity),
 the adapter returns x0 through the teacher's `NoiseProcess`, so methods never look at ``prediction_type``.
 `Cond` carries everything a network is conditioned on, and the unconditional counterpart used by classifier-free
-guidance; methods never touch tokenizers or text encoders.
+guidance (CFG); methods never touch tokenizers or text encoders.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ class Cond:
     pooled, time_ids: SDXL's ``added_cond_kwargs`` (``text_embeds`` (B, P) and ``time_ids`` (B, 6)).
     labels: class labels (B,) for class-conditional networks (``UNet2DModel`` class embedding, the mixture teacher);
         -1 means "no class" (the unconditional branch of the mixture teacher).
-    guidance: (B,) the classifier-free guidance scale a w-conditioned student reads (Imagen convention, 1 = none;
-        embedded as ``w - 1`` like diffusers' LCM and SD pipelines do); networks without a guidance embedding, the
-        teacher among them, ignore it.
+    cfg_scale: (B,) the CFG scale w a student that reads its scale is given (Imagen convention, 1 = none; embedded
+        as ``w - 1`` like diffusers' LCM and SD pipelines do); networks without a CFG embedding, the teacher among
+        them, ignore it.
     uncond: the same fields for the null prompt / null class, batch-aligned; classifier-free guidance uses it.
     """
 
@@ -36,7 +36,7 @@ class Cond:
     pooled: Tensor | None = None
     time_ids: Tensor | None = None
     labels: Tensor | None = None
-    guidance: Tensor | None = None
+    cfg_scale: Tensor | None = None
     uncond: Cond | None = None
 
     def _tensors(self) -> dict[str, Tensor]:
@@ -59,7 +59,7 @@ class Cond:
         theirs = other._tensors()
         out = {}
         for k, v in self._tensors().items():
-            if k not in theirs:  # e.g. a student's guidance scale, which the null prompt does not carry
+            if k not in theirs:  # e.g. a student's CFG scale, which the null prompt does not carry
                 continue
             m = mask.to(v.device).reshape(-1, *([1] * (v.ndim - 1)))
             out[k] = torch.where(m, theirs[k], v)
@@ -112,8 +112,8 @@ class Denoiser(nn.Module):
             if cond.pooled is not None:
                 added = {"text_embeds": cond.pooled.to(dtype), "time_ids": cond.time_ids.to(dtype)}
             w_embed = None
-            if cond.guidance is not None and net.config.time_cond_proj_dim is not None:
-                w_embed = guidance_embedding(cond.guidance, net.config.time_cond_proj_dim).to(dtype)
+            if cond.cfg_scale is not None and net.config.time_cond_proj_dim is not None:
+                w_embed = cfg_embedding(cond.cfg_scale, net.config.time_cond_proj_dim).to(dtype)
             return net(x_in, t, encoder_hidden_states=cond.embeds.to(dtype), added_cond_kwargs=added,
                        timestep_cond=w_embed).sample
         if isinstance(net, UNet2DModel):
@@ -125,7 +125,7 @@ class Denoiser(nn.Module):
         return self.process.to_x0(self.raw(x_t, t, cond), x_t, t, self.prediction_type)
 
 
-def guidance_embedding(w: Tensor, dim: int) -> Tensor:
+def cfg_embedding(w: Tensor, dim: int) -> Tensor:
     """(B, dim) sinusoidal embedding of the CFG scale ``w`` (Imagen convention) as a w-conditioned UNet reads it
     through ``time_cond_proj_dim``: of ``w - 1``, times 1000, sines then cosines, as diffusers' pipelines compute it
     (``get_guidance_scale_embedding``, after the VDM / LCM code), so an export samples what the student learned."""
@@ -137,23 +137,23 @@ def guidance_embedding(w: Tensor, dim: int) -> Tensor:
     return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
 
 
-def guided_x0(denoiser: nn.Module, x_t: Tensor, t: Tensor, cond: Cond, guidance: float | Tensor = 1.0) -> Tensor:
+def cfg_x0(denoiser: nn.Module, x_t: Tensor, t: Tensor, cond: Cond, cfg_scale: float | Tensor = 1.0) -> Tensor:
     """Classifier-free guidance in x0 space (Ho & Salimans 2022), Imagen convention: 1 means no guidance.
 
     ``x0_u + w (x0_c - x0_u)``; x0, epsilon and v are affine in each other at fixed (x_t, t), so this equals guiding
-    the native prediction. Both branches run as one batch. ``guidance`` may be a (B,) tensor: one scale per sample
+    the native prediction. Both branches run as one batch. ``cfg_scale`` may be a (B,) tensor: one scale per sample
     (guidance-range training, LCM and guided progressive distillation).
     """
-    if not isinstance(guidance, Tensor) and guidance == 1.0:
+    if not isinstance(cfg_scale, Tensor) and cfg_scale == 1.0:
         return denoiser(x_t, t, cond)
     if cond.uncond is None:
         raise ValueError("classifier-free guidance needs cond.uncond (the null-prompt conditioning)")
     t = _as_batch(t, x_t)
-    both = Cond.cat([replace(cond.uncond, uncond=None, guidance=None), replace(cond, uncond=None, guidance=None)])
+    both = Cond.cat([replace(cond.uncond, uncond=None, cfg_scale=None), replace(cond, uncond=None, cfg_scale=None)])
     x0_u, x0_c = denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), both).chunk(2)
-    if isinstance(guidance, Tensor):
-        guidance = guidance.to(x0_c.dtype).reshape(-1, *([1] * (x0_c.ndim - 1)))
-    return x0_u + guidance * (x0_c - x0_u)
+    if isinstance(cfg_scale, Tensor):
+        cfg_scale = cfg_scale.to(x0_c.dtype).reshape(-1, *([1] * (x0_c.ndim - 1)))
+    return x0_u + cfg_scale * (x0_c - x0_u)
 
 
 def _as_batch(t: Tensor | float | int, x: Tensor) -> Tensor:

@@ -20,8 +20,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from . import rng
-from .denoiser import Cond, guidance_embedding
+from . import draws
+from .denoiser import Cond, cfg_embedding
 from .process import NoiseProcess
 
 
@@ -54,7 +54,7 @@ class GaussianMixture:
         return self.means.shape[1]
 
     def sample(self, labels: Tensor, generator: torch.Generator) -> Tensor:
-        eps = rng.randn((len(labels), self.dim), generator)
+        eps = draws.randn((len(labels), self.dim), generator)
         return self.means.to(eps.device)[labels] + self.std * eps
 
     def balanced_labels(self, n: int, device: torch.device | str = "cpu") -> Tensor:
@@ -92,7 +92,7 @@ class ResidualMLP(nn.Module):
     """``base(x_t, t, cond) + MLP(c_in x_t, log-SNR features, class)``, the MLP's last layer zero at init."""
 
     def __init__(self, base: nn.Module, process: NoiseProcess, dim: int, classes: int, hidden: int = 128,
-                 layers: int = 3, data_var: float = 1.0, guidance_dim: int | None = None, eps_features: bool = False):
+                 layers: int = 3, data_var: float = 1.0, cfg_dim: int | None = None, eps_features: bool = False):
         super().__init__()
         self.base = base
         self.process = process
@@ -108,9 +108,9 @@ class ResidualMLP(nn.Module):
         self.out = nn.Linear(hidden, dim)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
-        # a w-conditioned student reads cond.guidance through the same embedding a w-conditioned UNet gets
-        self.guidance_dim = guidance_dim
-        self.guidance_embed = nn.Linear(guidance_dim, hidden) if guidance_dim else None
+        # a w-conditioned student reads cond.cfg_scale through the same embedding a w-conditioned UNet gets
+        self.cfg_dim = cfg_dim
+        self.cfg_embed = nn.Linear(cfg_dim, hidden) if cfg_dim else None
         for p in self.base.parameters():
             p.requires_grad_(False)
 
@@ -127,8 +127,8 @@ class ResidualMLP(nn.Module):
         if self.eps_features:
             inputs.append((x_t - a * base.to(x_t.dtype)) / sigma)
         h = self.inp(torch.cat(inputs, -1)) + self.label_embed(labels)
-        if self.guidance_embed is not None:
-            w = cond.guidance if cond.guidance is not None else torch.ones(len(x_t), device=x_t.device)
-            h = h + self.guidance_embed(guidance_embedding(w, self.guidance_dim).to(h.dtype))
+        if self.cfg_embed is not None:
+            w = cond.cfg_scale if cond.cfg_scale is not None else torch.ones(len(x_t), device=x_t.device)
+            h = h + self.cfg_embed(cfg_embedding(w, self.cfg_dim).to(h.dtype))
         h = self.body(h)
         return base + self.out(h)

@@ -20,7 +20,16 @@ from pathlib import Path
 
 from PIL import Image
 
-from .config import Config, ConfigError
+from .config import Config
+from .data import read_prompt_file, read_prompts
+from .errors import ConfigError
+from .eval.generate import generate, load_model
+from .eval.sweep import run_sweep, table
+from .files import write_text_atomic
+from .pipelines.export import export_run, update_card
+from .pipelines.model_card import usage_code
+from .preview import PREVIEW_SEED, image_grid
+from .trainer import Trainer
 
 
 def _teacher_spec(cfg: Config) -> str:
@@ -32,19 +41,15 @@ def _teacher_spec(cfg: Config) -> str:
 
 
 def sample_grids(cfg: Config, student_spec: str, out_dir: Path) -> tuple[Path, Path]:
-    """Teacher (``grid_teacher_steps`` DDIM steps, ``grid_teacher_guidance``) and student on the same prompts and
+    """Teacher (``grid_teacher_steps`` DDIM steps, ``grid_teacher_cfg``) and student on the same prompts and
     seeds: one row per prompt, one column per seed."""
-    from .data import read_prompts
-    from .eval.generate import generate, load_model
-    from .preview import PREVIEW_SEED, image_grid
-
     ec = cfg.eval
     prompts = read_prompts(cfg.data)[: ec.grid_prompts]
     all_prompts = [p for p in prompts for _ in range(ec.grid_seeds)]
     seeds = [PREVIEW_SEED + j for _ in prompts for j in range(ec.grid_seeds)]
     paths = []
     for name, spec, kwargs in (
-        ("teacher", _teacher_spec(cfg), {"steps": ec.grid_teacher_steps, "guidance": ec.grid_teacher_guidance}),
+        ("teacher", _teacher_spec(cfg), {"steps": ec.grid_teacher_steps, "cfg_scale": ec.grid_teacher_cfg}),
         ("student", student_spec, {}),
     ):
         images, _ = generate(load_model(spec), all_prompts, seeds, progress=False, **kwargs)
@@ -58,11 +63,6 @@ def sample_grids(cfg: Config, student_spec: str, out_dir: Path) -> tuple[Path, P
 
 
 def run_job(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool = True) -> Path | None:
-    from distill_diffusion.pipelines.export import export_run, update_card
-
-    from .eval.sweep import run_sweep, table
-    from .trainer import Trainer
-
     run_dir = Path(run_dir)
     teacher = _teacher_spec(cfg)
     ec = cfg.eval
@@ -70,10 +70,9 @@ def run_job(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bo
     if ec.ref != "digits":
         if ec.prompt_file is None:
             raise ConfigError("eval.prompt_file is required when eval.ref is not digits")
-        from .config import DataConfig
-        from .data import read_prompts
-
-        prompts = read_prompts(DataConfig(prompt_file=ec.prompt_file))
+        prompts = read_prompt_file(ec.prompt_file)
+        if not prompts:
+            raise ConfigError(f"eval.prompt_file {ec.prompt_file!r} has no non-blank line")
     times = {}
     t0 = time.time()
     done = (run_dir / "final" / "student.safetensors").is_file() and resume
@@ -89,7 +88,7 @@ def run_job(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bo
     times["export_s"] = time.time() - t0
 
     t0 = time.time()
-    rows = run_sweep([str(export_dir), teacher], ec.ref, ec.nfe, ec.solvers, ec.guidance, ec.num_samples,
+    rows = run_sweep([str(export_dir), teacher], ec.ref, ec.nfe, ec.solvers, ec.teacher_cfg, ec.num_samples,
                      run_dir / "sweep", features=ec.features, batch_size=ec.batch_size, prompts=prompts,
                      cache_dir=run_dir / "sweep", progress=progress)
     times["sweep_s"] = time.time() - t0
@@ -133,12 +132,8 @@ def _headline(rows: list[dict], steps: int) -> list[str]:
 
 
 def write_report(cfg: Config, run_dir: Path, rows: list[dict], times: dict[str, float]) -> Path:
-    from .eval.sweep import table
-
     steps = len(cfg.model.timesteps)
     export_info = json.loads((run_dir / "export" / "export.json").read_text())
-    from distill_diffusion.pipelines.model_card import usage_code
-
     ec = cfg.eval
     lines = [
         f"# {cfg.method.upper()}: {steps}-step student of `{cfg.model.teacher}`",
@@ -159,7 +154,7 @@ def write_report(cfg: Config, run_dir: Path, rows: list[dict], times: dict[str, 
         "",
         "## Samples (same prompts and seeds; one row per prompt)",
         "",
-        f"Teacher, {ec.grid_teacher_steps} DDIM steps, CFG {ec.grid_teacher_guidance:g}:",
+        f"Teacher, {ec.grid_teacher_steps} DDIM steps, CFG {ec.grid_teacher_cfg:g}:",
         "",
         "![teacher](grid_teacher.png)",
         "",
@@ -175,8 +170,6 @@ def write_report(cfg: Config, run_dir: Path, rows: list[dict], times: dict[str, 
         "",
     ]
     path = run_dir / "report.md"
-    tmp = path.with_name(".tmp_report.md")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(path)
-    (run_dir / "report.json").write_text(json.dumps({"times": times, "rows": rows}, indent=1))
+    write_text_atomic(path, "\n".join(lines))
+    write_text_atomic(run_dir / "report.json", json.dumps({"times": times, "rows": rows}, indent=1))
     return path

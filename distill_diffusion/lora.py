@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .config import ConfigError
 from .denoiser import Cond, Denoiser
+from .errors import ConfigError
 from .process import NoiseProcess
 
 

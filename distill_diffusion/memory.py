@@ -21,7 +21,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .config import ConfigError
+from .errors import ConfigError
 from .roles import Models
 
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}

@@ -21,10 +21,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import rng
+from . import draws
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 KINDS = ("vp", "flow")
+CLEAN = -1  # the timestep of clean data, after a sampler's last step: alpha = 1, sigma = 0 for every kind
 
 
 class NoiseProcess:
@@ -82,21 +83,25 @@ class NoiseProcess:
 
     # ---------------------------------------------------------------- schedule
     def alpha_sigma(self, t: Tensor | float | int, like: Tensor) -> tuple[Tensor, Tensor]:
-        """alpha(t), sigma(t) shaped to broadcast against ``like`` (batch first), in ``like``'s dtype (>= fp32)."""
+        """alpha(t), sigma(t) shaped to broadcast against ``like`` (batch first), in ``like``'s dtype (>= fp32).
+        ``t`` may be `CLEAN` (per sample): alpha 1, sigma 0."""
         dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
         t = torch.as_tensor(t, device=like.device)
         if t.ndim == 0:
             t = t.expand(like.shape[0])
         if self.kind == "vp":
-            abar = self.alphas_cumprod.to(like.device)[t.round().long()]
+            index = t.round().long()
+            abar = self.alphas_cumprod.to(like.device)[index.clamp_min(0)]
+            abar = torch.where(index == CLEAN, torch.ones_like(abar), abar)
             alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
         else:
-            sigma = t.double() / self.num_train_timesteps
+            sigma = (t.double() / self.num_train_timesteps).clamp_min(0)
             alpha = 1 - sigma
         shape = (-1,) + (1,) * (like.ndim - 1)
         return alpha.to(dtype).reshape(shape), sigma.to(dtype).reshape(shape)
 
     def snr(self, t: Tensor) -> Tensor:
+        """alpha(t)^2 / sigma(t)^2 per sample, (B,) in fp32."""
         alpha, sigma = self.alpha_sigma(t, torch.zeros(len(t), device=t.device))
         return (alpha / sigma) ** 2
 
@@ -147,10 +152,9 @@ class NoiseProcess:
     def x0_to_eps(self, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         return self.from_x0(x0, x_t, t, "epsilon")
 
-    def ddim_step(self, x0: Tensor, x_t: Tensor, t: Tensor, t_next: Tensor | None) -> Tensor:
-        """Deterministic DDIM (eta = 0) move from t to t_next given x0; ``t_next=None`` means the clean end."""
-        if t_next is None:
-            return x0
+    def ddim_step(self, x0: Tensor, x_t: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
+        """Deterministic DDIM (eta = 0) move from t to t_next given x0, per sample; where ``t_next`` is `CLEAN` the
+        result is x0 itself."""
         eps = self.x0_to_eps(x0, x_t, t)
         return self.add_noise(x0, eps, t_next)
 
@@ -173,8 +177,8 @@ class NoiseProcess:
         T = self.num_train_timesteps
         if self.kind == "vp":
             a, b = int(lo * T), min(int(hi * T), T - 1)
-            return rng.randint(a, b + 1, n, generator).to(device)
-        u = rng.rand(n, generator).to(device)
+            return draws.randint(a, b + 1, n, generator).to(device)
+        u = draws.rand(n, generator).to(device)
         return (lo + (hi - lo) * u) * T
 
     def first_timestep(self) -> float:

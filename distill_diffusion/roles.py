@@ -1,12 +1,15 @@
-"""The three roles every method works with: teacher score, student generator, fake critic.
+"""The three roles every method works with, what a method needs of them, and what it receives each step.
 
-- `Teacher`: the frozen pretrained denoiser with classifier-free guidance, ``teacher.x0(x_t, t, cond, guidance)``.
+- `Teacher`: the frozen pretrained denoiser with classifier-free guidance, ``teacher.x0(x_t, t, cond, cfg_scale)``.
 - `Student`: a trainable denoiser used as a K-step generator on a fixed timestep list (``[999]`` or
-  ``[999, 749, 499, 249]``): predict x0, re-noise it to the next timestep, as DMD2 trains and LCMScheduler samples.
-- critic: a trainable `Denoiser` of the student's own distribution, initialised from the teacher.
+  ``[999, 749, 499, 249]``): predict x0, re-noise it to the next timestep (as DMD2 trains and LCMScheduler samples),
+  or deterministic DDIM on the list (progressive distillation).
+- critic: a trainable `Denoiser` of the student's own distribution, initialised from the teacher (or the teacher's
+  own frozen network, when only heads on its features train).
 
-`Models` bundles them with the noise process and what the family needs around the networks (text conditioning,
-VAE, the mixture). Built by `distill_diffusion.models.build_models`.
+`Models` bundles them with the noise process and what the family needs around the networks (text conditioning, VAE,
+the mixture); `distill_diffusion.factory.build_models` builds them, complete, from a `ModelConfig` and the method's
+`Needs`. A `Batch` is what the data gives a method each step.
 """
 
 from __future__ import annotations
@@ -17,11 +20,49 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import rng
-from .denoiser import Cond, Denoiser, guided_x0
+from .denoiser import Cond, Denoiser, cfg_x0
 from .gmm import GaussianMixture
 from .process import NoiseProcess
-from .sampling import ddim, multistep
+from .sampling import ddim, multistep, renoised, timestep_batch
+
+SAMPLERS = ("multistep", "ddim")
+CRITICS = ("copy", "lora", "teacher")
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a method needs from assembly, declared once (``Method.needs(cfg)``) and read by the factory.
+
+    critic: None (no critic), ``copy`` (a trainable full copy of the teacher's network), ``lora`` (a LoRA adapter
+        of rank ``critic_lora_rank`` on the teacher's own network) or ``teacher`` (the teacher's frozen network
+        itself: heads on its features train). ``model.critic_lora_rank`` overrides the kind: 0 a copy, r a LoRA.
+    student_sampler: how the student samples and exports: ``multistep`` (LCMScheduler) or ``ddim`` (DDIMScheduler).
+    student_reads_cfg: whether the method can train a student that reads its CFG scale (``model.cfg_embedding_dim``);
+        ``student_cfg`` is then the scale it samples, evaluates and exports at by default.
+    real_images: what real images are for (named in the error when ``data.real`` is missing); None: data-free.
+    copies_student: the method keeps a copy of the student (a target network), which a sharded student cannot give.
+    """
+
+    critic: str | None = None
+    critic_lora_rank: int = 0
+    student_sampler: str = "multistep"
+    student_reads_cfg: bool = False
+    student_cfg: float = 1.0
+    real_images: str | None = None
+    copies_student: bool = False
+
+    def __post_init__(self) -> None:
+        if self.critic is not None and self.critic not in CRITICS:
+            raise ValueError(f"unknown critic kind {self.critic!r}; choose one of: {', '.join(CRITICS)}")
+        if self.critic == "lora" and self.critic_lora_rank < 1:
+            raise ValueError(f"a LoRA critic needs a rank >= 1, got {self.critic_lora_rank}")
+        if self.student_sampler not in SAMPLERS:
+            raise ValueError(f"unknown student sampler {self.student_sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """The roles the method trains."""
+        return ("student", "critic") if self.critic is not None else ("student",)
 
 
 class Teacher(nn.Module):
@@ -31,26 +72,24 @@ class Teacher(nn.Module):
         super().__init__()
         self.denoiser = denoiser.requires_grad_(False).eval()
 
-    def x0(self, x_t: Tensor, t: Tensor, cond: Cond, guidance: float = 1.0) -> Tensor:
-        return guided_x0(self.denoiser, x_t, t, cond, guidance)
+    def x0(self, x_t: Tensor, t: Tensor, cond: Cond, cfg_scale: float | Tensor = 1.0) -> Tensor:
+        return cfg_x0(self.denoiser, x_t, t, cond, cfg_scale)
 
     def train(self, mode: bool = True) -> Teacher:  # stays in eval mode (no dropout) whatever the trainer asks
         return super().train(False)
-
-
-SAMPLERS = ("multistep", "ddim")
 
 
 class Student(nn.Module):
     """A K-step generator: ``sample(noise, cond)`` runs the fixed timestep list; ``forward`` is one evaluation.
 
     ``sampler``: ``multistep`` (predict x0, re-noise with fresh noise: DMD2, LCM; exported with LCMScheduler) or
-    ``ddim`` (deterministic DDIM on the list: progressive distillation; exported with a trailing DDIMScheduler). The
-    method decides (``Method.student_sampler``).
+    ``ddim`` (deterministic DDIM on the list: progressive distillation; exported with a trailing DDIMScheduler).
+    ``cfg_scale``: for a student that reads its CFG scale (``model.cfg_embedding_dim``), the scale it samples at
+    when ``cond.cfg_scale`` gives none; None for a student whose guidance is baked into its weights.
     """
 
     def __init__(self, denoiser: Denoiser, timesteps: list[float], sampler: str = "multistep",
-                 guidance: float | None = None):
+                 cfg_scale: float | None = None):
         super().__init__()
         denoiser.process.check_timesteps(list(timesteps))
         if sampler not in SAMPLERS:
@@ -58,21 +97,20 @@ class Student(nn.Module):
         self.denoiser = denoiser
         self.timesteps = list(timesteps)
         self.sampler = sampler
-        self.guidance = guidance
+        self.cfg_scale = cfg_scale
 
     @property
     def process(self) -> NoiseProcess:
         return self.denoiser.process
 
     @property
-    def w_conditioned(self) -> bool:
-        """Whether the student reads its CFG scale (``model.guidance_embedding``); ``guidance`` is then the scale it
-        samples at when ``cond.guidance`` gives none. Otherwise the scale it learned is baked in."""
-        return self.guidance is not None
+    def reads_cfg(self) -> bool:
+        """Whether the student reads its CFG scale (w-conditioned, as LCM's students are)."""
+        return self.cfg_scale is not None
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
-        if self.w_conditioned and cond.guidance is None:
-            cond = replace(cond, guidance=torch.full((len(x_t),), float(self.guidance), device=x_t.device))
+        if self.reads_cfg and cond.cfg_scale is None:
+            cond = replace(cond, cfg_scale=torch.full((len(x_t),), float(self.cfg_scale), device=x_t.device))
         return self.denoiser(x_t, t, cond)
 
     def sample(self, noise: Tensor, cond: Cond, generator: torch.Generator | list[torch.Generator]) -> Tensor:
@@ -86,14 +124,9 @@ class Student(nn.Module):
         DMD2's backward simulation (``sample_backward`` in tianweiy/DMD2 ``main/sd_unified_model.py``): roll the
         student out k steps from pure noise so training sees the inputs inference will see. k = 0 is pure noise.
         """
-        x = noise
         with torch.no_grad():
-            for i in range(k):
-                x0 = self(x, torch.full((len(x),), self.timesteps[i], device=x.device), cond)
-                eps = rng.randn(x0.shape, generator).to(x0.device, x0.dtype)
-                x = self.process.add_noise(x0, eps, torch.full((len(x),), self.timesteps[i + 1], device=x.device))
-        t = torch.full((len(x),), self.timesteps[k], device=x.device)
-        return x.detach(), t
+            x = renoised(lambda x, t: self(x, t, cond), noise, self.timesteps, self.process, generator, k)
+        return x.detach(), timestep_batch(self.timesteps[k], x)
 
 
 @dataclass
@@ -115,3 +148,16 @@ class Models:
         if self.critic is not None:
             roles["critic"] = self.critic
         return roles
+
+    def frozen(self) -> list[nn.Module]:
+        """The frozen modules that are not part of a trainable role: teacher, VAE, text encoders."""
+        text = list(self.text.encoders) if self.text is not None else []
+        return [m for m in (self.teacher, self.vae, *text) if m is not None]
+
+
+@dataclass
+class Batch:
+    cond: Cond
+    noise: Tensor  # the student's starting noise, shaped like a sample
+    real: Tensor | None = None  # real samples (latents for image teachers), for GAN terms; None when data-free
+    real_cond: Cond | None = None  # the real samples' own conditioning (their class / caption)

@@ -1,6 +1,7 @@
 """Samplers as pure functions of an x0 predictor, in the style of k-diffusion's ``sampling.py``.
 
-``x0_fn(x_t, t) -> x0_hat`` is any denoiser with its conditioning and guidance already bound.
+``x0_fn(x_t, t) -> x0_hat`` is any denoiser with its conditioning and CFG scale already bound. Every sampler walks a
+descending timestep list from pure noise; the clean end after the last timestep is `process.CLEAN`.
 """
 
 from __future__ import annotations
@@ -10,13 +11,14 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from . import rng
-from .process import NoiseProcess
+from .draws import randn
+from .process import CLEAN, NoiseProcess
 
 X0Fn = Callable[[Tensor, Tensor], Tensor]
 
 
-def _t(t: float, x: Tensor) -> Tensor:
+def timestep_batch(t: float, x: Tensor) -> Tensor:
+    """Timestep ``t`` for every row of ``x`` (integer-valued timesteps as long, as diffusers' pipelines pass them)."""
     return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long if float(t) == int(t) else torch.float32)
 
 
@@ -24,36 +26,29 @@ def ddim(x0_fn: X0Fn, noise: Tensor, timesteps: Sequence[float], process: NoiseP
     """Deterministic DDIM (Song et al. 2021, eta = 0) from pure noise through ``timesteps`` to the clean end."""
     x = noise
     for i, t in enumerate(timesteps):
-        t_now = _t(t, x)
-        x0 = x0_fn(x, t_now)
-        t_next = _t(timesteps[i + 1], x) if i + 1 < len(timesteps) else None
-        x = process.ddim_step(x0, x, t_now, t_next)
+        t_now = timestep_batch(t, x)
+        t_next = timestep_batch(timesteps[i + 1] if i + 1 < len(timesteps) else CLEAN, x)
+        x = process.ddim_step(x0_fn(x, t_now), x, t_now, t_next)
     return x
 
 
-def randn(shape: Sequence[int], generator: torch.Generator | list[torch.Generator], like: Tensor) -> Tensor:
-    """Standard normal noise; with a list of generators, row i is drawn from generator i (as diffusers does), so a
-    sample does not depend on which batch it was drawn in."""
-    if isinstance(generator, list):
-        if len(generator) != shape[0]:
-            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
-        rows = [torch.randn((1, *shape[1:]), generator=g, device=g.device) for g in generator]
-        return torch.cat(rows).to(like.device, like.dtype)
-    return rng.randn(shape, generator).to(like.device, like.dtype)
+def renoised(x0_fn: X0Fn, noise: Tensor, timesteps: Sequence[float], process: NoiseProcess,
+             generator: torch.Generator | list[torch.Generator], k: int) -> Tensor:
+    """The input of step k of the few-step sampler below: k times predict x0, then re-noise it with fresh noise to
+    the next timestep. k = 0 is the pure noise itself."""
+    x = noise
+    for i in range(k):
+        x0 = x0_fn(x, timestep_batch(timesteps[i], x))
+        x = process.add_noise(x0, randn(x0.shape, generator, x0), timestep_batch(timesteps[i + 1], x))
+    return x
 
 
 def multistep(
     x0_fn: X0Fn, noise: Tensor, timesteps: Sequence[float], process: NoiseProcess,
     generator: torch.Generator | list[torch.Generator],
 ) -> Tensor:
-    """Few-step student sampling (DMD2, LCM): predict x0, re-noise it with fresh noise to the next timestep.
-
-    The first input is pure noise at ``timesteps[0]``, as DMD2 and diffusers' ``LCMScheduler`` do.
-    """
-    x = noise
-    x0 = noise
-    for i, t in enumerate(timesteps):
-        x0 = x0_fn(x, _t(t, x))
-        if i + 1 < len(timesteps):
-            x = process.add_noise(x0, randn(x0.shape, generator, x0), _t(timesteps[i + 1], x))
-    return x0
+    """Few-step student sampling (DMD2, LCM): predict x0, re-noise it with fresh noise to the next timestep; the
+    last prediction is the sample. The first input is pure noise at ``timesteps[0]``, as DMD2 and diffusers'
+    ``LCMScheduler`` do."""
+    x = renoised(x0_fn, noise, timesteps, process, generator, len(timesteps) - 1)
+    return x0_fn(x, timestep_batch(timesteps[-1], x))

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .config import ConfigError
+from .errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import ConfigError
+from .errors import ConfigError
 
 # what the trainer takes from an accelerate DeepSpeed config's zero_optimization section (the rest is its own)
 ZERO_KEYS = {"stage", "allgather_partitions", "allgather_bucket_size", "overlap_comm", "reduce_scatter",

@@ -10,6 +10,7 @@ the same noise.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from distill_diffusion import zoo
+from distill_diffusion.assembly import Run
+from distill_diffusion.errors import ConfigError
+from distill_diffusion.latents import decode
+from distill_diffusion.rundir import load_finished_run
 
 SOLVERS = ("ddim", "euler", "dpmpp")
 
@@ -43,10 +50,12 @@ def make_scheduler(name: str, config: Any) -> Any:
 
 
 @dataclass
-class Model:
+class EvalModel:
+    """A model as evaluation sees it: a teacher pipeline, a finished run's student, or an export of one."""
+
     name: str
     pipeline: Any = None  # a diffusers pipeline (teachers and exports)
-    run: tuple | None = None  # (config, Models) of a distilled student
+    run: Run | None = None  # a finished run, assembled to sample (its student's trained weights loaded)
     export: dict | None = None  # export.json of an exported student: its timesteps and pipeline call
 
     @property
@@ -55,34 +64,26 @@ class Model:
 
     @property
     def timesteps(self) -> list:
-        return self.export["timesteps"] if self.export is not None else list(self.run[1].student.timesteps)
+        return self.export["timesteps"] if self.export is not None else list(self.run.models.student.timesteps)
 
     @property
     def student_steps(self) -> int:
         return len(self.timesteps)
 
 
-def load_model(spec: str) -> Model:
-    from distill_diffusion.config import ConfigError
-
-    if spec.startswith("embedded:"):
-        from distill_diffusion import zoo
-
-        return Model(spec, pipeline=zoo.load(spec))
+def load_model(spec: str) -> EvalModel:
+    if spec.startswith(zoo.PREFIX):
+        return EvalModel(spec, pipeline=zoo.load(spec))
     path = Path(spec)
     if (path / "config.yaml").is_file():
-        from distill_diffusion.trainer import load_student
-
-        return Model(spec, run=load_student(path))
+        return EvalModel(spec, run=load_finished_run(path))
     if (path / "model_index.json").is_file():
-        import json
-
         from diffusers import DiffusionPipeline
 
         pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True)
         pipe.set_progress_bar_config(disable=True)
         info = path / "export.json"
-        return Model(spec, pipeline=pipe, export=json.loads(info.read_text()) if info.is_file() else None)
+        return EvalModel(spec, pipeline=pipe, export=json.loads(info.read_text()) if info.is_file() else None)
     raise ConfigError(f"model {spec!r} is neither embedded:<name>, a diffusers pipeline directory nor a run directory")
 
 
@@ -95,7 +96,7 @@ def _to_uint8(images: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def generate(model: Model, prompts: list[str], seeds: list[int], steps: int | None = None, guidance: float = 1.0,
+def generate(model: EvalModel, prompts: list[str], seeds: list[int], steps: int | None = None, cfg_scale: float = 1.0,
              solver: str = "ddim", batch_size: int = 250, progress: bool = True,
              as_float: bool = False) -> tuple[np.ndarray, float]:
     """Images (N, H, W, 3) for prompts[i] / seeds[i] (uint8, or floats in [0, 1] with ``as_float``) and the total
@@ -113,9 +114,7 @@ def generate(model: Model, prompts: list[str], seeds: list[int], steps: int | No
             images = convert(model.pipeline(prompt=p, generator=gens, output_type="np",
                                             **model.export["call"]).images)
         elif model.run is not None:
-            from distill_diffusion.preview import decode
-
-            _, models = model.run
+            models = model.run.models
             cond = models.text.encode(p)
             # per-image generators: image i's start noise and re-noising depend on seeds[i] alone
             gens = [torch.Generator().manual_seed(k) for k in s]
@@ -126,7 +125,7 @@ def generate(model: Model, prompts: list[str], seeds: list[int], steps: int | No
             pipe = model.pipeline
             pipe.scheduler = make_scheduler(solver, pipe.scheduler.config)
             shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
-            images = convert(pipe(prompt=p, num_inference_steps=steps, guidance_scale=guidance,
+            images = convert(pipe(prompt=p, num_inference_steps=steps, guidance_scale=cfg_scale,
                                   latents=_noise(s, shape), output_type="np").images)
         seconds += time.perf_counter() - t0
         out.append(images)

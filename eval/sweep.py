@@ -16,27 +16,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
-from distill_diffusion.config import ConfigError
+from distill_diffusion import zoo
+from distill_diffusion.data import image_files
+from distill_diffusion.errors import ConfigError
+from distill_diffusion.zoo.digits_data import PROMPTS, digits_split, label_of_prompt
+from distill_diffusion.zoo.train_digits import TEACHER_SIZE
 
 from .fid import FeatureStats, cache_key, cached_stats, extract, feature_backend, fid_from_stats, kid, precision_recall
-from .generate import Model, generate, load_model
+from .generate import EvalModel, generate, load_model
 
 
 def reference_images(ref: str) -> np.ndarray:
     """``digits`` (the embedded teacher's training split, rendered as its images) or a folder of same-size images."""
     if ref == "digits":
-        from distill_diffusion.zoo.digits_data import digits_split
-        from distill_diffusion.zoo.train_digits import TEACHER_SIZE
-
         x, _ = digits_split(TEACHER_SIZE)["train"]
         return (x.repeat(1, 3, 1, 1).permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
     folder = Path(ref)
     if not folder.is_dir():
         raise ConfigError(f"reference {ref!r} is neither 'digits', a folder of images nor a .npz of statistics")
-    from PIL import Image
-
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    files = image_files(folder)
     if not files:
         raise ConfigError(f"reference folder {ref!r} holds no .png/.jpg/.webp images")
     images = []
@@ -51,24 +51,20 @@ def reference_images(ref: str) -> np.ndarray:
 
 
 def digit_prompts(n: int) -> list[str]:
-    from distill_diffusion.zoo.digits_data import PROMPTS
-
     return [PROMPTS[i % len(PROMPTS)] for i in range(n)]
 
 
 def prompt_accuracy(images: np.ndarray, prompts: list[str], classifier: torch.nn.Module) -> float:
-    from distill_diffusion.zoo.digits_data import label_of_prompt
-
     want = torch.tensor([label_of_prompt(p) for p in prompts])
     return float((classifier.predict(torch.as_tensor(images)) == want).float().mean())
 
 
-def _settings(model: Model, nfes: list[int], solvers: list[str], guidances: list[float]) -> list[tuple]:
+def _settings(model: EvalModel, nfes: list[int], solvers: list[str], teacher_cfgs: list[float]) -> list[tuple]:
     if model.is_student:
         return [("student", 1.0, model.student_steps, model.student_steps)]
     out = []
     for solver in solvers:
-        for w in guidances:
+        for w in teacher_cfgs:
             per_step = 2 if w > 1 else 1
             for nfe in nfes:
                 steps = nfe // per_step
@@ -77,7 +73,7 @@ def _settings(model: Model, nfes: list[int], solvers: list[str], guidances: list
     return out
 
 
-def run_sweep(models: list[str], ref: str, nfes: list[int], solvers: list[str], guidances: list[float],
+def run_sweep(models: list[str], ref: str, nfes: list[int], solvers: list[str], teacher_cfgs: list[float],
               num_samples: int, out_dir: str | Path, features: str = "auto", batch_size: int = 250,
               prompts: list[str] | None = None, cache_dir: str | Path | None = None,
               progress: bool = True) -> list[dict]:
@@ -86,8 +82,6 @@ def run_sweep(models: list[str], ref: str, nfes: list[int], solvers: list[str], 
     digits = ref == "digits"
     classifier = None
     if digits:
-        from distill_diffusion import zoo
-
         classifier = zoo.load("digits_classifier")
     backend = classifier if features == "auto" and digits else ("clean" if features == "auto" else features)
     feat = feature_backend(backend)
@@ -107,7 +101,7 @@ def run_sweep(models: list[str], ref: str, nfes: list[int], solvers: list[str], 
     rows = []
     for spec in models:
         model = load_model(spec)
-        for solver, w, steps, nfe in _settings(model, nfes, solvers, guidances):
+        for solver, w, steps, nfe in _settings(model, nfes, solvers, teacher_cfgs):
             images, seconds = generate(model, prompts, seeds, steps, w, solver, batch_size, progress)
             stats = FeatureStats.from_features(extract(images, feat))
             precision, recall = precision_recall(stats.features, reference.features)

@@ -1,7 +1,7 @@
 """Distillation methods, one small plugin per file; `METHODS` names them all."""
 
 from .adversarial import ADD, LADD, ADDConfig, LADDConfig
-from .base import Method, MethodConfig, configure_student
+from .base import Method, MethodConfig
 from .consistency import Consistency, ConsistencyConfig
 from .dmd2 import DMD2, DMD2Config
 from .progressive import Progressive, ProgressiveConfig
@@ -19,6 +19,6 @@ METHODS: dict[str, type[Method]] = {
     "vsd": VSD,
 }
 
-__all__ = ["METHODS", "Method", "MethodConfig", "configure_student", "ADD", "ADDConfig", "Consistency",
+__all__ = ["METHODS", "Method", "MethodConfig", "ADD", "ADDConfig", "Consistency",
            "ConsistencyConfig", "DMD2", "DMD2Config", "LADD", "LADDConfig", "Progressive", "ProgressiveConfig",
            "ScoreConfig", "ScoreMethod", "SiD", "SiDConfig", "VSD", "VSDConfig"]

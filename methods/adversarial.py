@@ -31,11 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill_diffusion.config import ConfigError
-from distill_diffusion.data import Batch
+from distill_diffusion import draws
+from distill_diffusion.errors import ConfigError
+from distill_diffusion.roles import Batch, Needs
 
 from . import gan
-from .base import AlternatingMethod, MethodConfig, randn
+from .base import AlternatingMethod, MethodConfig, noised
 
 GAN_LOSSES = ("softplus", "hinge")
 
@@ -54,7 +55,7 @@ class LADDConfig(MethodConfig):
     r1_weight: float = 0.0  # approximate R1 (FastGen: 100 - 1000); 0 = off
     r1_sigma: float = 0.1
     distill_weight: float = 0.0  # ADD's distillation term (2.5 in ADD); 0 = pure LADD
-    guidance: float = 1.0  # teacher CFG in the distillation term
+    teacher_cfg: float = 1.0  # teacher CFG scale in the distillation term
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -65,8 +66,8 @@ class LADDConfig(MethodConfig):
             raise ConfigError(f"unknown {name}.gan_loss {self.gan_loss!r}; choose one of: {', '.join(GAN_LOSSES)}")
         if not 0 <= self.t_min <= self.t_max <= 1:
             raise ConfigError(f"{name} needs 0 <= t_min <= t_max <= 1, got t_min={self.t_min}, t_max={self.t_max}")
-        if self.r1_weight < 0 or self.r1_sigma <= 0 or self.distill_weight < 0 or self.guidance < 0:
-            raise ConfigError(f"{name}: r1_weight, distill_weight and guidance must be >= 0 and r1_sigma > 0")
+        if self.r1_weight < 0 or self.r1_sigma <= 0 or self.distill_weight < 0 or self.teacher_cfg < 0:
+            raise ConfigError(f"{name}: r1_weight, distill_weight and teacher_cfg must be >= 0 and r1_sigma > 0")
 
 
 @dataclass
@@ -76,25 +77,25 @@ class ADDConfig(LADDConfig):
 
 class LADD(AlternatingMethod):
     config_class = LADDConfig
-    frozen_critic = True
-    real_data_use = "the discriminator's real images"
+
+    @classmethod
+    def needs(cls, cfg: LADDConfig) -> Needs:
+        """The teacher's own frozen network as the discriminator's body, and real images."""
+        return Needs(critic="teacher", real_images="the discriminator's real images")
 
     def __init__(self, cfg: LADDConfig, models):  # noqa: ANN001
         super().__init__(cfg, models)
         gan.attach_head(models.critic, seed=models.seed + 2)
 
-    @property
-    def needs_real_data(self) -> bool:
-        return True
-
     def noised(self, x: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        t = self.models.process.sample_timesteps(len(x), self.cfg.t_min, self.cfg.t_max, generator)
-        return self.models.process.add_noise(x, randn(x.shape, generator, x), t), t
+        """x noised at t ~ U[t_min T, t_max T] (the discriminator's noise levels)."""
+        x_t, t, _ = noised(self.models.process, x, self.cfg.t_min, self.cfg.t_max, generator)
+        return x_t, t
 
     def d(self, x_t: Tensor, t: Tensor, cond) -> Tensor:  # noqa: ANN001
         return gan.logits(self.models.critic, x_t, t, cond)
 
-    def generator_loss(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+    def student_loss(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         cfg = self.cfg
         x = self.student_sample(batch, generator, grad=True)
         fake_t, t = self.noised(x, generator)
@@ -110,10 +111,9 @@ class LADD(AlternatingMethod):
     def distill_loss(self, x: Tensor, batch: Batch, generator: torch.Generator) -> Tensor:
         """ADD: alpha_t-weighted distance of the sample to the teacher's denoising of its re-noised self."""
         m = self.models
-        t = m.process.sample_timesteps(len(x), 0.0, 1.0, generator)
         with torch.no_grad():
-            x_t = m.process.add_noise(x.detach(), randn(x.shape, generator, x), t)
-            target = m.teacher.x0(x_t, t, batch.cond, self.cfg.guidance).to(x.dtype)
+            x_t, t, _ = noised(m.process, x.detach(), 0.0, 1.0, generator)
+            target = m.teacher.x0(x_t, t, batch.cond, self.cfg.teacher_cfg).to(x.dtype)
         alpha, _ = m.process.alpha_sigma(t, x.float())
         return (alpha.flatten() * (x.float() - target.float()).pow(2).flatten(1).mean(1)).mean()
 
@@ -130,7 +130,7 @@ class LADD(AlternatingMethod):
             loss = (F.relu(1 + d_fake) + F.relu(1 - d_real)).mean()
         logs = {"loss_gan_critic": loss.item(), "d_real": d_real.mean().item(), "d_fake": d_fake.mean().item()}
         if cfg.r1_weight > 0:
-            jitter = real_t + cfg.r1_sigma * randn(real_t.shape, generator, real_t)
+            jitter = real_t + cfg.r1_sigma * draws.randn(real_t.shape, generator, real_t)
             r1 = (d_real - self.d(jitter, t_r, batch.real_cond)).pow(2).mean()
             loss = loss + cfg.r1_weight * r1
             logs["r1"] = r1.item()

@@ -1,7 +1,8 @@
 """The plugin interface every method implements, and the config fields the trainer reads from every method.
 
-A method says which role updates at a step (`phase`) and what that role's loss is (`loss`). It never sees an
-accelerator, a device, an optimizer, a logger or a file: the trainer owns those.
+A method declares what it needs of assembly (`Method.needs`: its critic, how its student samples, real images), says
+which role updates at a step (`phase`) and what that role's loss is (`loss`). It never sees an accelerator, a device,
+an optimizer, a logger or a file: the trainer owns those.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from distill_diffusion import rng
-from distill_diffusion.config import ConfigError
-from distill_diffusion.data import Batch
-from distill_diffusion.roles import Models
-from distill_diffusion.sampling import randn  # noqa: F401  (the methods draw their noise through it)
+from distill_diffusion import draws
+from distill_diffusion.denoiser import Cond
+from distill_diffusion.errors import ConfigError
+from distill_diffusion.process import NoiseProcess
+from distill_diffusion.roles import Batch, Models, Needs
 
 
 @dataclass
@@ -40,24 +41,20 @@ class MethodConfig:
 
 
 class Method(ABC):
-    """Base class: ``phase(step) -> role`` and ``loss(phase, batch, generator) -> (loss, logs)``."""
+    """Base class: ``needs(cfg) -> Needs``, ``phase(step) -> role`` and ``loss(phase, batch, generator) ->
+    (loss, logs)``. ``generator`` is always the random number generator (a ``torch.Generator``)."""
 
     config_class: type[MethodConfig] = MethodConfig
-    roles: tuple[str, ...] = ("student",)  # the roles this method trains
 
     def __init__(self, cfg: MethodConfig, models: Models):
-        missing = [r for r in self.roles if r not in models.trainable()]
-        if missing:
-            raise ConfigError(f"method {type(self).__name__} needs a {missing[0]}; set model.critic: true")
         self.cfg = cfg
         self.models = models
+        self.needs = type(self).needs(cfg)
 
-    student_sampler: str = "multistep"  # how the student samples and exports: multistep (LCMScheduler) | ddim
-    real_data_use: str = "a GAN term"  # what the real images are for, named in the error when none are given
-    frozen_critic: bool = False  # the default critic is the teacher's own frozen network (heads on its features)
-    guidance_conditioned: bool = False  # a w-conditioned student (model.guidance_embedding) can learn from it
-    critic_lora_rank: int = 0  # the default critic: 0 = a full copy of the teacher, r = a rank-r LoRA on its base
-    copies_student: bool = False  # keeps a deepcopy of the student (a target network): refused when it is sharded
+    @classmethod
+    def needs(cls, cfg: MethodConfig) -> Needs:
+        """What this method needs of assembly (`distill_diffusion.roles.Needs`); default: a student alone."""
+        return Needs()
 
     def phase(self, step: int) -> str:
         return "student"
@@ -67,24 +64,12 @@ class Method(ABC):
              ) -> tuple[Tensor, dict[str, float]]:
         """The scalar loss of role ``phase`` on ``batch`` at train step ``step``, and a dict of floats to log."""
 
-    @property
-    def needs_real_data(self) -> bool:
-        """Whether `loss` reads ``batch.real`` (real images: a GAN term, or the data a trajectory method noises)."""
-        return False
-
     def lr(self, role: str) -> float:
         return {"student": self.cfg.lr_student, "critic": self.cfg.lr_critic}[role]
 
     def lr_at(self, role: str, step: int) -> float:
         """The learning rate of ``role`` at train step ``step`` (constant unless a method schedules it)."""
         return self.lr(role)
-
-    @classmethod
-    def student_guidance(cls, cfg: MethodConfig) -> float:
-        """The CFG scale a w-conditioned student samples, evaluates and exports at: the method's ``sample_guidance``,
-        else its ``guidance`` (the low end of its range)."""
-        sample = getattr(cfg, "sample_guidance", None)
-        return float(sample if sample is not None else getattr(cfg, "guidance", 1.0))
 
     def after_update(self, phase: str, step: int) -> None:
         """Called once the optimizer of role ``phase`` has stepped (e.g. to move an EMA target); default: nothing."""
@@ -99,40 +84,45 @@ class Method(ABC):
         return None
 
 
-def configure_student(models: Models, method_cls: type[Method], cfg: MethodConfig) -> None:
-    """What the method decides about its student: how it samples and, when it reads its CFG scale
-    (``model.guidance_embedding``), at which scale it samples by default. The trainer and `load_student` call it."""
-    models.student.sampler = method_cls.student_sampler
-    if models.student.w_conditioned:
-        if not method_cls.guidance_conditioned:
-            raise ConfigError(f"model.guidance_embedding (a student that reads its CFG scale) is for consistency and "
-                              f"progressive, whose teacher solver is guided; {method_cls.__name__} bakes its guidance "
-                              "in: set it to null")
-        models.student.guidance = float(method_cls.student_guidance(cfg))
+def noised(process: NoiseProcess, x: Tensor, lo: float, hi: float, generator: torch.Generator
+           ) -> tuple[Tensor, Tensor, Tensor]:
+    """(x_t, t, eps): x noised at t uniform over the fractions [lo, hi] of training time (t drawn first, then eps);
+    x_t keeps x's graph."""
+    t = process.sample_timesteps(len(x), lo, hi, generator)
+    eps = draws.randn(x.shape, generator, x)
+    return process.add_noise(x, eps, t), t, eps
 
 
-def draw_guidance(lo: float, hi: float | None, n: int, generator: torch.Generator) -> Tensor | float:
+def default_student_cfg(cfg: MethodConfig) -> float:
+    """The CFG scale a student that reads its scale samples, evaluates and exports at: the method's ``student_cfg``,
+    else its ``teacher_cfg`` (the low end of its range)."""
+    return float(cfg.student_cfg if cfg.student_cfg is not None else cfg.teacher_cfg)
+
+
+def draw_cfg_scales(lo: float, hi: float | None, n: int, generator: torch.Generator) -> Tensor | float:
     """CFG scales for n samples: ``lo`` when there is no range, else w ~ U[lo, hi] per sample (LCM's w range)."""
     if hi is None or hi == lo:
         return lo
-    return lo + (hi - lo) * rng.rand(n, generator)
+    return lo + (hi - lo) * draws.rand(n, generator)
 
 
-def student_cond(student: torch.nn.Module, cond, w: Tensor | float):  # noqa: ANN001, ANN201
-    """``cond`` carrying the scales ``w`` when the student reads them (a w-conditioned student), else unchanged."""
-    if not student.w_conditioned:
+def student_cond(student: torch.nn.Module, cond: Cond, w: Tensor | float) -> Cond:
+    """``cond`` carrying the scales ``w`` when the student reads its CFG scale, else unchanged."""
+    if not student.reads_cfg:
         return cond
     device = cond.embeds.device if cond.embeds is not None else cond.labels.device
     w = w.to(device) if isinstance(w, Tensor) else torch.full((cond.batch_size,), float(w), device=device)
-    return replace(cond, guidance=w)
+    return replace(cond, cfg_scale=w)
 
 
 class AlternatingMethod(Method):
     """A student and a critic updated in the ratio ``cfg.critic_updates`` : 1 (the score family's fake critic, an
-    adversarial method's discriminator); subclasses give `generator_loss` and `critic_loss`. The config needs
+    adversarial method's discriminator); subclasses give `student_loss` and `critic_loss`. The config needs
     ``critic_updates`` and ``backward_simulation``."""
 
-    roles = ("student", "critic")
+    @classmethod
+    def needs(cls, cfg: MethodConfig) -> Needs:
+        return Needs(critic="copy")
 
     def phase(self, step: int) -> str:
         """``critic_updates`` critic steps, then one student step (DMD2's two time-scale rule; 1:1 in SiD, VSD)."""
@@ -141,13 +131,13 @@ class AlternatingMethod(Method):
     def loss(self, phase: str, batch: Batch, generator: torch.Generator, step: int = 0
              ) -> tuple[Tensor, dict[str, float]]:
         if phase == "student":
-            return self.generator_loss(batch, generator)
+            return self.student_loss(batch, generator)
         if phase == "critic":
             return self.critic_loss(batch, generator)
         raise ValueError(f"unknown phase {phase!r}; choose one of: student, critic")
 
     @abstractmethod
-    def generator_loss(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+    def student_loss(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         """The student's loss."""
 
     @abstractmethod

@@ -10,9 +10,9 @@ points of the teacher's probability-flow ODE. On a DDIM grid of ``grid_steps`` t
     L       = d( f_theta(x, t_n+k),  sg f_target(x_prev, t_n) )        d: pseudo-Huber sqrt(r^2 + c^2) - c, or L2
 
 with the boundary scalings c_skip = s_d^2 / ((10 t)^2 + s_d^2), c_out = 10 t / sqrt((10 t)^2 + s_d^2), s_d = 0.5 (so
-f(x, 0) = x), the teacher guided at w ~ U[guidance, guidance_max] (Imagen convention: 1 = none), which a student
-with ``model.guidance_embedding`` also reads (LCM's w-embedding: it then samples at any w of the range), the target
-network an EMA of the student (decay 0.95) or, for a LoRA student, the online student itself under no_grad
+f(x, 0) = x), the teacher guided at w ~ U[teacher_cfg, teacher_cfg_max] (Imagen convention: 1 = none), which a
+student with ``model.cfg_embedding_dim`` also reads (LCM's w-embedding: it then samples at any w of the range), the
+target network an EMA of the student (decay 0.95) or, for a LoRA student, the online student itself under no_grad
 (LCM-LoRA). At the student's own timesteps (>= 159) c_skip < 1e-7, so the exported LCMScheduler samples exactly what
 the student learns.
 The student samples with the multistep (re-noise) sampler, as LCMScheduler does.
@@ -31,12 +31,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill_diffusion import rng
-from distill_diffusion.config import ConfigError
-from distill_diffusion.data import Batch
+from distill_diffusion import draws
+from distill_diffusion.errors import ConfigError
 from distill_diffusion.lora import SharedDenoiser, own_parameters
+from distill_diffusion.roles import Batch, Needs
 
-from .base import Method, MethodConfig, draw_guidance, load_param_state, param_state, randn, student_cond
+from .base import (
+    Method,
+    MethodConfig,
+    default_student_cfg,
+    draw_cfg_scales,
+    load_param_state,
+    param_state,
+    student_cond,
+)
 
 LOSSES = ("huber", "l2")
 
@@ -47,9 +55,9 @@ class ConsistencyConfig(MethodConfig):
     weight_decay: float = 0.0
     grid_steps: int = 50  # the DDIM solver's grid (LCM's num_ddim_timesteps): k = skip * T / grid_steps
     skip: int = 1  # grid intervals the teacher solver jumps per step
-    guidance: float = 1.0  # teacher CFG (Imagen convention, 1 = none); the range's low end with guidance_max
-    guidance_max: float | None = None  # w ~ U[guidance, guidance_max] per sample (LCM: U[5, 15] for SD 1.5)
-    sample_guidance: float | None = None  # a w-conditioned student's default scale (null: guidance)
+    teacher_cfg: float = 1.0  # teacher CFG scale (Imagen convention, 1 = none); the range's low end with the max
+    teacher_cfg_max: float | None = None  # w ~ U[teacher_cfg, teacher_cfg_max] per sample (LCM: U[5, 15], SD 1.5)
+    student_cfg: float | None = None  # the scale a student that reads it samples at by default (null: teacher_cfg)
     loss: str = "huber"  # huber (pseudo-Huber) | l2
     huber_c: float = 1e-3
     target_ema: float | None = None  # target = EMA of the student; null: 0.95, or 0 (the online student) for LoRA
@@ -61,9 +69,9 @@ class ConsistencyConfig(MethodConfig):
         if self.grid_steps < 1 or self.skip < 1 or self.skip >= self.grid_steps:
             raise ConfigError(f"consistency needs grid_steps >= 1 and 1 <= skip < grid_steps, got grid_steps="
                               f"{self.grid_steps}, skip={self.skip}")
-        if self.guidance < 0 or (self.guidance_max is not None and self.guidance_max < self.guidance):
-            raise ConfigError(f"consistency.guidance must be >= 0 and guidance_max (if set) >= guidance, got "
-                              f"{self.guidance} and {self.guidance_max}")
+        if self.teacher_cfg < 0 or (self.teacher_cfg_max is not None and self.teacher_cfg_max < self.teacher_cfg):
+            raise ConfigError(f"consistency.teacher_cfg must be >= 0 and teacher_cfg_max (if set) >= teacher_cfg, got "
+                              f"{self.teacher_cfg} and {self.teacher_cfg_max}")
         if self.loss not in LOSSES:
             raise ConfigError(f"unknown consistency.loss {self.loss!r}; choose one of: {', '.join(LOSSES)}")
         if self.huber_c <= 0 or self.sigma_data <= 0 or self.timestep_scaling <= 0:
@@ -74,10 +82,12 @@ class ConsistencyConfig(MethodConfig):
 
 class Consistency(Method):
     config_class = ConsistencyConfig
-    roles = ("student",)
-    copies_student = True  # the EMA target network
-    guidance_conditioned = True
-    real_data_use = "consistency distillation noises real data"
+
+    @classmethod
+    def needs(cls, cfg: ConsistencyConfig) -> Needs:
+        """Real data to noise; a copy of the student (the EMA target); a student that may read its CFG scale."""
+        return Needs(real_images="consistency distillation noises real data", copies_student=True,
+                     student_reads_cfg=True, student_cfg=default_student_cfg(cfg))
 
     def __init__(self, cfg: ConsistencyConfig, models):  # noqa: ANN001
         super().__init__(cfg, models)
@@ -103,9 +113,6 @@ class Consistency(Method):
             self._target = copy.deepcopy(self.models.student).requires_grad_(False).eval()
         return self._target
 
-    @property
-    def needs_real_data(self) -> bool:
-        return True
 
     def scalings(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
         """LCM's boundary scalings (c_skip, c_out), f(x, 0) = x."""
@@ -131,11 +138,11 @@ class Consistency(Method):
         x0, cond = batch.real, batch.real_cond
         n = len(x0)
         # 1. a grid point t_n+k and the point the solver reaches, t_n = t_n+k - k (clamped at 0)
-        idx = rng.randint(0, len(self.grid), n, generator)
+        idx = draws.randint(0, len(self.grid), n, generator)
         t = torch.tensor(self.grid, device=x0.device)[idx.to(x0.device)]
         t_prev = (t - self.k).clamp_min(0)
-        x_t = m.process.add_noise(x0, randn(x0.shape, generator, x0), t)
-        w = draw_guidance(cfg.guidance, cfg.guidance_max, n, generator)
+        x_t = m.process.add_noise(x0, draws.randn(x0.shape, generator, x0), t)
+        w = draw_cfg_scales(cfg.teacher_cfg, cfg.teacher_cfg_max, n, generator)
         cond_w = student_cond(m.student, cond, w)  # a w-conditioned student (and its target) read w itself
         # 2. the online student's consistency function at t_n+k
         pred = self.consistency_fn(m.student, x_t, t, cond_w)

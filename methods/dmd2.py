@@ -7,14 +7,14 @@ Eq. 7). With x = G(z), t ~ U[t_min, t_max], x_t = alpha_t x + sigma_t eps:
     grad = ((x - x0_real(x_t)) - (x - x0_fake(x_t))) / mean_{C,H,W} |x - x0_real(x_t)|        (DMD Eq. 8)
     L_G  = 0.5 || x - sg(x - grad) ||^2        (so dL_G/dx = grad; no backprop through teacher or critic)
 
-x0_real uses classifier-free guidance at scale `guidance`; x0_fake never does (the reference asserts fake guidance
+x0_real uses classifier-free guidance at scale ``teacher_cfg``; x0_fake never does (the reference asserts fake guidance
 1). The critic minimises the denoising loss on detached student samples over all t (Sec. 4.1), several times per
 generator update (the two time-scale update rule, Sec. 4.2); multi-step students train each step on their own
 rolled-out input (backward simulation, Sec. 4.5; `ScoreMethod.student_sample`).
 
 GAN (Sec. 4.3, `methods/gan.py`): a head on the critic's bottleneck tells noised real images from noised student
 samples. The critic adds ``gan_critic_weight * [softplus(D(fake)) + softplus(-D(real))]`` to its denoising loss; the
-student adds ``gan_generator_weight * softplus(-D(G(z)_t))``, its gradient flowing through the (frozen) critic.
+student adds ``gan_student_weight * softplus(-D(G(z)_t))``, its gradient flowing through the (frozen) critic.
 Both weights 0 (the default) make the method data-free. ``gan_start`` switches the GAN on at that many student
 updates and ``stage2_lr_student`` lowers the student's learning rate from then on: the paper's two-stage SD 1.5
 schedule (40k iterations at lr 1e-5 without GAN, then GAN 1e-3 at lr 5e-7) in one config
@@ -33,24 +33,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill_diffusion.config import ConfigError
-from distill_diffusion.data import Batch
+from distill_diffusion.errors import ConfigError
+from distill_diffusion.roles import Batch
 
 from .score import ScoreConfig, ScoreMethod, per_sample_mean_abs
 
 
 @dataclass
 class DMD2Config(ScoreConfig):
-    guidance: float = 1.75  # teacher CFG scale for the real score (1.75 SD 1.5, 8 SDXL in the paper)
+    teacher_cfg: float = 1.75  # teacher CFG scale for the real score (1.75 SD 1.5, 8 SDXL in the paper)
     critic_updates: int = 5  # critic updates per generator update (dfake_gen_update_ratio: 10 SD 1.5, 5 SDXL)
     # the GAN weights (ScoreConfig): 1e-3 SD 1.5 stage 2, 5e-3 SDXL, 3e-3 ImageNet for the student; 1e-2 critic
     stage2_lr_student: float | None = None  # the student's learning rate from `gan_start` on (5e-7 for SD 1.5)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.critic_guidance != 1 or self.critic_train_guidance != 1:
+        if self.critic_cfg != 1 or self.critic_train_cfg != 1:
             raise ConfigError("dmd2 evaluates and trains the critic without guidance (the reference asserts fake "
-                              "guidance 1): leave critic_guidance and critic_train_guidance at 1, or use sid")
+                              "guidance 1): leave critic_cfg and critic_train_cfg at 1, or use sid")
         if self.stage2_lr_student is not None and self.stage2_lr_student <= 0:
             raise ConfigError(f"dmd2.stage2_lr_student must be > 0 (or null), got {self.stage2_lr_student}")
 
@@ -63,7 +63,7 @@ class DMD2(ScoreMethod):
             return self.cfg.stage2_lr_student
         return self.lr(role)
 
-    def generator_loss(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+    def student_loss(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         m, cfg = self.models, self.cfg
         # 1. the student's sample, with gradient
         x = self.student_sample(batch, generator, grad=True)

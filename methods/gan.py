@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from distill_diffusion.config import ConfigError
 from distill_diffusion.denoiser import Cond, Denoiser
+from distill_diffusion.errors import ConfigError
 from distill_diffusion.gmm import ResidualMLP
 
 

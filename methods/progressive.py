@@ -12,18 +12,18 @@ round's student samples on ``model.timesteps`` (which must be the trailing list 
                                                                               (x~ = z_t'' when t'' is the clean end)
     L     = w(t) || x_hat_student(z_t, t) - x~ ||^2,   w = max(SNR(t), 1) ("truncated SNR") or SNR(t) + 1 (v-MSE)
 
-The first round's teacher is the pretrained model, guided at ``guidance`` (1 = none): the student then carries that
+The first round's teacher is the pretrained model, guided at ``teacher_cfg`` (1 = none): the student then carries that
 guidance, and later rounds (whose teacher is the previous student) use none.
 
-Guided distillation (Meng et al., CVPR 2023, arXiv:2210.03142): with ``model.guidance_embedding`` the student reads
+Guided distillation (Meng et al., CVPR 2023, arXiv:2210.03142): with ``model.cfg_embedding_dim`` the student reads
 its CFG scale w (the embedding LCM and diffusers' pipelines use) and a first stage of ``steps_per_round`` steps
-teaches it the guided teacher at w ~ U[guidance, guidance_max] on every timestep,
+teaches it the guided teacher at w ~ U[teacher_cfg, teacher_cfg_max] on every timestep,
 
     L = w(t) || x_hat_student(z_t, t, w) - x0_teacher^w(z_t, t) ||^2,     t ~ U{0 .. T-1}
 
 after which the halving rounds run as above with the previous student, at the same per-sample w, as the teacher;
 the exported student samples at any w in the range (``guidance_scale=w``). The learning rate anneals linearly to 0
-within each round, as the reference does. The student samples with deterministic DDIM (``student_sampler = ddim``)
+within each round, as the reference does. The student samples with deterministic DDIM (its `Needs`)
 and exports with a trailing ``DDIMScheduler``.
 
 Checked against google-research ``diffusion_distillation/diffusion_distillation/dpm.py`` (``training_losses``: the
@@ -40,12 +40,22 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from distill_diffusion import rng
-from distill_diffusion.config import ConfigError
-from distill_diffusion.data import Batch
+from distill_diffusion import draws
+from distill_diffusion.errors import ConfigError
 from distill_diffusion.lora import own_parameters
+from distill_diffusion.process import CLEAN
+from distill_diffusion.roles import Batch, Needs
 
-from .base import Method, MethodConfig, draw_guidance, load_param_state, param_state, randn, student_cond
+from .base import (
+    Method,
+    MethodConfig,
+    default_student_cfg,
+    draw_cfg_scales,
+    load_param_state,
+    noised,
+    param_state,
+    student_cond,
+)
 
 WEIGHTINGS = ("truncated_snr", "snr_plus_one")
 
@@ -57,9 +67,9 @@ class ProgressiveConfig(MethodConfig):
     start_steps: int | None = None  # the first round's teacher DDIM steps (e.g. 32); null: 2 x the student's (1 round)
     steps_per_round: int = 1000  # train steps per round; train.steps = rounds x steps_per_round (more: last round)
     weighting: str = "truncated_snr"  # truncated_snr: max(SNR, 1) on the x0 error | snr_plus_one: the v error
-    guidance: float = 1.0  # CFG of the first round's teacher (Imagen convention, 1 = none); a range's low end
-    guidance_max: float | None = None  # w ~ U[guidance, guidance_max] for a w-conditioned student (Meng et al.)
-    sample_guidance: float | None = None  # a w-conditioned student's default scale (null: guidance)
+    teacher_cfg: float = 1.0  # CFG scale of the first round's teacher (Imagen convention, 1 = none); a range's low end
+    teacher_cfg_max: float | None = None  # w ~ U[teacher_cfg, teacher_cfg_max] for a student that reads w (Meng)
+    student_cfg: float | None = None  # the scale a student that reads it samples at by default (null: teacher_cfg)
     anneal: bool = True  # learning rate linearly to 0 within each round
 
     def __post_init__(self) -> None:
@@ -71,18 +81,19 @@ class ProgressiveConfig(MethodConfig):
         if self.weighting not in WEIGHTINGS:
             raise ConfigError(f"unknown progressive.weighting {self.weighting!r}; choose one of: "
                               f"{', '.join(WEIGHTINGS)}")
-        if self.guidance < 0 or (self.guidance_max is not None and self.guidance_max < self.guidance):
-            raise ConfigError(f"progressive.guidance must be >= 0 (1 = no guidance) and guidance_max (if set) >= "
-                              f"guidance, got {self.guidance} and {self.guidance_max}")
+        if self.teacher_cfg < 0 or (self.teacher_cfg_max is not None and self.teacher_cfg_max < self.teacher_cfg):
+            raise ConfigError(f"progressive.teacher_cfg must be >= 0 (1 = no guidance) and teacher_cfg_max (if set) "
+                              f">= teacher_cfg, got {self.teacher_cfg} and {self.teacher_cfg_max}")
 
 
 class Progressive(Method):
     config_class = ProgressiveConfig
-    roles = ("student",)
-    student_sampler = "ddim"
-    copies_student = True  # each round's teacher is a copy of the student
-    real_data_use = "progressive distillation noises real data"
-    guidance_conditioned = True
+
+    @classmethod
+    def needs(cls, cfg: ProgressiveConfig) -> Needs:
+        """Real data to noise; a DDIM student; a copy of it (each round's teacher); it may read its CFG scale."""
+        return Needs(student_sampler="ddim", real_images="progressive distillation noises real data",
+                     copies_student=True, student_reads_cfg=True, student_cfg=default_student_cfg(cfg))
 
     def __init__(self, cfg: ProgressiveConfig, models):  # noqa: ANN001
         super().__init__(cfg, models)
@@ -99,18 +110,15 @@ class Progressive(Method):
         if start % k or rounds != int(rounds) or rounds < 1:
             raise ConfigError(f"progressive.start_steps ({start}) must be the student's step count ({k}) times a "
                               "power of 2 (e.g. 8 -> 4 is one round, 32 -> 4 three)")
-        if cfg.guidance_max is not None and not models.student.w_conditioned:
-            raise ConfigError("progressive.guidance_max (a range of guidance scales) needs a student that reads its "
-                              "scale: set model.guidance_embedding (e.g. 256)")
+        if cfg.teacher_cfg_max is not None and not models.student.reads_cfg:
+            raise ConfigError("progressive.teacher_cfg_max (a range of CFG scales) needs a student that reads its "
+                              "scale: set model.cfg_embedding_dim (e.g. 256)")
         self.start, self.rounds = start, int(rounds)
-        self.stage = 1 if models.student.w_conditioned else 0  # the guided stage before the halving rounds
+        self.stage = 1 if models.student.reads_cfg else 0  # the guided stage before the halving rounds
         self.round = 0
         self._names = list(own_parameters(models.student))
         self.round_teacher: torch.nn.Module | None = None  # rounds >= 1: the previous round's student, frozen
 
-    @property
-    def needs_real_data(self) -> bool:
-        return True
 
     def round_of(self, step: int) -> int:
         """Round r of the run: r < `stage` is the guided stage, later rounds halve the teacher's steps."""
@@ -132,29 +140,19 @@ class Progressive(Method):
 
     def teacher_x0(self, x_t: Tensor, t: Tensor, cond) -> Tensor:  # noqa: ANN001
         """The round's teacher: the guided pretrained model in round 0, else the previous round's student, which
-        reads the per-sample scale in ``cond.guidance`` when it is w-conditioned."""
+        reads the per-sample scale in ``cond.cfg_scale`` when it reads one."""
         if self.round == 0:
-            return self.models.teacher.x0(x_t, t, cond, self.cfg.guidance)
+            return self.models.teacher.x0(x_t, t, cond, self.cfg.teacher_cfg)
         return self.round_teacher(x_t, t, cond)
 
-    def _alpha_sigma(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
-        """alpha, sigma with t < 0 meaning the clean end (alpha 1, sigma 0)."""
-        a, s = self.models.process.alpha_sigma(t.clamp_min(0), like)
-        clean = (t < 0).reshape(a.shape)
-        return torch.where(clean, torch.ones_like(a), a), torch.where(clean, torch.zeros_like(s), s)
-
-    def _ddim(self, x0: Tensor, x_t: Tensor, t: Tensor, s: Tensor) -> Tensor:
-        a_t, s_t = self._alpha_sigma(t, x_t)
-        a_s, s_s = self._alpha_sigma(s, x_t)
-        eps = (x_t - a_t * x0) / s_t
-        return a_s * x0 + s_s * eps
-
     def target(self, z_t: Tensor, t: Tensor, t_mid: Tensor, t_end: Tensor, cond) -> Tensor:  # noqa: ANN001
-        """The x0 whose single DDIM step from (z_t, t) lands where two teacher steps land at t_end."""
-        z_mid = self._ddim(self.teacher_x0(z_t, t, cond).to(z_t.dtype), z_t, t, t_mid)
-        z_end = self._ddim(self.teacher_x0(z_mid, t_mid, cond).to(z_t.dtype), z_mid, t_mid, t_end)
-        a_t, s_t = self._alpha_sigma(t, z_t)
-        a_e, s_e = self._alpha_sigma(t_end, z_t)
+        """The x0 whose single DDIM step from (z_t, t) lands where two teacher steps land at t_end (`CLEAN` where
+        the second step ends at the data)."""
+        process = self.models.process
+        z_mid = process.ddim_step(self.teacher_x0(z_t, t, cond).to(z_t.dtype), z_t, t, t_mid)
+        z_end = process.ddim_step(self.teacher_x0(z_mid, t_mid, cond).to(z_t.dtype), z_mid, t_mid, t_end)
+        a_t, s_t = process.alpha_sigma(t, z_t)
+        a_e, s_e = process.alpha_sigma(t_end, z_t)
         ratio = s_e / s_t
         return (z_end - ratio * z_t) / (a_e - ratio * a_t)
 
@@ -168,14 +166,14 @@ class Progressive(Method):
         if r < self.stage:
             return self.guided_stage_loss(x0, cond, generator)
         if self.stage:  # a w-conditioned student and its round teacher read per-sample scales
-            w = draw_guidance(self.cfg.guidance, self.cfg.guidance_max, len(x0), generator)
+            w = draw_cfg_scales(self.cfg.teacher_cfg, self.cfg.teacher_cfg_max, len(x0), generator)
             cond = student_cond(m.student, cond, w)
         n_student = self.teacher_steps(r) // 2
-        grid = m.process.trailing_timesteps(self.teacher_steps(r)) + [-1]  # -1: the clean end
+        grid = m.process.trailing_timesteps(self.teacher_steps(r)) + [CLEAN]
         grid = torch.tensor(grid, device=x0.device)
-        i = rng.randint(0, n_student, len(x0), generator).to(x0.device)
+        i = draws.randint(0, n_student, len(x0), generator).to(x0.device)
         t, t_mid, t_end = grid[2 * i], grid[2 * i + 1], grid[2 * i + 2]
-        z_t = m.process.add_noise(x0, randn(x0.shape, generator, x0), t)
+        z_t = m.process.add_noise(x0, draws.randn(x0.shape, generator, x0), t)
         with torch.no_grad():
             x_target = self.target(z_t, t, t_mid, t_end, cond)
         loss = self.regression(m.student(z_t, t, cond), x_target, z_t, t)
@@ -185,9 +183,8 @@ class Progressive(Method):
                           ) -> tuple[Tensor, dict[str, float]]:
         """Meng et al.'s first stage: the w-conditioned student matches the teacher guided at w, on every t."""
         m = self.models
-        w = draw_guidance(self.cfg.guidance, self.cfg.guidance_max, len(x0), generator)
-        t = m.process.sample_timesteps(len(x0), 0.0, 1.0, generator)
-        z_t = m.process.add_noise(x0, randn(x0.shape, generator, x0), t)
+        w = draw_cfg_scales(self.cfg.teacher_cfg, self.cfg.teacher_cfg_max, len(x0), generator)
+        z_t, t, _ = noised(m.process, x0, 0.0, 1.0, generator)
         with torch.no_grad():
             x_target = m.teacher.x0(z_t, t, cond, w)
         loss = self.regression(m.student(z_t, t, student_cond(m.student, cond, w)), x_target, z_t, t)
@@ -195,8 +192,7 @@ class Progressive(Method):
 
     def regression(self, x_hat: Tensor, x_target: Tensor, z_t: Tensor, t: Tensor) -> Tensor:
         """The x0 regression with the configured weighting (truncated SNR, or SNR + 1: the v error)."""
-        a, s = self.models.process.alpha_sigma(t, z_t.float())
-        snr = (a / s).pow(2).flatten()
+        snr = self.models.process.snr(t)
         weight = snr.clamp_min(1.0) if self.cfg.weighting == "truncated_snr" else snr + 1
         per_sample = (x_hat.float() - x_target.float()).pow(2).flatten(1).mean(1)
         return (weight * per_sample).mean()

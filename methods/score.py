@@ -2,9 +2,9 @@
 teacher ("real score") and a fake critic fitted to the student's own samples. They differ only in the generator
 loss; this module holds the rest.
 
-- `ScoreConfig`: teacher / critic guidance kept separate (SiD-LSG's kappas: the critic trains through
-  ``critic_train_guidance`` and is evaluated in the student's loss at ``critic_guidance``; the teacher at
-  ``guidance``), the critic's prompt dropout, the update ratio, the generator-loss timestep range.
+- `ScoreConfig`: teacher / critic CFG scales kept separate (SiD-LSG's kappas: the critic trains through
+  ``critic_train_cfg`` and is evaluated in the student's loss at ``critic_cfg``; the teacher at ``teacher_cfg``), the
+  critic's prompt dropout, the update ratio, the generator-loss timestep range.
 - `ScoreMethod.critic_loss`: the critic's denoising loss on detached student samples, t over the whole range
   (DMD2 ``compute_loss_fake``; SiD ``SID_EDMLoss.__call__``; SwiftBrush's LoRA loss with 10% null prompts and
   an alpha_t^2 weight on the epsilon error).
@@ -13,7 +13,7 @@ The critic is a full copy of the teacher or, with ``model.critic_lora_rank``, a 
 weights (`distill_diffusion.lora`): every method here gets either through config. Likewise the GAN head on the
 critic's bottleneck (DMD2 Sec. 4.3, `methods/gan.py`): ``gan_critic_weight`` adds its classification loss on noised
 real vs student images to the critic's loss here, for every method; each method adds the student's side
-(``gan_generator_weight``) in its own units (DMD2 and VSD: the mean softplus, SiD: SiDA's per-sample form).
+(``gan_student_weight``) in its own units (DMD2 and VSD: the mean softplus, SiD: SiDA's per-sample form).
 """
 
 from __future__ import annotations
@@ -24,22 +24,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill_diffusion import rng
-from distill_diffusion.config import ConfigError
-from distill_diffusion.data import Batch
-from distill_diffusion.denoiser import Cond, guided_x0
+from distill_diffusion import draws
+from distill_diffusion.denoiser import Cond, cfg_x0
+from distill_diffusion.errors import ConfigError
+from distill_diffusion.roles import Batch, Needs
 
 from . import gan
-from .base import AlternatingMethod, MethodConfig, randn
+from .base import AlternatingMethod, MethodConfig, noised
 
 CRITIC_TARGETS = ("native", "epsilon", "v_prediction", "sample", "flow")
 
 
 @dataclass
 class ScoreConfig(MethodConfig):
-    guidance: float = 1.0  # teacher CFG in the student's loss (1 = none)
-    critic_guidance: float = 1.0  # CFG on the critic in the student's loss (SiD-LSG kappa_2; SwiftBrush = guidance)
-    critic_train_guidance: float = 1.0  # CFG the critic's own denoising loss is computed through (SiD-LSG kappa_1)
+    teacher_cfg: float = 1.0  # teacher CFG scale in the student's loss (1 = none)
+    critic_cfg: float = 1.0  # CFG on the critic in the student's loss (SiD-LSG kappa_2; SwiftBrush = teacher_cfg)
+    critic_train_cfg: float = 1.0  # CFG the critic's own denoising loss is computed through (SiD-LSG kappa_1)
     critic_dropout: float = 0.0  # fraction of critic-training rows given the null prompt (SwiftBrush 0.1)
     critic_updates: int = 1  # critic updates per student update
     t_min: float = 0.02  # student-loss timesteps, as fractions of T (20 .. 980 in DMD2, SiD for SD, SwiftBrush)
@@ -47,14 +47,14 @@ class ScoreConfig(MethodConfig):
     backward_simulation: bool = True  # multi-step students train on their own rollouts
     critic_target: str = "native"  # critic loss space: native (the network's own: eps for SD) | epsilon | ...
     critic_weighting: str = "uniform"  # uniform | alpha2 (SwiftBrush: MSE(alpha_t eps_hat, alpha_t eps))
-    gan_generator_weight: float = 0.0  # student's GAN weight (DMD2: 1e-3 SD 1.5 stage 2, 5e-3 SDXL; SiDA: 1)
+    gan_student_weight: float = 0.0  # student's GAN weight (DMD2: 1e-3 SD 1.5 stage 2, 5e-3 SDXL; SiDA: 1)
     gan_critic_weight: float = 0.0  # critic's GAN weight beside its per-element denoising loss (DMD2: 1e-2); 0 = off
     gan_start: int = 0  # student updates before the GAN terms switch on (stage 2 of DMD2's SD 1.5 schedule)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         name = type(self).__name__.removesuffix("Config").lower()
-        for key in ("guidance", "critic_guidance", "critic_train_guidance"):
+        for key in ("teacher_cfg", "critic_cfg", "critic_train_cfg"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{name}.{key} must be >= 0 (1 = no guidance), got {getattr(self, key)}")
         if not 0 <= self.critic_dropout < 1:
@@ -69,8 +69,8 @@ class ScoreConfig(MethodConfig):
         if self.critic_weighting not in ("uniform", "alpha2"):
             raise ConfigError(f"unknown {name}.critic_weighting {self.critic_weighting!r}; choose one of: "
                               "uniform, alpha2")
-        if self.gan_generator_weight < 0 or self.gan_critic_weight < 0 or self.gan_start < 0:
-            raise ConfigError(f"{name}.gan_generator_weight, gan_critic_weight and gan_start must be >= 0")
+        if self.gan_student_weight < 0 or self.gan_critic_weight < 0 or self.gan_start < 0:
+            raise ConfigError(f"{name}.gan_student_weight, gan_critic_weight and gan_start must be >= 0")
 
 
 def drop_prompts(cond: Cond, p: float, generator: torch.Generator) -> Cond:
@@ -79,26 +79,26 @@ def drop_prompts(cond: Cond, p: float, generator: torch.Generator) -> Cond:
         return cond
     if cond.uncond is None:
         raise ConfigError("critic_dropout needs unconditional conditioning (the null prompt / null class)")
-    drop = rng.rand(cond.batch_size, generator) < p
+    drop = draws.rand(cond.batch_size, generator) < p
     return cond.where(drop, cond.uncond)
 
 
 class ScoreMethod(AlternatingMethod):
-    """Critic updates and student updates in the ratio ``critic_updates`` : 1; subclasses give `generator_loss`."""
+    """Critic updates and student updates in the ratio ``critic_updates`` : 1; subclasses give `student_loss`."""
 
     config_class = ScoreConfig
-    real_data_use = "the GAN head's real images"
+
+    @classmethod
+    def needs(cls, cfg: ScoreConfig) -> Needs:
+        """A full copy of the teacher as the critic; real images when the GAN head is on."""
+        return Needs(critic="copy", real_images="the GAN head's real images" if uses_gan(cfg) else None)
 
     def __init__(self, cfg: ScoreConfig, models):  # noqa: ANN001
         super().__init__(cfg, models)
-        self.use_gan = cfg.gan_generator_weight > 0 or cfg.gan_critic_weight > 0
+        self.use_gan = uses_gan(cfg)
         self._gan_now = False
         if self.use_gan:
             gan.attach_head(models.critic, seed=models.seed + 2)
-
-    @property
-    def needs_real_data(self) -> bool:
-        return self.use_gan
 
     def student_updates(self, step: int) -> int:
         """How many student updates come before train step ``step``."""
@@ -109,7 +109,7 @@ class ScoreMethod(AlternatingMethod):
 
     def gan_student_now(self) -> bool:
         """Whether the student's loss takes its GAN term at this step."""
-        return self._gan_now and self.cfg.gan_generator_weight > 0
+        return self._gan_now and self.cfg.gan_student_weight > 0
 
     def loss(self, phase: str, batch: Batch, generator: torch.Generator, step: int = 0
              ) -> tuple[Tensor, dict[str, float]]:
@@ -118,7 +118,7 @@ class ScoreMethod(AlternatingMethod):
 
     def add_gan_student(self, loss: Tensor, logs: dict[str, float], x: Tensor, batch: Batch,
                         generator: torch.Generator) -> Tensor:
-        """``loss`` plus ``gan_generator_weight * mean softplus(-D(x_t))`` when the GAN is on, x_t = x noised at
+        """``loss`` plus ``gan_student_weight * mean softplus(-D(x_t))`` when the GAN is on, x_t = x noised at
         t ~ U[0, T): fool the head, the gradient flowing through the (frozen) critic's encoder into x (DMD2
         ``compute_generator_clean_cls_loss``). SiD adds its own per-sample form instead."""
         if not self.gan_student_now():
@@ -126,19 +126,17 @@ class ScoreMethod(AlternatingMethod):
         fake_t, t, _ = self.noised(x, generator, 0.0, 1.0)
         loss_gan = F.softplus(-gan.logits(self.models.critic, fake_t, t, batch.cond)).mean()
         logs["loss_gan_student"] = loss_gan.item()
-        return loss + self.cfg.gan_generator_weight * loss_gan
+        return loss + self.cfg.gan_student_weight * loss_gan
 
     def noised(self, x: Tensor, generator: torch.Generator, lo: float, hi: float) -> tuple[Tensor, Tensor, Tensor]:
         """(x_t, t, eps) with t uniform over the fractions [lo, hi] of training time; x_t keeps x's graph."""
-        t = self.models.process.sample_timesteps(len(x), lo, hi, generator)
-        eps = randn(x.shape, generator, x)
-        return self.models.process.add_noise(x, eps, t), t, eps
+        return noised(self.models.process, x, lo, hi, generator)
 
     def real_x0(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
-        return self.models.teacher.x0(x_t, t, cond, self.cfg.guidance)
+        return self.models.teacher.x0(x_t, t, cond, self.cfg.teacher_cfg)
 
     def fake_x0(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
-        return guided_x0(self.models.critic, x_t, t, cond, self.cfg.critic_guidance)
+        return cfg_x0(self.models.critic, x_t, t, cond, self.cfg.critic_cfg)
 
     def critic_loss(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         x = self.student_sample(batch, generator, grad=False).detach()
@@ -160,7 +158,7 @@ class ScoreMethod(AlternatingMethod):
         m, cfg = self.models, self.cfg
         x_t, t, _ = self.noised(x, generator, 0.0, 1.0)
         cond = drop_prompts(cond, cfg.critic_dropout, generator)
-        x0_hat = guided_x0(m.critic, x_t, t, cond, cfg.critic_train_guidance)
+        x0_hat = cfg_x0(m.critic, x_t, t, cond, cfg.critic_train_cfg)
         target = m.critic.prediction_type if cfg.critic_target == "native" else cfg.critic_target
         per_sample = m.process.denoising_loss(x0_hat, x, x_t, t, target)
         if cfg.critic_weighting == "alpha2":
@@ -168,6 +166,11 @@ class ScoreMethod(AlternatingMethod):
             per_sample = alpha.pow(2) * per_sample
         loss = per_sample.mean()
         return loss, {"loss_critic": loss.item()}
+
+
+def uses_gan(cfg: ScoreConfig) -> bool:
+    """Whether the critic carries the GAN head (either side's weight is set)."""
+    return cfg.gan_student_weight > 0 or cfg.gan_critic_weight > 0
 
 
 def per_sample_mean_abs(x: Tensor) -> Tensor:

@@ -14,13 +14,13 @@ dropped. The critic is fitted to the student's samples by the usual denoising lo
 update (1:1 alternation), Adam betas (0, 0.999) for both (the reference's defaults).
 
 SiDA (Zhou et al., ICLR 2025, arXiv:2410.14919) adds the GAN head of the shared critic (`methods/gan.py`,
-``gan_generator_weight`` / ``gan_critic_weight`` with real images in ``data.real``): the student's extra term is the
+``gan_student_weight`` / ``gan_critic_weight`` with real images in ``data.real``): the student's extra term is the
 head's non-saturating loss at the *same* noised sample, logits clamped to [-10, 10], scaled per sample like SiD's
 sum (times C*H*W) and divided by the same normaliser w:
 
-    L_G += gan_generator_weight * C*H*W * softplus(-D(x_t)) / w
+    L_G += gan_student_weight * C*H*W * softplus(-D(x_t)) / w
 
-SiDA weighs the two halves 0.5 / 0.5, i.e. ``gan_generator_weight: 1``. Its critic adds the head's loss on noised
+SiDA weighs the two halves 0.5 / 0.5, i.e. ``gan_student_weight: 1``. Its critic adds the head's loss on noised
 real and student images at weight 1 beside a denoising loss summed over C*H*W, about 1e-3 .. 1e-2 in this package's
 per-element units (``gan_critic_weight``; DMD2's 1e-2). Checked against mingyuanzhou/SiD ``sida/training/
 sida_loss.py`` (``generator_share_encoder_loss``, ``fakescore_discriminator_share_encoder_loss``) and
@@ -28,8 +28,8 @@ sida_loss.py`` (``generator_share_encoder_loss``, ``fakescore_discriminator_shar
 output itself, here it is DMD2's small conv head on the bottleneck; SiDA noises the critic's real and fake images
 with one draw, here each has its own.
 
-Guidance is kept in three places (SiD-LSG): the critic trains through ``critic_train_guidance`` (kappa_1), is
-evaluated in the student's loss at ``critic_guidance`` (kappa_2 = kappa_3) and the teacher at ``guidance``
+Guidance is kept in three places (SiD-LSG): the critic trains through ``critic_train_cfg`` (kappa_1), is
+evaluated in the student's loss at ``critic_cfg`` (kappa_2 = kappa_3) and the teacher at ``teacher_cfg``
 (kappa_4). SiD-LSG's SD student reads pure noise at t_init = 625: set ``model.timesteps: [625]``; a multi-step
 student trains on its own rollouts like every method of this family.
 
@@ -46,8 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill_diffusion.config import ConfigError
-from distill_diffusion.data import Batch
+from distill_diffusion.errors import ConfigError
+from distill_diffusion.roles import Batch
 
 from . import gan
 from .score import ScoreConfig, ScoreMethod, per_sample_mean_abs
@@ -70,7 +70,7 @@ class SiDConfig(ScoreConfig):
 class SiD(ScoreMethod):
     config_class = SiDConfig
 
-    def generator_loss(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+    def student_loss(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         cfg = self.cfg
         # 1. the student's sample and its noised version, both keeping the graph back to the student
         x = self.student_sample(batch, generator, grad=True)
@@ -93,6 +93,6 @@ class SiD(ScoreMethod):
         if d is not None:  # 5. SiDA: fool the head at the same x_t, in SiD's per-sample units
             gan_per_sample = F.softplus(-d[ok].clamp(-10, 10)) * x[0].numel() / w.flatten()
             logs["loss_gan_student"] = gan_per_sample.mean().item() if len(per_sample) else 0.0
-            per_sample = per_sample + cfg.gan_generator_weight * gan_per_sample
+            per_sample = per_sample + cfg.gan_student_weight * gan_per_sample
         loss = per_sample.mean() if len(per_sample) else x.sum() * 0
         return loss, logs

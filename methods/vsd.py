@@ -7,8 +7,8 @@ x_t = alpha_t x + sigma_t eps, the student follows the epsilon-space VSD gradien
     grad = w(t) (eps_teacher(x_t) - eps_critic(x_t)),    w(t) = sigma_t^2 = 1 - alpha_bar_t
     L_G  = 0.5 || x - sg(x - grad) ||^2
 
-with both networks under no_grad and classifier-free guidance on both at the same scale (``guidance`` and
-``critic_guidance``, 4.5 in SwiftBrush). The critic is a LoRA adapter on the teacher's own UNet (the teacher is that
+with both networks under no_grad and classifier-free guidance on both at the same scale (``teacher_cfg`` and
+``critic_cfg``, 4.5 in SwiftBrush). The critic is a LoRA adapter on the teacher's own UNet (the teacher is that
 UNet with the adapter off; `distill_diffusion.lora`), trained 1:1 with the student by an alpha_t^2-weighted epsilon
 loss, MSE(alpha_t eps_hat, alpha_t eps), with 10% of prompts replaced by the null prompt so its unconditional branch
 learns too; its learning rate is far above the student's (1e-3 vs 1e-6).
@@ -29,15 +29,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill_diffusion.data import Batch
+from distill_diffusion.roles import Batch, Needs
 
-from .score import ScoreConfig, ScoreMethod
+from .score import ScoreConfig, ScoreMethod, uses_gan
 
 
 @dataclass
 class VSDConfig(ScoreConfig):
-    guidance: float = 4.5  # SwiftBrush's CFG scale, on the teacher...
-    critic_guidance: float = 4.5  # ...and on the LoRA critic
+    teacher_cfg: float = 4.5  # SwiftBrush's CFG scale, on the teacher...
+    critic_cfg: float = 4.5  # ...and on the LoRA critic
     critic_dropout: float = 0.1  # null prompts in the critic's loss
     critic_weighting: str = "alpha2"  # MSE(alpha_t eps_hat, alpha_t eps)
     lr_student: float = 1e-6
@@ -47,9 +47,15 @@ class VSDConfig(ScoreConfig):
 
 class VSD(ScoreMethod):
     config_class = VSDConfig
-    critic_lora_rank = 64  # SwiftBrush's LoRA critic; model.critic_lora_rank overrides (0 = full weights)
 
-    def generator_loss(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+    @classmethod
+    def needs(cls, cfg: VSDConfig) -> Needs:
+        """SwiftBrush's critic: a rank-64 LoRA on the teacher's UNet (``model.critic_lora_rank`` overrides; 0 = a
+        full copy)."""
+        return Needs(critic="lora", critic_lora_rank=64,
+                     real_images="the GAN head's real images" if uses_gan(cfg) else None)
+
+    def student_loss(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         m, cfg = self.models, self.cfg
         x = self.student_sample(batch, generator, grad=True)
         x_t, t, _ = self.noised(x.detach(), generator, cfg.t_min, cfg.t_max)

@@ -13,7 +13,7 @@ the teacher's own pipeline class.
   ``DiffusionPipeline.from_pretrained(OUT)(prompt)`` is the whole call.
 - SDXL teachers export as ``StableDiffusionXLPipeline``; its default of 50 steps cannot be stored in the
   checkpoint, so the model card gives the exact call (``num_inference_steps=K``); CFG is off by itself (the UNet
-  carries a zero guidance embedding, `export_unet`).
+  carries a zero CFG-scale embedding, `export_unet`).
 - Students trained as LoRA adapters export also (``--lora``) as diffusers LoRA weights for the teacher's own
   pipeline class, with the scheduler beside them; the call adds ``guidance_scale=0``.
 
@@ -33,12 +33,16 @@ from typing import Any
 
 import torch
 
-from distill_diffusion.config import ConfigError
+from distill_diffusion.errors import ConfigError
+from distill_diffusion.factory import with_cfg_embedding
 from distill_diffusion.files import replace_dir
+from distill_diffusion.rundir import load_finished_run
+
+from .model_card import model_card
 
 EXPORT_INFO = "export.json"
 C_SKIP_MAX = 1e-7  # LCM boundary scaling left in the export's sampler: negligible against the 1e-4 parity bound
-GUIDANCE_EMBED_DIM = 256  # LCM's w-embedding width; the projection is zero (see `export_unet`)
+CFG_EMBEDDING_DIM = 256  # LCM's w-embedding width; the projection is zero (see `export_unet`)
 
 
 def lcm_scheduler(teacher_scheduler_config: dict, timesteps: list[int]) -> Any:
@@ -96,13 +100,13 @@ def _schedule(scheduler: Any, **kwargs: Any) -> list[int] | None:
 
 
 def call_arguments(scheduler: Any, timesteps: list[int], family: str, lora: bool,
-                   guidance: float | None = None) -> dict[str, Any]:
+                   cfg_scale: float | None = None) -> dict[str, Any]:
     """The fewest pipeline arguments that make the export sample on ``timesteps`` without CFG.
 
-    Full exports carry a guidance embedding (see `export_unet`), which turns CFG off in both
+    Full exports carry a CFG-scale embedding (see `export_unet`), which turns CFG off in both
     ``LatentConsistencyModelPipeline`` and ``StableDiffusionXLPipeline``; a LoRA applied to the teacher's own
-    pipeline does not, so there ``guidance_scale=0`` is part of the call. A w-conditioned student
-    (``guidance``: its default scale) reads ``guidance_scale`` through that embedding, so the call names it.
+    pipeline does not, so there ``guidance_scale=0`` is part of the call. A student that reads its CFG scale
+    (``cfg_scale``: its default scale) reads ``guidance_scale`` through that embedding, so the call names it.
     """
     k = len(timesteps)
     lcm_pipe = family == "sd" and type(scheduler).__name__ == "LCMScheduler"
@@ -114,19 +118,15 @@ def call_arguments(scheduler: Any, timesteps: list[int], family: str, lora: bool
         kwargs = {"timesteps": list(timesteps)}
     if lora:
         kwargs["guidance_scale"] = 0.0
-    elif guidance is not None:
-        kwargs["guidance_scale"] = float(guidance)
+    elif cfg_scale is not None:
+        kwargs["guidance_scale"] = float(cfg_scale)
     return kwargs
-
-
-def format_call(kwargs: dict[str, Any]) -> str:
-    return ", ".join(["prompt"] + [f"{k}={v!r}" for k, v in kwargs.items()])
 
 
 def export_unet(unet: torch.nn.Module) -> torch.nn.Module:
     """The student's UNet as a plain ``UNet2DConditionModel``: any LoRA adapter folded into the weights, and a
-    guidance embedding (``time_cond_proj_dim``, as LCM's UNets have): the student's own when it is w-conditioned
-    (``model.guidance_embedding``), else one whose projection is exactly zero.
+    CFG-scale embedding (``time_cond_proj_dim``, as LCM's UNets have): the student's own when it reads its scale
+    (``model.cfg_embedding_dim``), else one whose projection is exactly zero.
 
     The zero projection adds nothing to the time embedding, so the network computes what the student computes;
     it is there because diffusers' ``LatentConsistencyModelPipeline`` requires one and because with it
@@ -134,14 +134,12 @@ def export_unet(unet: torch.nn.Module) -> torch.nn.Module:
     """
     from diffusers import UNet2DConditionModel
 
-    from distill_diffusion.models import with_guidance_embedding
-
     if getattr(unet, "_hf_peft_config_loaded", False):
         unet = copy.deepcopy(unet)
         unet.fuse_lora()
         unet.unload_lora()
     if unet.config.time_cond_proj_dim is None:
-        return with_guidance_embedding(unet, GUIDANCE_EMBED_DIM).eval()
+        return with_cfg_embedding(unet, CFG_EMBEDDING_DIM).eval()
     plain = UNet2DConditionModel.from_config(unet.config)  # a peft-free copy of the w-conditioned student's UNet
     plain.load_state_dict(unet.state_dict())
     return plain.eval()
@@ -160,12 +158,11 @@ def lora_state(unet: torch.nn.Module, adapter: str = "student") -> tuple[dict[st
 
 def export(run_dir: str | Path, out_dir: str | Path, lora: bool = False, overwrite: bool = False) -> Path:
     """Write the student of ``run_dir`` to ``out_dir`` as a diffusers pipeline (or, with ``lora``, LoRA weights)."""
-    from distill_diffusion.trainer import load_student
-
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise ConfigError(f"export directory {str(out_dir)!r} exists; pass --overwrite or choose another")
-    cfg, models = load_student(run_dir)
+    run = load_finished_run(run_dir)
+    cfg, models = run.cfg, run.models
     if models.family == "gmm":
         raise ConfigError("a Gaussian-mixture run has no diffusers export; export runs whose teacher is a "
                           "diffusers pipeline (embedded:digits, tiny:*, a pipeline directory)")
@@ -176,7 +173,7 @@ def export(run_dir: str | Path, out_dir: str | Path, lora: bool = False, overwri
                           "run's student has full weights: export it without --lora")
     timesteps = [int(t) for t in models.student.timesteps]
     scheduler = student_scheduler(models)
-    kwargs = call_arguments(scheduler, timesteps, models.family, lora, models.student.guidance)
+    kwargs = call_arguments(scheduler, timesteps, models.family, lora, models.student.cfg_scale)
 
     tmp = out_dir.with_name(f".tmp_{out_dir.name}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -197,8 +194,6 @@ def export(run_dir: str | Path, out_dir: str | Path, lora: bool = False, overwri
                 "teacher": cfg.model.teacher, "method": cfg.method, "timesteps": timesteps, "call": kwargs,
                 "lora": lora, "run": str(run_dir)}
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=1))
-        from .model_card import model_card
-
         model_card(cfg, info).save(tmp / "README.md")
         _check_no_pickles(tmp)
     except BaseException:
@@ -219,8 +214,6 @@ def export_run(run_dir: str | Path, lora_student: bool) -> dict[str, Path]:
 
 def update_card(export_dir: str | Path, cfg: Any, sweep_table: str | None) -> None:
     """Rewrite an export's model card (e.g. once its sweep has run), atomically."""
-    from .model_card import model_card
-
     export_dir = Path(export_dir)
     info = json.loads((export_dir / EXPORT_INFO).read_text())
     tmp = export_dir / ".README.md.tmp"

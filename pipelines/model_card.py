@@ -16,10 +16,13 @@ LICENSE_NOTE = (
 )
 
 
+def format_call(kwargs: dict[str, Any]) -> str:
+    """``prompt, k=v, ...``: the arguments of an export's pipeline call, as Python."""
+    return ", ".join(["prompt"] + [f"{k}={v!r}" for k, v in kwargs.items()])
+
+
 def usage_code(info: dict[str, Any], where: str = "OUT_DIR") -> str:
     """Python that samples the export exactly as the student samples (the model card's and report's snippet)."""
-    from .export import format_call
-
     call = format_call(info["call"])
     if info["lora"]:
         cls, sched = info["pipeline_class"], info.get("scheduler_class", "LCMScheduler")
@@ -43,13 +46,13 @@ def scheduler_note(info: dict[str, Any], steps: int) -> str:
     return "stock `DDIMScheduler` (eta 0, trailing spacing: deterministic DDIM)"
 
 
-def guidance_note(cfg: Config, info: dict[str, Any]) -> str:
-    if cfg.model.guidance_embedding is None or info["lora"]:
+def cfg_note(cfg: Config, info: dict[str, Any]) -> str:
+    if cfg.model.cfg_embedding_dim is None or info["lora"]:
         return "no classifier-free guidance (the guidance is distilled into the weights)."
     args = cfg.method_args
-    lo, hi = args.guidance, getattr(args, "guidance_max", None) or args.guidance
+    lo, hi = args.teacher_cfg, args.teacher_cfg_max or args.teacher_cfg
     w = info["call"]["guidance_scale"]
-    return (f"no classifier-free guidance pass: the student reads the scale through its guidance embedding "
+    return (f"no classifier-free guidance pass: the student reads the scale through its CFG-scale embedding "
             f"(trained on `guidance_scale` in [{lo:g}, {hi:g}]; the call below uses {w:g}).")
 
 
@@ -70,7 +73,7 @@ def model_card(cfg: Config, info: dict[str, Any], sweep_table: str | None = None
         "",
         f"Distilled with distill-diffusion ({cfg.method}) from the teacher `{teacher}` "
         f"(`{info['teacher_class']}`). Format: {kind}; scheduler: {scheduler_note(info, steps)}, "
-        f"sampling timesteps `{info['timesteps']}`, " + guidance_note(cfg, info),
+        f"sampling timesteps `{info['timesteps']}`, " + cfg_note(cfg, info),
         "",
         "## Use",
         "",

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny real diffusers pipelines saved to disk once per session, offline."""
+"""Shared fixtures and builders: tiny real diffusers pipelines saved to disk once per session (offline), configs
+built in Python or from the shipped mixture configs, trainers with or without a run directory."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill_diffusion.config import load_config
+from distill_diffusion.config import Config, load_config, parse_config
 from distill_diffusion.trainer import Trainer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -42,12 +43,23 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def trainer_for(tmp_path: Path, config: str, method: str | None = None, *overrides: str) -> Trainer:
-    """A trainer for the shipped ``configs/gmm_<config>.yaml``; a test variant (a method registered under another
-    name) reads the same knobs from a section named after it."""
+def make_config(method: str, teacher: str = "gmm", *, args: dict | None = None, model: dict | None = None,
+                train: dict | None = None, data: dict | None = None) -> Config:
+    """A config built in Python: the method's knobs in ``args``, the other sections as dicts (progress bar off)."""
+    return parse_config({"method": method, method: dict(args or {}), "model": {"teacher": teacher, **(model or {})},
+                         "train": {"progress": False, **(train or {})}, "data": dict(data or {})})
+
+
+def gmm_config(tmp_path: Path, config: str, method: str | None = None, *overrides: str) -> Config:
+    """The shipped ``configs/gmm_<config>.yaml`` with ``key=value`` overrides; a test variant (a method registered
+    under another name) reads the same knobs from a section named after it."""
     path = CONFIGS / f"gmm_{config}.yaml"
     if method is not None:
         path = tmp_path / "cfg.yaml"
         path.write_text((CONFIGS / f"gmm_{config}.yaml").read_text().replace(f"\n{config}:", f"\n{method}:"))
-    cfg = load_config(path, [f"method={method or config}", "train.progress=false", *overrides])
-    return Trainer(cfg, tmp_path / "run")
+    return load_config(path, [f"method={method or config}", "train.progress=false", *overrides])
+
+
+def trainer_for(tmp_path: Path, config: str, method: str | None = None, *overrides: str) -> Trainer:
+    """A trainer writing ``tmp_path/run`` for the shipped mixture config (`gmm_config`)."""
+    return Trainer(gmm_config(tmp_path, config, method, *overrides), tmp_path / "run")

@@ -11,13 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import CONFIGS, gmm_config
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from distill_diffusion.config import ConfigError, RunError, load_config
-from distill_diffusion.trainer import Trainer, latest_checkpoint, load_student
+from distill_diffusion.config import Config, load_config
+from distill_diffusion.errors import ConfigError, RunError
+from distill_diffusion.rundir import latest_checkpoint, load_finished_run
+from distill_diffusion.trainer import Trainer
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 GMM = ["train.progress=false", "train.eval_samples=200", "train.batch_size=64", "dmd2.critic_updates=1"]
 
 
@@ -29,9 +31,9 @@ def one_line(error: type[Exception], fn, *args) -> str:  # noqa: ANN001
     return message
 
 
-def image_run(tmp_path: Path, teacher: str, *overrides: str):  # noqa: ANN201
-    return load_config(CONFIGS / "gmm_dmd2.yaml", [f"model.teacher={teacher}", *GMM, "train.batch_size=2",
-                                                    "train.steps=2", *overrides])
+def image_run(tmp_path: Path, teacher: str, *overrides: str) -> Config:
+    return gmm_config(tmp_path, "dmd2", None, f"model.teacher={teacher}", *GMM, "train.batch_size=2", "train.steps=2",
+                      *overrides)
 
 
 def test_a_directory_that_is_not_a_diffusers_pipeline(tmp_path: Path) -> None:
@@ -62,7 +64,7 @@ def test_a_teacher_with_an_unknown_prediction_type(tmp_path: Path, tiny_dirs: di
 
 def test_a_lora_student_on_the_mixture_teacher(tmp_path: Path) -> None:
     """A method/teacher mismatch: LoRA roles need a diffusers UNet, the mixture teacher is an exact formula."""
-    cfg = load_config(CONFIGS / "gmm_dmd2.yaml", [*GMM, "model.student_lora_rank=4"])
+    cfg = gmm_config(tmp_path, "dmd2", None, *GMM, "model.student_lora_rank=4")
     assert "need a diffusers teacher" in one_line(ConfigError, Trainer, cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
@@ -100,7 +102,7 @@ def test_disk_full_while_writing_a_checkpoint(tmp_path: Path) -> None:
     """The file-size limit (RLIMIT_FSIZE) makes writes past 100 kB fail as a full disk does; the failed checkpoint is
     removed, the previous one stays complete, and the run resumes from it once there is room again."""
     def cfg(steps: int):  # noqa: ANN202
-        return load_config(CONFIGS / "gmm_dmd2.yaml", [*GMM, f"train.steps={steps}", "train.checkpoint_every=5"])
+        return gmm_config(tmp_path, "dmd2", None, *GMM, f"train.steps={steps}", "train.checkpoint_every=5")
     run = tmp_path / "run"
     Trainer(cfg(10), run).train()
     before = {f.name: f.read_bytes() for f in latest_checkpoint(run).iterdir()}
@@ -123,13 +125,13 @@ def test_disk_full_while_writing_a_checkpoint(tmp_path: Path) -> None:
 
 def test_a_student_with_non_finite_weights_is_not_exported_or_sampled(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    Trainer(load_config(CONFIGS / "gmm_dmd2.yaml", [*GMM, "train.steps=4"]), run).train()
+    Trainer(gmm_config(tmp_path, "dmd2", None, *GMM, "train.steps=4"), run).train()
     path = run / "final" / "student.safetensors"
     weights = load_file(str(path))
     name = sorted(weights)[0]
     weights[name] = weights[name].clone().fill_(float("nan"))
     save_file(weights, str(path))
-    message = one_line(ConfigError, load_student, run, False)
+    message = one_line(ConfigError, load_finished_run, run, False)
     assert "non-finite weight" in message and name in message
 
 
@@ -137,7 +139,7 @@ def test_a_final_directory_that_cannot_be_written(tmp_path: Path) -> None:
     """Training is done and its last checkpoint complete when `final/` is written; a failure there is one line that
     says so, and --resume writes `final/` without training again."""
     run = tmp_path / "run"
-    cfg = load_config(CONFIGS / "gmm_dmd2.yaml", [*GMM, "train.steps=10", "train.checkpoint_every=5"])
+    cfg = gmm_config(tmp_path, "dmd2", None, *GMM, "train.steps=10", "train.checkpoint_every=5")
     trainer = Trainer(cfg, run)
     (run / ".tmp_final").write_text("a file where the temporary directory must go")  # mkdir meets FileExistsError
     message = one_line(RunError, trainer.train)

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distill_diffusion.config import Config, ConfigError, apply_overrides, load_config, parse_config
+from distill_diffusion.config import Config, apply_overrides, load_config, parse_config
+from distill_diffusion.errors import ConfigError
 from distill_diffusion.methods import METHODS, DMD2Config
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "gmm_dmd2.yaml"
@@ -31,7 +32,7 @@ def test_example_config_loads() -> None:
     cfg = load_config(CONFIG)
     assert cfg.method == "dmd2"
     assert isinstance(cfg.method_args, DMD2Config)
-    assert cfg.method_args.guidance == 1.0 and cfg.method_args.critic_updates == 5
+    assert cfg.method_args.teacher_cfg == 1.0 and cfg.method_args.critic_updates == 5
     assert cfg.method_args.lr_student == cfg.method_args.lr_critic == 1e-3
     assert cfg.model.teacher == "gmm" and cfg.model.timesteps == [999]
     assert (cfg.train.steps, cfg.train.batch_size, cfg.train.checkpoint_every) == (6000, 256, 3000)
@@ -58,10 +59,10 @@ def test_every_method_round_trips(method: str) -> None:
 
 
 def test_overrides_apply() -> None:
-    cfg = load_config(CONFIG, ["train.steps=7", "model.timesteps=[999,499]", "dmd2.guidance=2"])
+    cfg = load_config(CONFIG, ["train.steps=7", "model.timesteps=[999,499]", "dmd2.teacher_cfg=2"])
     assert cfg.train.steps == 7
     assert cfg.model.timesteps == [999, 499]
-    assert cfg.method_args.guidance == 2.0 and isinstance(cfg.method_args.guidance, float)
+    assert cfg.method_args.teacher_cfg == 2.0 and isinstance(cfg.method_args.teacher_cfg, float)
     assert cfg.train.batch_size == 256  # untouched keys keep the file's values
     # overrides never modify the dict they are given
     raw = {"method": "dmd2", "train": {"steps": 5}}
@@ -81,7 +82,7 @@ def test_override_errors() -> None:
     ("override", "words"),
     [
         ("dmd2.critic_updates=0", ["critic_updates", ">= 1"]),
-        ("dmd2.guidance=-1", ["guidance", ">= 0"]),
+        ("dmd2.teacher_cfg=-1", ["teacher_cfg", ">= 0"]),
         ("train.mixed_precision=fp8", ["fp8", "no, fp16, bf16"]),
         ("train.optimizer=lion", ["lion", "adamw, adamw8bit"]),
         ("train.attention=flash", ["flash", "sdpa, xformers"]),
@@ -89,7 +90,7 @@ def test_override_errors() -> None:
         ("dmd2.lr_student=0", ["lr_student"]),
         ("train.ema_decay=1.0", ["ema_decay"]),
         ("train.progress=maybe", ["true or false"]),
-        ("model.guidance_embedding=1", ["guidance_embedding", ">= 2"]),
+        ("model.cfg_embedding_dim=1", ["cfg_embedding_dim", ">= 2"]),
     ],
 )
 def test_invalid_values_rejected(override: str, words: list[str]) -> None:
@@ -105,9 +106,24 @@ def test_unknown_method_and_sections() -> None:
     assert "trian" in _error(parse_config, {"method": "dmd2", "trian": {"steps": 1}})
     # another method's section is not allowed either
     assert "valid top-level keys" in _error(parse_config, {"method": "dmd2", "consistency": {}})
-    message = _error(parse_config, {"method": "dmd2", "dmd2": {"guidence": 2}})
-    assert "dmd2.guidence" in message and "guidance" in message.replace("guidence", "")
+    message = _error(parse_config, {"method": "dmd2", "dmd2": {"teacher_cgf": 2}})
+    assert "dmd2.teacher_cgf" in message and "teacher_cfg" in message.replace("teacher_cgf", "")
     assert "mapping" in _error(parse_config, {"method": "dmd2", "train": [1, 2]})
+
+
+@pytest.mark.parametrize(("section", "old", "new"), [
+    ("dmd2", "guidance", "teacher_cfg"), ("sid", "critic_guidance", "critic_cfg"),
+    ("sid", "critic_train_guidance", "critic_train_cfg"), ("sid", "gan_generator_weight", "gan_student_weight"),
+    ("consistency", "guidance_max", "teacher_cfg_max"), ("progressive", "sample_guidance", "student_cfg"),
+    ("model", "guidance_embedding", "cfg_embedding_dim"), ("eval", "guidance", "teacher_cfg"),
+    ("eval", "grid_teacher_guidance", "grid_teacher_cfg"),
+])
+def test_renamed_keys_name_their_new_name(section: str, old: str, new: str) -> None:
+    """Keys renamed so that one word means one thing are refused with the new name, in one line."""
+    method = section if section not in ("model", "eval") else "dmd2"
+    message = _error(parse_config, {"method": method, section: {old: 1.0}})
+    assert f"{section}.{old} was renamed to {section}.{new}" in message, message
+    assert "removed" in _error(parse_config, {"method": "dmd2", "model": {"critic": True}})
 
 
 def test_file_errors(tmp_path: Path) -> None:
@@ -124,8 +140,8 @@ def test_file_errors(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("config", "overrides", "words"), [
-    ("gmm_dmd2.yaml", ["model.guidance_embedding=64"], ["guidance_embedding", "consistency and progressive"]),
-    ("gmm_progressive.yaml", ["progressive.guidance_max=3"], ["guidance_max", "model.guidance_embedding"]),
+    ("gmm_dmd2.yaml", ["model.cfg_embedding_dim=64"], ["cfg_embedding_dim", "consistency and progressive"]),
+    ("gmm_progressive.yaml", ["progressive.teacher_cfg_max=3"], ["teacher_cfg_max", "model.cfg_embedding_dim"]),
 ])
 def test_w_conditioning_where_it_does_not_apply(tmp_path: Path, config: str, overrides: list[str],
                                                 words: list[str]) -> None:
@@ -139,7 +155,7 @@ def test_w_conditioning_where_it_does_not_apply(tmp_path: Path, config: str, ove
 
 
 def test_w_conditioning_needs_a_full_weight_student() -> None:
-    message = _error(load_config, CONFIG, ["model.guidance_embedding=64", "model.student_lora_rank=4"])
+    message = _error(load_config, CONFIG, ["model.cfg_embedding_dim=64", "model.student_lora_rank=4"])
     assert "full-weight student" in message, message
 
 
@@ -147,7 +163,7 @@ def test_every_shipped_config_parses_and_every_method_has_gpu_configs() -> None:
     """The GPU configs (hub ids, run elsewhere) are checked here as far as CPU can: they parse with every key known,
     name a hub id, and exist for each method at both SD 1.5 and SDXL."""
     from distill_diffusion.methods import METHODS
-    from distill_diffusion.models import HUB_ID
+    from distill_diffusion.teachers import HUB_ID
 
     root = CONFIG.parent
     for path in sorted(root.glob("*.yaml")):

@@ -7,27 +7,20 @@ round-trips through YAML. New methods inherit these tests by being added to METH
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import make_config
 
 from distill_diffusion.config import parse_config
 from distill_diffusion.lora import other_adapters
 from distill_diffusion.methods import METHODS
-from distill_diffusion.trainer import Trainer, trainable_state
+from distill_diffusion.rundir import trainable_state
+from distill_diffusion.trainer import Trainer
 
-
-def make_trainer(tmp_path: Path, method: str, teacher: str, **train: object) -> Trainer:
-    raw = {
-        "method": method,
-        method: {"lr_student": 1e-3, "lr_critic": 1e-3},
-        "model": {"teacher": teacher, "timesteps": [999, 499]},
-        "train": {"batch_size": 4, "steps": 6, "progress": False, "eval_samples": 64, **train},
-        "data": {"prompts": ["a handwritten digit seven", "a photo of a red car"]},
-    }
-    return Trainer(parse_config(raw), tmp_path / f"run_{method}")
+FAST = {"lr_student": 1e-3, "lr_critic": 1e-3}
+PROMPTS = ["a handwritten digit seven", "a photo of a red car"]
 
 
 def snapshot(module: torch.nn.Module, adapters: bool = True) -> dict[str, torch.Tensor]:
@@ -44,7 +37,7 @@ def role_snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def steps_to_see_every_role(trainer: Trainer) -> int:
     """The number of steps after which the method's schedule has named each of its roles."""
-    roles, seen = set(type(trainer.method).roles), set()
+    roles, seen = set(trainer.method.needs.roles), set()
     for step in range(1000):
         seen.add(trainer.method.phase(step))
         if seen == roles:
@@ -65,7 +58,7 @@ def check_steps(trainer: Trainer, steps: int) -> set[str]:
         before = {role: role_snapshot(m) for role, m in models.trainable().items()}
         phase, logs = trainer.train_step()
         seen.add(phase)
-        assert phase in type(trainer.method).roles
+        assert phase in trainer.method.needs.roles
         assert logs and all(math.isfinite(v) for v in logs.values()), logs
         assert trainer.skipped == 0
         for role, module in models.trainable().items():
@@ -75,9 +68,10 @@ def check_steps(trainer: Trainer, steps: int) -> set[str]:
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_contract_on_the_mixture(tmp_path: Path, method: str) -> None:
-    trainer = make_trainer(tmp_path, method, "gmm", batch_size=32)
-    roles = type(trainer.method).roles
+def test_contract_on_the_mixture(method: str) -> None:
+    trainer = Trainer(make_config(method, args=FAST, model={"timesteps": [999, 499]},
+                                  train={"batch_size": 32, "steps": 6, "eval_samples": 64}))
+    roles = trainer.method.needs.roles
     # warm up the critic first so the student's gradient is not exactly zero (critic == teacher at init)
     seen = check_steps(trainer, 2 * steps_to_see_every_role(trainer))
     assert seen == set(roles)
@@ -85,19 +79,13 @@ def test_contract_on_the_mixture(tmp_path: Path, method: str) -> None:
 
 @pytest.mark.parametrize("kind", ["sd15", "sd21", "sdxl", "embedded:digits"])
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_contract_on_tiny_sd(tmp_path: Path, method: str, kind: str, tiny_dirs: dict[str, str]) -> None:
-    raw = {
-        "method": method,
-        method: {"lr_student": 1e-3, "lr_critic": 1e-3},
-        "model": {"teacher": tiny_dirs.get(kind, kind), "timesteps": [999, 499]},
-        "train": {"batch_size": 2, "steps": 12, "progress": False},
-        # real images for the methods that noise data (trajectory methods) or judge it (GAN terms); others ignore them
-        "data": {"prompts": ["a handwritten digit seven", "a photo of a red car"], "real": "digits"},
-    }
-    trainer = Trainer(parse_config(raw), tmp_path / "run")
+def test_contract_on_tiny_sd(method: str, kind: str, tiny_dirs: dict[str, str]) -> None:
+    # real images for the methods that noise data (trajectory methods) or judge it (GAN terms); others ignore them
+    trainer = Trainer(make_config(method, tiny_dirs.get(kind, kind), args=FAST, model={"timesteps": [999, 499]},
+                                  train={"batch_size": 2, "steps": 12}, data={"prompts": PROMPTS, "real": "digits"}))
     assert trainer.models.family == ("sdxl" if kind == "sdxl" else "sd")
     seen = check_steps(trainer, steps_to_see_every_role(trainer))
-    assert seen == set(type(trainer.method).roles)
+    assert seen == set(trainer.method.needs.roles)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -109,21 +97,16 @@ def test_method_config_round_trips_through_yaml(method: str) -> None:
 
 
 @pytest.mark.parametrize(("student_rank", "rank"), [(None, 0), (None, 4), (4, 4)])
-@pytest.mark.parametrize("method", sorted(m for m in METHODS if "critic" in METHODS[m].roles))
-def test_contract_with_either_critic(tmp_path: Path, method: str, student_rank: int | None, rank: int,
+@pytest.mark.parametrize("method", sorted(m for m, cls in METHODS.items()
+                                          if "critic" in cls.needs(cls.config_class()).roles))
+def test_contract_with_either_critic(method: str, student_rank: int | None, rank: int,
                                      tiny_dirs: dict[str, str]) -> None:
     """Every critic method runs with a full-weight critic (rank 0) and with a LoRA critic on the teacher's own UNet,
     chosen by config alone; the LoRA critic trains only its adapter and shares the teacher's base weights. With a
     LoRA student too, all three roles are one UNet: the teacher's base with two adapters."""
-    raw = {
-        "method": method,
-        method: {"lr_student": 1e-3, "lr_critic": 1e-3},
-        "model": {"teacher": tiny_dirs["sd15"], "timesteps": [999], "critic_lora_rank": rank,
-                  "student_lora_rank": student_rank},
-        "train": {"batch_size": 2, "steps": 12, "progress": False},
-        "data": {"real": "digits"},
-    }
-    trainer = Trainer(parse_config(raw), tmp_path / "run")
+    model = {"timesteps": [999], "critic_lora_rank": rank, "student_lora_rank": student_rank}
+    trainer = Trainer(make_config(method, tiny_dirs["sd15"], args=FAST, model=model, data={"real": "digits"},
+                                  train={"batch_size": 2, "steps": 12}))
     models = trainer.models
     base = models.teacher.denoiser.net
     assert (models.critic.net is base) == (rank > 0)

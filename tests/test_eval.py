@@ -19,7 +19,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from distill_diffusion.config import ConfigError
+from distill_diffusion.errors import ConfigError
 from distill_diffusion.eval.clip_score import ClipScorer
 from distill_diffusion.eval.fid import (
     FeatureStats,
@@ -32,7 +32,7 @@ from distill_diffusion.eval.fid import (
     kid,
     precision_recall,
 )
-from distill_diffusion.eval.generate import SOLVERS, Model, generate, make_scheduler
+from distill_diffusion.eval.generate import SOLVERS, EvalModel, generate, make_scheduler
 from distill_diffusion.eval.sweep import run_sweep
 
 PROMPTS = ["a photo of a cat", "a red car", "a dog", "a green tree"]
@@ -252,15 +252,15 @@ def test_clip_score_random_vit_b_32() -> None:
 
 # ------------------------------------------------------------------------------------------------ generation
 @pytest.fixture(scope="module")
-def sd15(tiny_dirs: dict[str, str]) -> Iterator[Model]:
+def sd15(tiny_dirs: dict[str, str]) -> Iterator[EvalModel]:
     pipe = DiffusionPipeline.from_pretrained(tiny_dirs["sd15"], local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    yield Model("sd15", pipeline=pipe)
+    yield EvalModel("sd15", pipeline=pipe)
 
 
 @pytest.mark.parametrize("steps", [1, 2])
 @pytest.mark.parametrize("solver", SOLVERS)
-def test_generate_per_image_seeds(sd15: Model, solver: str, steps: int) -> None:
+def test_generate_per_image_seeds(sd15: EvalModel, solver: str, steps: int) -> None:
     images, seconds = generate(sd15, PROMPTS, [0, 1, 2, 3], steps, solver=solver, batch_size=1, progress=False)
     assert images.shape == (4, 16, 16, 3) and images.dtype == np.uint8
     assert seconds > 0
@@ -274,15 +274,15 @@ def test_generate_per_image_seeds(sd15: Model, solver: str, steps: int) -> None:
         assert np.abs(other[i].astype(int) - images[i]).mean() > 5
 
 
-def test_generate_with_guidance_is_batch_invariant_and_checks_lengths(sd15: Model) -> None:
-    one, _ = generate(sd15, PROMPTS, [0, 1, 2, 3], 1, guidance=2.0, batch_size=1, progress=False)
-    four, _ = generate(sd15, PROMPTS, [0, 1, 2, 3], 1, guidance=2.0, batch_size=4, progress=False)
+def test_generate_with_guidance_is_batch_invariant_and_checks_lengths(sd15: EvalModel) -> None:
+    one, _ = generate(sd15, PROMPTS, [0, 1, 2, 3], 1, cfg_scale=2.0, batch_size=1, progress=False)
+    four, _ = generate(sd15, PROMPTS, [0, 1, 2, 3], 1, cfg_scale=2.0, batch_size=4, progress=False)
     np.testing.assert_array_equal(one, four)
     with pytest.raises(ValueError, match="same length"):
         generate(sd15, PROMPTS, [0, 1], 1, progress=False)
 
 
-def test_make_scheduler_trailing_spacing_and_unknown_solver(sd15: Model) -> None:
+def test_make_scheduler_trailing_spacing_and_unknown_solver(sd15: EvalModel) -> None:
     config = sd15.pipeline.scheduler.config
     for solver in SOLVERS:
         scheduler = make_scheduler(solver, config)
@@ -306,7 +306,7 @@ def test_run_sweep_end_to_end(tmp_path: Path, tiny_dirs: dict[str, str]) -> None
     _write_reference(ref, 40)
     out = tmp_path / "out"
     # 8 features so that 16 samples give a full-rank covariance
-    rows = run_sweep([tiny_dirs["sd15"]], str(ref), nfes=[1, 2], solvers=["ddim"], guidances=[1.0, 2.0],
+    rows = run_sweep([tiny_dirs["sd15"]], str(ref), nfes=[1, 2], solvers=["ddim"], teacher_cfgs=[1.0, 2.0],
                      num_samples=16, out_dir=out, features=RandomConvFeatures(dim=8), prompts=PROMPTS[:2],
                      cache_dir=tmp_path / "cache", progress=False)
     # CFG 2 costs two NFEs a step: skipped at NFE 1, one step at NFE 2
@@ -326,7 +326,7 @@ def test_run_sweep_end_to_end(tmp_path: Path, tiny_dirs: dict[str, str]) -> None
 
 
 def test_run_sweep_rejects_bad_reference_folders(tmp_path: Path, tiny_dirs: dict[str, str]) -> None:
-    kwargs = dict(nfes=[1], solvers=["ddim"], guidances=[1.0], num_samples=4, features=RandomConvFeatures(dim=8),
+    kwargs = dict(nfes=[1], solvers=["ddim"], teacher_cfgs=[1.0], num_samples=4, features=RandomConvFeatures(dim=8),
                   prompts=PROMPTS, progress=False)
     mixed = tmp_path / "mixed"
     _write_reference(mixed, 4, sizes=(16, 24))
@@ -340,11 +340,12 @@ def test_run_sweep_rejects_bad_reference_folders(tmp_path: Path, tiny_dirs: dict
 
 def test_multistep_student_images_do_not_depend_on_the_batch() -> None:
     """Start noise and every re-noising of image i come from seeds[i] alone, as for the teacher pipelines."""
-    from distill_diffusion.config import ModelConfig
-    from distill_diffusion.models import build_models
+    from conftest import make_config
 
-    models = build_models(ModelConfig(teacher="tiny:sd15", timesteps=[999, 499]), need_critic=False)
-    model = Model("student", run=(None, models))
+    from distill_diffusion.assembly import assemble
+
+    model = EvalModel("student", run=assemble(make_config("dmd2", "tiny:sd15", model={"timesteps": [999, 499]}),
+                                              train=False))
     prompts = ["a photo of a cat"] * 4
     one, _ = generate(model, prompts, [0, 1, 2, 3], batch_size=1, progress=False)
     four, _ = generate(model, prompts, [0, 1, 2, 3], batch_size=4, progress=False)

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distill_diffusion.config import ConfigError, parse_config
+from distill_diffusion.config import parse_config
+from distill_diffusion.errors import ConfigError
 from distill_diffusion.pipelines.export import export
 from distill_diffusion.trainer import Trainer
 
@@ -56,9 +57,9 @@ def plain_diffusers(tmp_path: Path, mode: str, *paths: str) -> tuple[np.ndarray,
     return np.load(out), json.loads(r.stdout.strip().splitlines()[-1])
 
 
-METHOD_ARGS = {"dmd2": {"critic_updates": 1, "lr_student": 1e-3, "guidance": 1.5},
-               "consistency": {"lr_student": 1e-3, "guidance": 1.5, "grid_steps": 4},
-               "progressive": {"lr_student": 1e-3, "guidance": 1.5, "steps_per_round": 4}}
+METHOD_ARGS = {"dmd2": {"critic_updates": 1, "lr_student": 1e-3, "teacher_cfg": 1.5},
+               "consistency": {"lr_student": 1e-3, "teacher_cfg": 1.5, "grid_steps": 4},
+               "progressive": {"lr_student": 1e-3, "teacher_cfg": 1.5, "steps_per_round": 4}}
 
 
 def distill(run: Path, teacher: str, timesteps: list[int], lora_rank: int | None = None, method: str = "dmd2",
@@ -212,13 +213,13 @@ def test_export_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, tiny_di
 def test_w_conditioned_student_exports_its_guidance_embedding(tmp_path: Path, tiny_dirs: dict[str, str], method: str,
                                                               timesteps: list[int], pipeline_class: str,
                                                               scheduler: str) -> None:
-    """A student that reads its CFG scale (``model.guidance_embedding``, LCM's w-embedding) exports with its trained
+    """A student that reads its CFG scale (``model.cfg_embedding_dim``, LCM's w-embedding) exports with its trained
     embedding; plain diffusers feeds ``guidance_scale`` through it and reproduces the toolkit's samples."""
     from diffusers import UNet2DConditionModel
 
     run = distill(tmp_path / "run", tiny_dirs["sd15"], timesteps, method=method,
-                  method_args={"guidance": 1.0, "guidance_max": 3.0, "sample_guidance": 2.5},
-                  model_args={"guidance_embedding": 32})
+                  method_args={"teacher_cfg": 1.0, "teacher_cfg_max": 3.0, "student_cfg": 2.5},
+                  model_args={"cfg_embedding_dim": 32})
     out = export(run, tmp_path / "export")
     unet = UNet2DConditionModel.from_pretrained(out / "unet")
     assert unet.config.time_cond_proj_dim == 32 and unet.time_embedding.cond_proj.weight.abs().max() > 0
@@ -231,7 +232,7 @@ def test_w_conditioned_student_exports_its_guidance_embedding(tmp_path: Path, ti
     from distill_diffusion.eval.generate import generate, load_model
 
     model = load_model(str(run))
-    model.run[1].student.guidance = 1.0
+    model.run.models.student.cfg_scale = 1.0
     at_one, _ = generate(model, PROMPTS, SEEDS, progress=False, as_float=True)
     # measured: export parity 4e-7, the w = 2.5 vs w = 1 gap after these 4 updates 2e-4
     gap, parity = np.abs(mine - at_one).max(), np.abs(mine - theirs).max()

@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 from distill_diffusion.config import load_config
 from distill_diffusion.methods import METHODS
 from distill_diffusion.methods.dmd2 import DMD2
-from distill_diffusion.trainer import Trainer, latest_checkpoint
+from distill_diffusion.rundir import latest_checkpoint
+from distill_diffusion.trainer import Trainer
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "gmm_dmd2.yaml"
 # checkpoints every 5 steps: writing them is a large share of the run's time, so random kills often land mid-write

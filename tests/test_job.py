@@ -14,8 +14,8 @@ def test_run_job_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "distill_diffusion.cli", "run", "configs/digits_dmd2.yaml", "--out", str(out),
            "train.steps=4", "train.batch_size=4", "train.progress=false", "dmd2.critic_updates=1",
-           "eval.num_samples=24", "eval.nfe=[1,4]", "eval.guidance=[1,2]", "eval.grid_prompts=3", "eval.grid_seeds=2",
-           "eval.grid_teacher_steps=4", "eval.batch_size=12"]
+           "eval.num_samples=24", "eval.nfe=[1,4]", "eval.teacher_cfg=[1,2]", "eval.grid_prompts=3",
+           "eval.grid_seeds=2", "eval.grid_teacher_steps=4", "eval.batch_size=12"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     report = (out / "report.md").read_text()

@@ -17,10 +17,12 @@ import torch
 from conftest import CONFIGS, trainer_for
 from safetensors.torch import load_file
 
-from distill_diffusion.config import ConfigError, load_config, parse_config
+from distill_diffusion.assembly import assemble
+from distill_diffusion.config import load_config, parse_config
+from distill_diffusion.errors import ConfigError
 from distill_diffusion.memory import cast_frozen
-from distill_diffusion.models import build_models
-from distill_diffusion.trainer import Trainer, latest_checkpoint, load_student
+from distill_diffusion.rundir import latest_checkpoint, load_finished_run
+from distill_diffusion.trainer import Trainer
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +37,7 @@ def fresh_precision() -> Iterator[None]:
 
 def sd_config(tiny_dir: str, **train: object):
     return parse_config({
-        "method": "dmd2", "dmd2": {"guidance": 2.0},
+        "method": "dmd2", "dmd2": {"teacher_cfg": 2.0},
         "model": {"teacher": tiny_dir, "timesteps": [999, 499], "critic_lora_rank": 4},
         "train": {"steps": 4, "batch_size": 2, "checkpoint_every": 2, "progress": False, **train},
     })
@@ -57,7 +59,7 @@ def test_bf16_keeps_frozen_weights_in_half_and_trainable_in_fp32(tmp_path: Path,
         state = load_file(str(f))
         assert {v.dtype for v in state.values()} == {torch.float32}, f
         assert all(torch.isfinite(v).all() for v in state.values()), f
-    _, models = load_student(tmp_path / "run")  # export and sampling rebuild the teacher in fp32
+    models = load_finished_run(tmp_path / "run").models  # export and sampling rebuild the teacher in fp32
     assert {p.dtype for p in models.student.parameters()} == {torch.float32}
     # opting out keeps everything fp32
     kept = Trainer(sd_config(tiny_dirs["sd15"], mixed_precision="bf16", half_frozen=False), tmp_path / "kept")
@@ -66,7 +68,7 @@ def test_bf16_keeps_frozen_weights_in_half_and_trainable_in_fp32(tmp_path: Path,
 
 def test_half_teacher_halves_its_bytes_and_stays_close(tiny_dirs: dict) -> None:
     cfg = sd_config(tiny_dirs["sd15"])
-    models = build_models(cfg.model, need_critic=False, seed=0)
+    models = assemble(cfg, train=False).models
     teacher_bytes = sum(p.numel() * p.element_size() for p in models.teacher.parameters())
     cond = models.text.encode(["a photo of a cat", "a dog"])
     gen = torch.Generator().manual_seed(0)

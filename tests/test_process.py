@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-from distill_diffusion.process import NoiseProcess
+from distill_diffusion.process import CLEAN, NoiseProcess
 
 TOL = {"rtol": 1e-6, "atol": 1e-6}
 
@@ -136,9 +136,12 @@ def test_ddim_step_matches_ddim_scheduler(prediction_type: str) -> None:
         tt, tp = torch.full((3,), t), torch.full((3,), t_prev)
         ours = process.ddim_step(process.to_x0(model_output, x_t, tt), x_t, tt, tp)
         torch.testing.assert_close(ours, expected, **TOL)
-    # t_next=None is the clean end: x0 itself
-    x0 = _randn(3, 4)
-    assert torch.equal(process.ddim_step(x0, _randn(3, 4, seed=1), torch.full((3,), 249), None), x0)
+    # t_next = CLEAN is the clean end: x0 itself, also per sample beside ordinary timesteps
+    x0, x_t = _randn(3, 4), _randn(3, 4, seed=1)
+    assert torch.equal(process.ddim_step(x0, x_t, torch.full((3,), 249), torch.full((3,), CLEAN)), x0)
+    mixed = process.ddim_step(x0, x_t, torch.full((3,), 249), torch.tensor([CLEAN, 124, CLEAN]))
+    assert torch.equal(mixed[[0, 2]], x0[[0, 2]])
+    assert torch.equal(mixed[1], process.ddim_step(x0, x_t, torch.full((3,), 249), torch.full((3,), 124))[1])
 
 
 # ------------------------------------------------------------------------------------------------ flow matching

@@ -7,14 +7,16 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from distill_diffusion.config import ConfigError, parse_config
-from distill_diffusion.trainer import Trainer, latest_checkpoint
+from distill_diffusion.config import parse_config
+from distill_diffusion.errors import ConfigError
+from distill_diffusion.rundir import latest_checkpoint
+from distill_diffusion.trainer import Trainer
 
 
 def config(steps: int, **model: object):
     return parse_config({
         "method": "dmd2",
-        "dmd2": {"guidance": 1.0, "critic_updates": 2, "lr_student": 1e-3, "lr_critic": 1e-3},
+        "dmd2": {"teacher_cfg": 1.0, "critic_updates": 2, "lr_student": 1e-3, "lr_critic": 1e-3},
         "model": {"teacher": "gmm", "timesteps": [999, 499], **model},
         "train": {"steps": steps, "batch_size": 64, "checkpoint_every": 30, "ema_decay": 0.9, "progress": False,
                   "eval_samples": 200},

@@ -6,22 +6,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_config
 
-from distill_diffusion.config import ConfigError, parse_config
 from distill_diffusion.denoiser import Cond
+from distill_diffusion.errors import ConfigError
 from distill_diffusion.methods.score import drop_prompts
 from distill_diffusion.trainer import Trainer
 
 
-def gmm_trainer(tmp_path: Path, method: str, steps: int, **args: object) -> Trainer:
-    raw = {"method": method, method: {"lr_student": 1e-3, "lr_critic": 1e-3, **args},
-           "model": {"teacher": "gmm"}, "train": {"batch_size": 16, "steps": steps, "progress": False}}
-    return Trainer(parse_config(raw), tmp_path / "run")
-
-
-def test_dmd2_two_stage_schedule_switches_gan_and_student_lr(tmp_path: Path) -> None:
-    trainer = gmm_trainer(tmp_path, "dmd2", 8, critic_updates=1, gan_generator_weight=1e-3, gan_critic_weight=1e-2,
-                          gan_start=2, stage2_lr_student=1e-5)
+def test_dmd2_two_stage_schedule_switches_gan_and_student_lr() -> None:
+    args = {"lr_student": 1e-3, "lr_critic": 1e-3, "critic_updates": 1, "gan_student_weight": 1e-3,
+            "gan_critic_weight": 1e-2, "gan_start": 2, "stage2_lr_student": 1e-5}
+    trainer = Trainer(make_config("dmd2", args=args, train={"batch_size": 16, "steps": 8}))
     seen = []
     for _ in range(8):
         phase, logs = trainer.train_step()
@@ -34,20 +30,19 @@ def test_dmd2_two_stage_schedule_switches_gan_and_student_lr(tmp_path: Path) -> 
 
 @pytest.mark.parametrize("method", ["dmd2", "sid", "vsd"])
 def test_gan_needs_real_images_for_an_image_teacher(tmp_path: Path, tiny_dirs: dict[str, str], method: str) -> None:
-    raw = {"method": method, method: {"gan_generator_weight": 1e-3, "gan_critic_weight": 1e-2},
-           "model": {"teacher": tiny_dirs["sd15"]}, "train": {"batch_size": 2, "steps": 2, "progress": False}}
+    cfg = make_config(method, tiny_dirs["sd15"], args={"gan_student_weight": 1e-3, "gan_critic_weight": 1e-2},
+                      train={"batch_size": 2, "steps": 2})
     with pytest.raises(ConfigError, match="data.real"):
-        Trainer(parse_config(raw), tmp_path / "run")
+        Trainer(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 @pytest.mark.parametrize("method", ["dmd2", "sid", "vsd"])
-def test_digits_real_images_reach_the_gan_with_their_captions(tmp_path: Path, method: str) -> None:
+def test_digits_real_images_reach_the_gan_with_their_captions(method: str) -> None:
     """The GAN head is the score family's, not DMD2's: every member takes it through config."""
-    raw = {"method": method, method: {"gan_generator_weight": 1e-3, "gan_critic_weight": 1e-2, "critic_updates": 1},
-           "model": {"teacher": "embedded:digits"}, "data": {"real": "digits"},
-           "train": {"batch_size": 4, "steps": 2, "progress": False}}
-    trainer = Trainer(parse_config(raw), tmp_path / "run")
+    args = {"gan_student_weight": 1e-3, "gan_critic_weight": 1e-2, "critic_updates": 1}
+    trainer = Trainer(make_config(method, "embedded:digits", args=args, data={"real": "digits"},
+                                  train={"batch_size": 4, "steps": 2}))
     batch = trainer.data.sample(4, torch.Generator().manual_seed(0))
     assert batch.real.shape == batch.noise.shape
     assert 0.5 < float(batch.real.std()) < 2.0  # the teacher's latents are scaled to about unit variance

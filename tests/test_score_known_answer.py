@@ -33,8 +33,8 @@ def flipped(cls: type) -> type:
     """The method with its generator loss negated: the student is pushed away from the data."""
 
     class Flipped(cls):
-        def generator_loss(self, batch, generator):  # noqa: ANN001, ANN201
-            loss, logs = super().generator_loss(batch, generator)
+        def student_loss(self, batch, generator):  # noqa: ANN001, ANN201
+            loss, logs = super().student_loss(batch, generator)
             return -loss, logs
 
     return Flipped
@@ -68,7 +68,7 @@ def test_one_step_student_matches_the_mixture(tmp_path: Path, method: str) -> No
 def test_dmd2_gan_term_with_true_samples_does_not_hurt(tmp_path: Path) -> None:
     """DMD2's GAN head trained on true mixture samples (the paper's weights 1e-3 / 1e-2): still meets the bar.
     Measured without GAN: ED 0.0004; with: 0.0006 (both seed 0)."""
-    m = trainer_for(tmp_path, "dmd2", None, "dmd2.gan_generator_weight=1e-3", "dmd2.gan_critic_weight=1e-2").train()
+    m = trainer_for(tmp_path, "dmd2", None, "dmd2.gan_student_weight=1e-3", "dmd2.gan_critic_weight=1e-2").train()
     assert meets_bar(m), m
     assert m["energy_distance"] <= 0.002, m
 
@@ -78,7 +78,7 @@ def test_sida_gan_term_with_true_samples_does_not_hurt(tmp_path: Path) -> None:
     """SiD with the critic's GAN head (SiDA's student weight 1, the critic's 1e-2) and true mixture samples as real
     data: still meets the bar, and here improves on SiD alone. Measured (seed 0, 1000 generator steps): SiD ED
     0.0027, std ratio 0.76; SiDA ED 0.0007, std ratio 0.98."""
-    m = trainer_for(tmp_path, "sid", None, "sid.gan_generator_weight=1", "sid.gan_critic_weight=1e-2").train()
+    m = trainer_for(tmp_path, "sid", None, "sid.gan_student_weight=1", "sid.gan_critic_weight=1e-2").train()
     assert meets_bar(m), m
     assert m["energy_distance"] <= 0.0015 and m["std_ratio"] >= 0.85, m
 

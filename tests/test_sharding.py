@@ -18,14 +18,15 @@ import torch
 from safetensors.torch import load_file
 from test_distributed import free_port, launch_error
 
-from distill_diffusion.config import ConfigError, load_config
+from distill_diffusion.config import load_config
+from distill_diffusion.errors import ConfigError
 from distill_diffusion.sharding import Sharding, requested
 from distill_diffusion.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "digits_dmd2.yaml"
 OVERRIDES = ["train.batch_size=8", "train.checkpoint_every=3", "dmd2.critic_updates=2", "train.sample_every=0",
-             "train.progress=false", "dmd2.gan_generator_weight=1e-2", "dmd2.gan_critic_weight=1e-2",
+             "train.progress=false", "dmd2.gan_student_weight=1e-2", "dmd2.gan_critic_weight=1e-2",
              "data.real=digits", "train.keep_checkpoints=5"]
 
 

@@ -109,7 +109,7 @@ def test_progressive_with_a_one_step_target_stays_at_ddim_half(tmp_path: Path, m
 def guided_cond(models, w: float) -> Cond:  # noqa: ANN001
     """4000 class-balanced labels with the null class for CFG and the scale w for a w-conditioned student."""
     labels = models.mixture.balanced_labels(4000)
-    return Cond(labels=labels, guidance=torch.full((4000,), w), uncond=Cond(labels=torch.full_like(labels, -1)))
+    return Cond(labels=labels, cfg_scale=torch.full((4000,), w), uncond=Cond(labels=torch.full_like(labels, -1)))
 
 
 def guided_ddim(models, x0_fn, steps: int, w: float) -> torch.Tensor:  # noqa: ANN001
@@ -140,7 +140,7 @@ def w_conditioned_gaps(trainer: Trainer) -> list[tuple[float, float]]:
     return out
 
 
-W_CONDITIONED = ("model.guidance_embedding=64", "progressive.guidance=1.0", "progressive.guidance_max=3.0",
+W_CONDITIONED = ("model.cfg_embedding_dim=64", "progressive.teacher_cfg=1.0", "progressive.teacher_cfg_max=3.0",
                  "progressive.start_steps=4", "train.steps=3000")
 
 
@@ -156,7 +156,7 @@ def test_guided_progressive_student_that_cannot_read_w_fails(tmp_path: Path, mon
                                                              ) -> None:
     """The same run with the student's scale input dropped (it sees no w): one network for every w."""
     forward = Student.forward
-    monkeypatch.setattr(Student, "forward", lambda self, x, t, c: forward(self, x, t, replace(c, guidance=None)))
+    monkeypatch.setattr(Student, "forward", lambda self, x, t, c: forward(self, x, t, replace(c, cfg_scale=None)))
     gaps = w_conditioned_gaps(trainer_for(tmp_path, "progressive", None, *W_CONDITIONED))
     assert not all(student < 0.3 * teacher_half for student, teacher_half in gaps), gaps
 
@@ -175,7 +175,7 @@ def w_conditioned_lcm_distances(trainer: Trainer) -> list[float]:
     return out
 
 
-W_LCM = ("model.guidance_embedding=64", "consistency.guidance=1.0", "consistency.guidance_max=3.0",
+W_LCM = ("model.cfg_embedding_dim=64", "consistency.teacher_cfg=1.0", "consistency.teacher_cfg_max=3.0",
          "model.timesteps=[999]")
 
 
@@ -190,7 +190,7 @@ def test_w_conditioned_consistency_student_lands_on_the_guided_ode(tmp_path: Pat
 
 def test_consistency_student_that_cannot_read_w_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     forward = Student.forward
-    monkeypatch.setattr(Student, "forward", lambda self, x, t, c: forward(self, x, t, replace(c, guidance=None)))
+    monkeypatch.setattr(Student, "forward", lambda self, x, t, c: forward(self, x, t, replace(c, cfg_scale=None)))
     distances = w_conditioned_lcm_distances(trainer_for(tmp_path, "consistency", None, *W_LCM))
     assert not all(d <= 0.002 for d in distances), distances
 

@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from test_distributed import launch_error
 from test_sharding import CONFIG, OVERRIDES, ROOT, launch_sharded, max_diff
 
-from distill_diffusion.config import ConfigError, load_config
+from distill_diffusion.config import load_config
+from distill_diffusion.errors import ConfigError
 from distill_diffusion.trainer import Trainer
 from distill_diffusion.zero import Zero, requested
 

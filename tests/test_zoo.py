@@ -43,7 +43,7 @@ def test_digits_teacher_follows_its_prompts() -> None:
     """At 50 DDIM steps and the best CFG scale, the classifier reads the prompted digit in >= 90% of 300 images."""
     model = load_model("embedded:digits")
     prompts = digit_prompts(300)
-    images, _ = generate(model, prompts, list(range(300)), steps=50, guidance=BEST_GUIDANCE, solver="ddim",
+    images, _ = generate(model, prompts, list(range(300)), steps=50, cfg_scale=BEST_GUIDANCE, solver="ddim",
                          batch_size=300, progress=False)
     assert images.shape == (300, 16, 16, 3)
     acc = prompt_accuracy(images, prompts, zoo.load("digits_classifier"))

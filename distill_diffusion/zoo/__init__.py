@@ -13,6 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .classifier import load_classifier
+
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 EMBEDDED = {"digits": WEIGHTS / "digits", "digits_classifier": WEIGHTS / "digits_classifier.safetensors"}
 PREFIX = "embedded:"
@@ -36,8 +38,6 @@ def load(name: str) -> Any:
     """``digits`` -> StableDiffusionPipeline; ``digits_classifier`` -> DigitsClassifier (both offline)."""
     name = name.removeprefix(PREFIX)
     if name == "digits_classifier":
-        from .classifier import load_classifier
-
         return load_classifier(path(name))
     from diffusers import DiffusionPipeline
 

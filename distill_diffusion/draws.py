@@ -33,11 +33,20 @@ def _mine(draw: Callable[[int], Tensor], n: int, generator: torch.Generator) -> 
     return draw(n * world)[rank * n:(rank + 1) * n]
 
 
-def randn(shape: Sequence[int], generator: torch.Generator) -> Tensor:
-    """Standard normal rows ``shape[0]`` of this process's share, on the generator's device."""
+def randn(shape: Sequence[int], generator: torch.Generator | list[torch.Generator], like: Tensor | None = None
+          ) -> Tensor:
+    """Standard normal rows ``shape[0]`` of this process's share, on the generator's device (or ``like``'s device
+    and dtype). With a list of generators row i is drawn from generator i, as diffusers does, so a sample does not
+    depend on which batch it was drawn in."""
     shape = tuple(shape)
-    return _mine(lambda m: torch.randn((m, *shape[1:]), generator=generator, device=generator.device), shape[0],
-                 generator)
+    if isinstance(generator, list):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        noise = torch.cat([torch.randn((1, *shape[1:]), generator=g, device=g.device) for g in generator])
+    else:
+        noise = _mine(lambda m: torch.randn((m, *shape[1:]), generator=generator, device=generator.device),
+                      shape[0], generator)
+    return noise if like is None else noise.to(like.device, like.dtype)
 
 
 def rand(n: int, generator: torch.Generator) -> Tensor:

@@ -1,0 +1,180 @@
+"""The one factory that builds the roles of a run from its `ModelConfig` and its method's `Needs`, complete: nothing
+patches a role after it is built. The only place teacher weights are read (through `distill_diffusion.teachers`).
+
+Teacher families, one builder each: the exact Gaussian mixture (``gmm``: a known answer, `_mixture_models`) and
+UNet latent-diffusion pipelines (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``: `_unet_models`). Students
+and critics start as copies of the teacher, or as LoRA adapters on its own network.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from .config import ModelConfig
+from .denoiser import Denoiser
+from .errors import ConfigError
+from .gmm import GaussianMixture, MixtureDenoiserNet, ResidualMLP
+from .lora import SharedDenoiser, add_lora
+from .process import NoiseProcess
+from .roles import Models, Needs, Student, Teacher
+from .teachers import load_pipeline
+from .text import TextConditioner
+
+UNET_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
+
+def critic_kind(needs: Needs, cfg: ModelConfig) -> tuple[str | None, int]:
+    """The critic to build, as (kind, LoRA rank); ``model.critic_lora_rank`` overrides the method's choice:
+
+        method's critic (Needs)    model.critic_lora_rank    built
+        none                       any                       no critic
+        copy / lora r / teacher    null                      the method's choice
+        copy / lora r / teacher    0                         a trainable full copy of the teacher's network
+        copy / lora r / teacher    r' > 0                    a LoRA adapter of rank r' on the teacher's network
+    """
+    if needs.critic is None:
+        return None, 0
+    if cfg.critic_lora_rank is None:
+        return needs.critic, needs.critic_lora_rank if needs.critic == "lora" else 0
+    return ("lora", cfg.critic_lora_rank) if cfg.critic_lora_rank > 0 else ("copy", 0)
+
+
+def build_models(cfg: ModelConfig, needs: Needs, seed: int = 0, pipeline: Any = None) -> Models:
+    """Teacher, student and (when the method has one) critic for ``cfg.teacher``; fresh weights are seeded by
+    ``seed``. ``pipeline``: the teacher as a diffusers pipeline already in memory, used instead of loading it."""
+    critic, rank = critic_kind(needs, cfg)
+    student_cfg = needs.student_cfg if cfg.cfg_embedding_dim is not None else None  # None: guidance baked in
+    if cfg.teacher == "gmm":
+        return _mixture_models(cfg, needs, student_cfg, critic, seed)
+    pipe = pipeline if pipeline is not None else load_pipeline(cfg.teacher)
+    name = type(pipe).__name__
+    if name not in UNET_PIPELINES:
+        raise ConfigError(f"teacher pipeline class {name!r} is not supported; choose one of: "
+                          f"{', '.join(UNET_PIPELINES)}")
+    return _unet_models(cfg, pipe, needs, student_cfg, critic, rank, seed)
+
+
+def _mixture_models(cfg: ModelConfig, needs: Needs, student_cfg: float | None, critic: str | None,
+                    seed: int) -> Models:
+    """The exact mixture teacher; student and critic are the teacher plus a small MLP correction. A critic that is
+    the frozen teacher elsewhere (heads on its features) is a trainable MLP here that also reads the teacher's
+    epsilon prediction of its input (what a UNet's features carry about a noised image: its deviation from the
+    teacher's denoising, scaled by 1 / sigma_t); a LoRA critic is a plain one (the MLP is already a small
+    correction on the frozen exact teacher)."""
+    from diffusers import DDPMScheduler
+
+    if cfg.student_lora_rank is not None or (cfg.critic_lora_rank or 0) > 0:
+        raise ConfigError("LoRA roles (model.student_lora_rank, model.critic_lora_rank) need a diffusers teacher; "
+                          "a mixture critic already is a small correction on the frozen exact teacher")
+    # SD 1.5's schedule: 1000 steps, scaled_linear 0.00085 .. 0.012, so alpha_bar(999) ~ 0.0047 > 0.
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
+    process = NoiseProcess.from_scheduler_config(dict(scheduler.config, prediction_type="sample"))
+    mixture = GaussianMixture.ring(cfg.gmm_classes, cfg.gmm_radius, cfg.gmm_std, cfg.gmm_dim)
+    exact = MixtureDenoiserNet(mixture, process)
+    data_var = float((mixture.means**2).sum(1).mean() / mixture.dim + mixture.std**2)
+    gen = torch.Generator().manual_seed(seed)
+
+    def mlp(cfg_dim: int | None = None, eps_features: bool = False) -> Denoiser:
+        with torch.random.fork_rng():
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+            net = ResidualMLP(exact, process, mixture.dim, mixture.classes, cfg.mlp_hidden, cfg.mlp_layers, data_var,
+                              cfg_dim, eps_features)
+        return Denoiser(net, process)
+
+    student = Student(mlp(cfg.cfg_embedding_dim), cfg.timesteps, needs.student_sampler, student_cfg)
+    return Models(
+        process=process,
+        teacher=Teacher(Denoiser(exact, process)),
+        student=student,
+        critic=None if critic is None else mlp(eps_features=critic == "teacher"),
+        family="gmm",
+        sample_shape=(mixture.dim,),
+        mixture=mixture,
+        pipeline=scheduler,
+        seed=seed,
+    )
+
+
+def _unet_models(cfg: ModelConfig, pipe: Any, needs: Needs, student_cfg: float | None, critic: str | None,
+                 critic_rank: int, seed: int) -> Models:
+    """SD 1.x / 2.x / SDXL: the pipeline's UNet is the teacher. Full-weight roles are copies of it, taken before any
+    adapter joins it; LoRA roles are adapters on the teacher's UNet itself (the teacher computes with every adapter
+    off); a ``teacher`` critic is that UNet, frozen (adapters off)."""
+    from diffusers import UNet2DConditionModel
+
+    if not isinstance(getattr(pipe, "unet", None), UNet2DConditionModel):
+        raise ConfigError(f"teacher pipeline class {type(pipe).__name__!r} has no UNet2DConditionModel; choose one "
+                          f"of: {', '.join(UNET_PIPELINES)}")
+    process = NoiseProcess.from_scheduler(pipe.scheduler)
+    unet = pipe.unet
+    sdxl = type(pipe).__name__ == "StableDiffusionXLPipeline"
+    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    size = unet.config.sample_size * vae_scale
+    if sdxl:
+        text = TextConditioner([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2],
+                               sdxl=True, force_zeros_for_empty_prompt=pipe.config.force_zeros_for_empty_prompt,
+                               image_size=(size, size))
+    else:
+        text = TextConditioner([pipe.tokenizer], [pipe.text_encoder])
+    for module in (pipe.vae, *text.encoders):
+        module.requires_grad_(False).eval()
+    lora_student = cfg.student_lora_rank is not None
+    shared = lora_student or critic == "lora"  # the teacher's UNet carries adapters: each role picks its own
+    student = (SharedDenoiser(unet, process, adapter="student") if lora_student else
+               Denoiser(_student_unet(unet, cfg.cfg_embedding_dim).requires_grad_(True).train(), process))
+    critic_denoiser: Denoiser | None = None
+    if critic == "teacher":  # heads may join it; the network itself stays frozen
+        critic_denoiser = SharedDenoiser(unet, process, adapter=None) if lora_student else Denoiser(unet, process)
+    elif critic == "lora":
+        critic_denoiser = SharedDenoiser(unet, process, adapter="critic")
+    elif critic == "copy":
+        critic_denoiser = Denoiser(copy.deepcopy(unet).requires_grad_(True).train(), process)
+    teacher = Teacher(SharedDenoiser(unet, process, adapter=None) if shared else Denoiser(unet, process))
+    if lora_student:  # the teacher froze the base above; the adapters join it now
+        add_lora(unet, cfg.student_lora_rank, cfg.student_lora_alpha, cfg.lora_targets, seed, name="student")
+    if critic == "lora":
+        add_lora(unet, critic_rank, cfg.critic_lora_alpha, cfg.lora_targets, seed + 1, name="critic")
+    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    return Models(
+        process=process,
+        teacher=teacher,
+        student=Student(student, cfg.timesteps, needs.student_sampler, student_cfg),
+        critic=critic_denoiser,
+        family="sdxl" if sdxl else "sd",
+        sample_shape=shape,
+        text=text,
+        vae=pipe.vae,
+        pipeline=pipe,
+        seed=seed,
+    )
+
+
+def _student_unet(unet: Any, cfg_dim: int | None) -> Any:
+    """A full-weight copy of the teacher's UNet; with ``cfg_dim``, one that also reads a CFG-scale embedding
+    (`with_cfg_embedding`: LCM's ``time_cond_proj_dim``, starting at zero so the student starts as the teacher;
+    LCM's script initialises it at random)."""
+    if cfg_dim is None or unet.config.time_cond_proj_dim == cfg_dim:
+        return copy.deepcopy(unet)
+    if unet.config.time_cond_proj_dim is not None:
+        raise ConfigError(f"the teacher's UNet already reads a CFG-scale embedding of width "
+                          f"{unet.config.time_cond_proj_dim}; set model.cfg_embedding_dim to that or null")
+    return with_cfg_embedding(unet, cfg_dim).to(unet.device, unet.dtype)
+
+
+def with_cfg_embedding(unet: Any, dim: int) -> Any:
+    """A new plain ``UNet2DConditionModel`` holding ``unet``'s weights plus a CFG-scale embedding of width ``dim``
+    (diffusers' ``time_cond_proj_dim``) whose projection is exactly zero, so it computes what ``unet`` computes. The
+    student that reads its CFG scale starts from it; exports of students without one get it
+    (`pipelines.export.export_unet`)."""
+    from diffusers import UNet2DConditionModel
+
+    plain = UNet2DConditionModel.from_config(dict(unet.config, time_cond_proj_dim=dim))
+    missing, unexpected = plain.load_state_dict(unet.state_dict(), strict=False)
+    if unexpected or set(missing) != {"time_embedding.cond_proj.weight"}:
+        raise RuntimeError(f"UNet does not fit a CFG-scale embedding: missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():
+        plain.time_embedding.cond_proj.weight.zero_()
+    return plain

@@ -1,0 +1,41 @@
+"""Images <-> the teacher's latents, through its VAE, with diffusers' own arithmetic (scaling factor, and the latent
+mean / std of the SDXL-family VAEs that standardise latents), so training, previews and exports agree."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .roles import Models
+
+
+def _latent_stats(vae: torch.nn.Module, like: Tensor) -> tuple[Tensor | float, Tensor | float]:
+    """Per-channel latent mean / std of SDXL-family VAEs that standardise latents (0 and 1 otherwise)."""
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is None or std is None:
+        return 0.0, 1.0
+    return torch.tensor(mean).view(1, -1, 1, 1).to(like), torch.tensor(std).view(1, -1, 1, 1).to(like)
+
+
+@torch.no_grad()
+def decode(models: Models, latents: Tensor, as_float: bool = False) -> np.ndarray:
+    """Latents -> images (B, H, W, 3) through the teacher's VAE: uint8, or floats in [0, 1] as a pipeline's
+    ``output_type="np"`` gives them."""
+    vae = models.vae
+    mean, std = _latent_stats(vae, latents)
+    latents = latents * std / vae.config.scaling_factor + mean
+    images = (vae.decode(latents.to(vae.dtype)).sample.float() / 2 + 0.5).clamp(0, 1)
+    images = images.permute(0, 2, 3, 1).cpu().numpy()
+    return images if as_float else (images * 255).round().astype(np.uint8)
+
+
+@torch.no_grad()
+def encode(models: Models, images: Tensor, batch: int = 64) -> Tensor:
+    """Images (B, 3, H, W) in [-1, 1] -> the teacher's latents (posterior means, scaled as `decode` unscales)."""
+    vae = models.vae
+    device = next(vae.parameters()).device
+    latents = torch.cat([vae.encode(images[i : i + batch].to(device, vae.dtype)).latent_dist.mean.float()
+                         for i in range(0, len(images), batch)])
+    mean, std = _latent_stats(vae, latents)
+    return (latents - mean) * vae.config.scaling_factor / std

@@ -1,0 +1,55 @@
+"""Where teachers come from: a teacher spec -> a diffusers pipeline object, offline unless a hub id is given.
+
+``tiny:<kind>`` (tiny random pipelines built from config, `distill_diffusion.tiny`), ``embedded:<name>`` (the models
+shipped in the package, `distill_diffusion.zoo`), a local diffusers pipeline directory, or a hub id (downloaded or
+from the local cache). The exact mixture teacher (``gmm``) is no pipeline; `distill_diffusion.factory` builds it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from . import zoo
+from .errors import ConfigError, first_line
+from .tiny import tiny_pipeline
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def load_pipeline(spec: str) -> Any:
+    """A diffusers pipeline from ``tiny:<kind>``, ``embedded:<name>``, a local directory or a hub id."""
+    from diffusers import DiffusionPipeline
+
+    if spec.startswith("tiny:"):
+        return tiny_pipeline(spec.split(":", 1)[1])
+    if spec.startswith(zoo.PREFIX):
+        return zoo.load(spec)
+    path = Path(spec)
+    if not path.is_dir() and HUB_ID.fullmatch(spec):
+        return _from_hub(spec)
+    if not path.is_dir():
+        raise ConfigError(
+            f"teacher {spec!r} is not a directory; give gmm, embedded:digits, tiny:sd15, tiny:sd21, tiny:sdxl, a "
+            "diffusers pipeline directory or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5"
+        )
+    if not (path / "model_index.json").is_file():
+        raise ConfigError(f"teacher {spec!r} is not a diffusers pipeline directory (no model_index.json)")
+    return DiffusionPipeline.from_pretrained(path, local_files_only=True, safety_checker=None)
+
+
+def _from_hub(repo: str) -> Any:
+    """A pipeline by hub id (downloaded or from the local cache; remote code is never trusted)."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        return DiffusionPipeline.from_pretrained(repo, safety_checker=None)
+    except (OSError, ValueError) as e:  # offline, unknown repo, gated repo: huggingface_hub's errors are OSErrors
+        from huggingface_hub import constants
+
+        reason = "HF_HUB_OFFLINE is set and it is not in the local cache" if constants.HF_HUB_OFFLINE else \
+            first_line(e)[:200]
+        raise ConfigError(f"teacher {repo!r} is not a local directory and could not be loaded from the Hugging Face "
+                          f"hub ({reason}); download it where there is network, or give a local pipeline "
+                          "directory") from None

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError
+from .lora import own_parameters
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,19 @@ def shardable(role: nn.Module, own: Mapping[str, nn.Parameter]) -> bool:
     """Whether every weight of the role's network is the role's own trainable weight (not a shared or frozen base)."""
     mine = {id(p) for p in own.values()}
     return all(id(p) in mine for p in network(role).parameters())
+
+
+def roles_to_shard(roles: Mapping[str, nn.Module], optimizer: str, copies_student: bool, method: str) -> list[str]:
+    """The roles an FSDP launch shards: each full-weight role (a LoRA role's network is a shared frozen base), or a
+    refusal in one line when the optimizer or the method cannot work on sharded weights."""
+    if optimizer != "adamw":
+        raise ConfigError(f"train.optimizer {optimizer} cannot step sharded weights; use adamw under FSDP (it shards "
+                          "the Adam states already) or configs/accelerate/ddp.yaml")
+    sharded = [r for r, m in roles.items() if shardable(m, own_parameters(m))]
+    if "student" in sharded and copies_student:
+        raise ConfigError(f"{method} keeps a copy of the student, which a sharded student cannot give; use "
+                          "configs/accelerate/ddp.yaml (or a LoRA student, model.student_lora_rank)")
+    return sharded
 
 
 def shard_network(net: nn.Module, sharding: Sharding, device: torch.device) -> None:

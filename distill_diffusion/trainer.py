@@ -26,32 +26,13 @@ from .assembly import assemble
 from .collectives import agree, all_finite, broadcast_parameters, check_parallel, sync_gradients
 from .config import Config
 from .draws import ShardedGenerator
+from .ema import EMA
 from .errors import ConfigError, RunError, first_line
 from .lora import own_parameters
 from .memory import HALF, cast_frozen, check_optimizer, make_optimizer, set_attention
 from .preview import preview
 
 MAX_NONFINITE_IN_A_ROW = 10
-
-
-class EMA:
-    """Exponential moving average of the student's trainable weights (kept in fp32)."""
-
-    def __init__(self, module: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {k: p.detach().float().clone() for k, p in own_parameters(module).items()}
-
-    @torch.no_grad()
-    def update(self, module: torch.nn.Module) -> None:
-        for k, p in module.named_parameters():
-            if k in self.shadow:
-                self.shadow[k].lerp_(p.detach().float(), 1 - self.decay)
-
-    def copy_to(self, module: torch.nn.Module) -> None:
-        params = dict(module.named_parameters())
-        with torch.no_grad():
-            for k, v in self.shadow.items():
-                params[k].copy_(v.to(params[k].dtype))
 
 
 class Trainer:
@@ -80,7 +61,8 @@ class Trainer:
         if half is not None and tc.half_frozen:  # after assembly: prompts and real images encode in fp32
             cast_frozen(self.models, half)
         roles = self.models.trainable()
-        to_shard = self._check_sharding(roles) if self.sharding is not None else []
+        to_shard = [] if self.sharding is None else sharding.roles_to_shard(roles, tc.optimizer,
+                                                                            self.run.needs.copies_student, cfg.method)
         # the run directory is written only once everything above has been accepted
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -122,17 +104,6 @@ class Trainer:
         self.counts = {r: 0 for r in roles}
         self.skipped = 0
         self.bad_in_a_row = 0
-
-    def _check_sharding(self, roles: dict[str, torch.nn.Module]) -> list[str]:
-        """The roles an FSDP launch shards (each full-weight role: distill_diffusion/sharding.py), or a refusal."""
-        if self.cfg.train.optimizer != "adamw":
-            raise ConfigError(f"train.optimizer {self.cfg.train.optimizer} cannot step sharded weights; use adamw "
-                              "under FSDP (it shards the Adam states already) or configs/accelerate/ddp.yaml")
-        sharded = [r for r, m in roles.items() if sharding.shardable(m, own_parameters(m))]
-        if "student" in sharded and self.run.needs.copies_student:
-            raise ConfigError(f"{self.cfg.method} keeps a copy of the student, which a sharded student cannot give; "
-                              "use configs/accelerate/ddp.yaml (or a LoRA student, model.student_lora_rank)")
-        return sharded
 
     def _reshard(self) -> None:
         for role in self.sharded:

@@ -1,4 +1,4 @@
-"""Denoiser, guided_x0 and Cond: the exact mixture teacher against Tweedie's formula, tiny SD UNets against
+"""Denoiser, cfg_x0 and Cond: the exact mixture teacher against Tweedie's formula, tiny SD UNets against
 diffusers' own prompt encoding and prediction types."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from diffusers import DDPMScheduler, DiffusionPipeline
 from torch import Tensor
 from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
-from distill_diffusion.denoiser import Cond, Denoiser, guided_x0
+from distill_diffusion.denoiser import Cond, Denoiser, cfg_x0
 from distill_diffusion.gmm import GaussianMixture, MixtureDenoiserNet
 from distill_diffusion.process import NoiseProcess
 from distill_diffusion.text import TextConditioner
@@ -132,12 +132,12 @@ def test_guided_x0_mixture() -> None:
     x0_u = teacher(x_t, t, Cond())
     assert (x0_c - x0_u).abs().max() > 0.1  # the two branches differ, so the check below means something
     for w in (0.0, 1.75, 4.0):
-        torch.testing.assert_close(guided_x0(teacher, x_t, t, cond, w), x0_u + w * (x0_c - x0_u), rtol=1e-5,
+        torch.testing.assert_close(cfg_x0(teacher, x_t, t, cond, w), x0_u + w * (x0_c - x0_u), rtol=1e-5,
                                    atol=1e-5)
-    assert torch.equal(guided_x0(teacher, x_t, t, cond, 1.0), teacher(x_t, t, cond))
-    assert torch.equal(guided_x0(teacher, x_t, t, Cond(labels=labels), 1.0), x0_c)  # w = 1 needs no uncond
+    assert torch.equal(cfg_x0(teacher, x_t, t, cond, 1.0), teacher(x_t, t, cond))
+    assert torch.equal(cfg_x0(teacher, x_t, t, Cond(labels=labels), 1.0), x0_c)  # w = 1 needs no uncond
     with pytest.raises(ValueError, match="uncond"):
-        guided_x0(teacher, x_t, t, Cond(labels=labels), 2.0)
+        cfg_x0(teacher, x_t, t, Cond(labels=labels), 2.0)
 
 
 # ------------------------------------------------------------------------------------------------ tiny SD UNets
@@ -212,9 +212,9 @@ def test_guided_x0_equals_guidance_of_native_prediction(kind: str) -> None:
     out_u = _unet_out(pipe, x_t, t, cond.uncond)
     expected = _x0_by_hand(pipe, out_u + w * (out_c - out_u), x_t, t)
     with torch.no_grad():
-        guided = guided_x0(denoiser, x_t, t, cond, w)
+        guided = cfg_x0(denoiser, x_t, t, cond, w)
         plain = denoiser(x_t, t, cond)
-        unguided = guided_x0(denoiser, x_t, t, cond, 1.0)
+        unguided = cfg_x0(denoiser, x_t, t, cond, 1.0)
     torch.testing.assert_close(guided.double(), expected, rtol=1e-4, atol=1e-4)
     assert torch.equal(unguided, plain)
     assert (guided - plain).abs().max() > 1e-2

@@ -19,8 +19,7 @@ from distill_diffusion import zoo
 from distill_diffusion.eval.fid import FeatureStats, extract, feature_backend, fid_from_stats
 from distill_diffusion.eval.generate import generate, load_model
 from distill_diffusion.eval.sweep import digit_prompts, prompt_accuracy, reference_images
-from distill_diffusion.zoo.digits_data import digits_split
-from distill_diffusion.zoo.train_digits import TEACHER_SIZE
+from distill_diffusion.zoo.digits_data import TEACHER_SIZE, digits_split
 
 
 def main() -> None:

@@ -2,8 +2,9 @@
 patches a role after it is built. The only place teacher weights are read (through `distill_diffusion.teachers`).
 
 Teacher families, one builder each: the exact Gaussian mixture (``gmm``: a known answer, `_mixture_models`) and
-UNet latent-diffusion pipelines (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``: `_unet_models`). Students
-and critics start as copies of the teacher, or as LoRA adapters on its own network.
+UNet latent-diffusion pipelines (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``: `_unet_models`), found by
+the pipeline's class in `BUILDERS`. Students and critics start as copies of the teacher, or as LoRA adapters on its
+own network.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ from .process import NoiseProcess
 from .roles import Models, Needs, Student, Teacher
 from .teachers import load_pipeline
 from .text import TextConditioner
-
-UNET_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
 
 def critic_kind(needs: Needs, cfg: ModelConfig) -> tuple[str | None, int]:
@@ -51,10 +50,9 @@ def build_models(cfg: ModelConfig, needs: Needs, seed: int = 0, pipeline: Any = 
         return _mixture_models(cfg, needs, student_cfg, critic, seed)
     pipe = pipeline if pipeline is not None else load_pipeline(cfg.teacher)
     name = type(pipe).__name__
-    if name not in UNET_PIPELINES:
-        raise ConfigError(f"teacher pipeline class {name!r} is not supported; choose one of: "
-                          f"{', '.join(UNET_PIPELINES)}")
-    return _unet_models(cfg, pipe, needs, student_cfg, critic, rank, seed)
+    if name not in BUILDERS:
+        raise ConfigError(f"teacher pipeline class {name!r} is not supported; choose one of: {', '.join(BUILDERS)}")
+    return BUILDERS[name](cfg, pipe, needs, student_cfg, critic, rank, seed)
 
 
 def _mixture_models(cfg: ModelConfig, needs: Needs, student_cfg: float | None, critic: str | None,
@@ -106,8 +104,7 @@ def _unet_models(cfg: ModelConfig, pipe: Any, needs: Needs, student_cfg: float |
     from diffusers import UNet2DConditionModel
 
     if not isinstance(getattr(pipe, "unet", None), UNet2DConditionModel):
-        raise ConfigError(f"teacher pipeline class {type(pipe).__name__!r} has no UNet2DConditionModel; choose one "
-                          f"of: {', '.join(UNET_PIPELINES)}")
+        raise ConfigError(f"teacher pipeline {type(pipe).__name__!r} has no UNet2DConditionModel as its unet")
     process = NoiseProcess.from_scheduler(pipe.scheduler)
     unet = pipe.unet
     sdxl = type(pipe).__name__ == "StableDiffusionXLPipeline"
@@ -150,6 +147,10 @@ def _unet_models(cfg: ModelConfig, pipe: Any, needs: Needs, student_cfg: float |
         pipeline=pipe,
         seed=seed,
     )
+
+
+# a teacher pipeline's class -> the builder of its roles (a new teacher family adds its builder here)
+BUILDERS = {"StableDiffusionPipeline": _unet_models, "StableDiffusionXLPipeline": _unet_models}
 
 
 def _student_unet(unet: Any, cfg_dim: int | None) -> Any:

@@ -13,7 +13,6 @@ from typing import Any
 
 from . import zoo
 from .errors import ConfigError, first_line
-from .tiny import tiny_pipeline
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
@@ -23,6 +22,10 @@ def load_pipeline(spec: str) -> Any:
     from diffusers import DiffusionPipeline
 
     if spec.startswith("tiny:"):
+        # imported here, not at the top: the tiny pipelines import diffusers' and transformers' pipeline classes,
+        # seconds that no run of a real teacher should pay
+        from .tiny import tiny_pipeline
+
         return tiny_pipeline(spec.split(":", 1)[1])
     if spec.startswith(zoo.PREFIX):
         return zoo.load(spec)

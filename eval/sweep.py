@@ -21,8 +21,7 @@ from PIL import Image
 from distill_diffusion import zoo
 from distill_diffusion.data import image_files
 from distill_diffusion.errors import ConfigError
-from distill_diffusion.zoo.digits_data import PROMPTS, digits_split, label_of_prompt
-from distill_diffusion.zoo.train_digits import TEACHER_SIZE
+from distill_diffusion.zoo.digits_data import PROMPTS, TEACHER_SIZE, digits_split, label_of_prompt
 
 from .fid import FeatureStats, cache_key, cached_stats, extract, feature_backend, fid_from_stats, kid, precision_recall
 from .generate import EvalModel, generate, load_model

@@ -87,18 +87,13 @@ class LADD(AlternatingMethod):
         super().__init__(cfg, models)
         gan.attach_head(models.critic, seed=models.seed + 2)
 
-    def noised(self, x: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """x noised at t ~ U[t_min T, t_max T] (the discriminator's noise levels)."""
-        x_t, t, _ = noised(self.models.process, x, self.cfg.t_min, self.cfg.t_max, generator)
-        return x_t, t
-
     def d(self, x_t: Tensor, t: Tensor, cond) -> Tensor:  # noqa: ANN001
         return gan.logits(self.models.critic, x_t, t, cond)
 
     def student_loss(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         cfg = self.cfg
         x = self.student_sample(batch, generator, grad=True)
-        fake_t, t = self.noised(x, generator)
+        fake_t, t, _ = noised(self.models.process, x, cfg.t_min, cfg.t_max, generator)
         d_fake = self.d(fake_t, t, batch.cond)
         loss_gan = F.softplus(-d_fake).mean() if cfg.gan_loss == "softplus" else -d_fake.mean()
         loss, logs = loss_gan, {"loss_gan_student": loss_gan.item()}
@@ -120,8 +115,8 @@ class LADD(AlternatingMethod):
     def critic_loss(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         cfg = self.cfg
         x = self.student_sample(batch, generator, grad=False).detach()
-        fake_t, t_f = self.noised(x, generator)
-        real_t, t_r = self.noised(batch.real.to(x.dtype), generator)
+        fake_t, t_f, _ = noised(self.models.process, x, cfg.t_min, cfg.t_max, generator)  # the discriminator's t
+        real_t, t_r, _ = noised(self.models.process, batch.real.to(x.dtype), cfg.t_min, cfg.t_max, generator)
         d_fake = self.d(fake_t, t_f, batch.cond)
         d_real = self.d(real_t, t_r, batch.real_cond)
         if cfg.gan_loss == "softplus":

@@ -36,6 +36,7 @@ from torch import Tensor
 from distill_diffusion.errors import ConfigError
 from distill_diffusion.roles import Batch
 
+from .base import noised
 from .score import ScoreConfig, ScoreMethod, per_sample_mean_abs
 
 
@@ -68,7 +69,7 @@ class DMD2(ScoreMethod):
         # 1. the student's sample, with gradient
         x = self.student_sample(batch, generator, grad=True)
         # 2. noise it at t ~ U{t_min T .. t_max T}
-        x_t, t, _ = self.noised(x.detach(), generator, cfg.t_min, cfg.t_max)
+        x_t, t, _ = noised(m.process, x.detach(), cfg.t_min, cfg.t_max, generator)
         # 3. real (guided teacher) and fake (critic, unguided) denoised estimates; no gradient through either
         with torch.no_grad():
             x0_real = self.real_x0(x_t, t, batch.cond).double()

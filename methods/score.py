@@ -123,14 +123,10 @@ class ScoreMethod(AlternatingMethod):
         ``compute_generator_clean_cls_loss``). SiD adds its own per-sample form instead."""
         if not self.gan_student_now():
             return loss
-        fake_t, t, _ = self.noised(x, generator, 0.0, 1.0)
+        fake_t, t, _ = noised(self.models.process, x, 0.0, 1.0, generator)
         loss_gan = F.softplus(-gan.logits(self.models.critic, fake_t, t, batch.cond)).mean()
         logs["loss_gan_student"] = loss_gan.item()
         return loss + self.cfg.gan_student_weight * loss_gan
-
-    def noised(self, x: Tensor, generator: torch.Generator, lo: float, hi: float) -> tuple[Tensor, Tensor, Tensor]:
-        """(x_t, t, eps) with t uniform over the fractions [lo, hi] of training time; x_t keeps x's graph."""
-        return noised(self.models.process, x, lo, hi, generator)
 
     def real_x0(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         return self.models.teacher.x0(x_t, t, cond, self.cfg.teacher_cfg)
@@ -143,8 +139,8 @@ class ScoreMethod(AlternatingMethod):
         loss, logs = self.critic_denoising_loss(x, batch.cond, generator)
         if self._gan_now and self.cfg.gan_critic_weight > 0:  # the head tells noised real from noised student images
             m = self.models
-            fake_t, t_f, _ = self.noised(x, generator, 0.0, 1.0)
-            real_t, t_r, _ = self.noised(batch.real.to(x.dtype), generator, 0.0, 1.0)
+            fake_t, t_f, _ = noised(m.process, x, 0.0, 1.0, generator)
+            real_t, t_r, _ = noised(m.process, batch.real.to(x.dtype), 0.0, 1.0, generator)
             d_fake = gan.logits(m.critic, fake_t, t_f, batch.cond)
             d_real = gan.logits(m.critic, real_t, t_r, batch.real_cond)
             loss_gan = (F.softplus(d_fake) + F.softplus(-d_real)).mean()
@@ -156,7 +152,7 @@ class ScoreMethod(AlternatingMethod):
                               ) -> tuple[Tensor, dict[str, float]]:
         """The critic's denoising loss on the (detached) student samples ``x``, t uniform over [0, T)."""
         m, cfg = self.models, self.cfg
-        x_t, t, _ = self.noised(x, generator, 0.0, 1.0)
+        x_t, t, _ = noised(m.process, x, 0.0, 1.0, generator)
         cond = drop_prompts(cond, cfg.critic_dropout, generator)
         x0_hat = cfg_x0(m.critic, x_t, t, cond, cfg.critic_train_cfg)
         target = m.critic.prediction_type if cfg.critic_target == "native" else cfg.critic_target

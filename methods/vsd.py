@@ -31,6 +31,7 @@ from torch import Tensor
 
 from distill_diffusion.roles import Batch, Needs
 
+from .base import noised
 from .score import ScoreConfig, ScoreMethod, uses_gan
 
 
@@ -58,7 +59,7 @@ class VSD(ScoreMethod):
     def student_loss(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         m, cfg = self.models, self.cfg
         x = self.student_sample(batch, generator, grad=True)
-        x_t, t, _ = self.noised(x.detach(), generator, cfg.t_min, cfg.t_max)
+        x_t, t, _ = noised(m.process, x.detach(), cfg.t_min, cfg.t_max, generator)
         with torch.no_grad():
             eps_real = m.process.x0_to_eps(self.real_x0(x_t, t, batch.cond), x_t, t)
             eps_fake = m.process.x0_to_eps(self.fake_x0(x_t, t, batch.cond), x_t, t)

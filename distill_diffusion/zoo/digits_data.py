@@ -12,6 +12,7 @@ from torch import Tensor
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 IMAGE_SIZE = 32
+TEACHER_SIZE = 16  # the embedded teacher's image size in pixels (its latents are 8x8x4)
 
 
 def prompt_for(label: int) -> str:

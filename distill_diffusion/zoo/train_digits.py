@@ -21,10 +21,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..tiny import _scheduler, _text_config, build_tokenizer
-from .digits_data import PROMPTS, digits_split, shift_augment, to_rgb
+from .digits_data import PROMPTS, TEACHER_SIZE, digits_split, shift_augment, to_rgb
 
 PROMPT_DROPOUT = 0.1
-TEACHER_SIZE = 16  # pixels; latents are 8x8x4
 
 
 def build_vae():  # noqa: ANN201

@@ -7,9 +7,9 @@ student samples are noised at independent timesteps t ~ U[t_min T, t_max T] (LAD
 
     D loss = softplus(D(fake_t)) + softplus(-D(real_t))     (or hinge: relu(1 + D(fake_t)) + relu(1 - D(real_t)))
              + r1_weight * ||D(real_t) - D(real_t + r1_sigma n)||^2          (approximate R1, as FastGen's ``ladd``)
-    G loss = softplus(-D(fake_t))                            (or hinge: -D(fake_t))
+    student loss = softplus(-D(fake_t))                      (or hinge: -D(fake_t))
 
-the generator's gradient flowing through the frozen teacher's encoder into its sample. The student's input comes from
+the student's gradient flowing through the frozen teacher's encoder into its sample. The student's input comes from
 its own fixed timestep list (the list export uses, FastGen ``sample_from_t_list``): pure noise at the first, its own
 rolled-out sample re-noised at the later ones (the backward simulation DMD2 uses), so training sees the inputs
 inference sees. ``model.critic_lora_rank`` > 0 gives the discriminator body a LoRA adapter ("or the critic"), 0 a full

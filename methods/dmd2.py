@@ -9,7 +9,7 @@ Eq. 7). With x = G(z), t ~ U[t_min, t_max], x_t = alpha_t x + sigma_t eps:
 
 x0_real uses classifier-free guidance at scale ``teacher_cfg``; x0_fake never does (the reference asserts fake guidance
 1). The critic minimises the denoising loss on detached student samples over all t (Sec. 4.1), several times per
-generator update (the two time-scale update rule, Sec. 4.2); multi-step students train each step on their own
+student update (the two time-scale update rule, Sec. 4.2); multi-step students train each step on their own
 rolled-out input (backward simulation, Sec. 4.5; `ScoreMethod.student_sample`).
 
 GAN (Sec. 4.3, `methods/gan.py`): a head on the critic's bottleneck tells noised real images from noised student
@@ -43,7 +43,7 @@ from .score import ScoreConfig, ScoreMethod, per_sample_mean_abs
 @dataclass
 class DMD2Config(ScoreConfig):
     teacher_cfg: float = 1.75  # teacher CFG scale for the real score (1.75 SD 1.5, 8 SDXL in the paper)
-    critic_updates: int = 5  # critic updates per generator update (dfake_gen_update_ratio: 10 SD 1.5, 5 SDXL)
+    critic_updates: int = 5  # critic updates per student update (dfake_gen_update_ratio: 10 SD 1.5, 5 SDXL)
     # the GAN weights (ScoreConfig): 1e-3 SD 1.5 stage 2, 5e-3 SDXL, 3e-3 ImageNet for the student; 1e-2 critic
     stage2_lr_student: float | None = None  # the student's learning rate from `gan_start` on (5e-7 for SD 1.5)
 

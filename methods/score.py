@@ -1,10 +1,10 @@
 """What the score-distillation family shares: DMD2, SiD and VSD each drive the student by the disagreement of the
-teacher ("real score") and a fake critic fitted to the student's own samples. They differ only in the generator
+teacher ("real score") and a fake critic fitted to the student's own samples. They differ only in the student
 loss; this module holds the rest.
 
 - `ScoreConfig`: teacher / critic CFG scales kept separate (SiD-LSG's kappas: the critic trains through
   ``critic_train_cfg`` and is evaluated in the student's loss at ``critic_cfg``; the teacher at ``teacher_cfg``), the
-  critic's prompt dropout, the update ratio, the generator-loss timestep range.
+  critic's prompt dropout, the update ratio, the student-loss timestep range.
 - `ScoreMethod.critic_loss`: the critic's denoising loss on detached student samples, t over the whole range
   (DMD2 ``compute_loss_fake``; SiD ``SID_EDMLoss.__call__``; SwiftBrush's LoRA loss with 10% null prompts and
   an alpha_t^2 weight on the epsilon error).

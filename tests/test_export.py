@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_config
 
-from distill_diffusion.config import parse_config
 from distill_diffusion.errors import ConfigError
 from distill_diffusion.pipelines.export import export
 from distill_diffusion.trainer import Trainer
@@ -65,12 +65,10 @@ METHOD_ARGS = {"dmd2": {"critic_updates": 1, "lr_student": 1e-3, "teacher_cfg": 
 def distill(run: Path, teacher: str, timesteps: list[int], lora_rank: int | None = None, method: str = "dmd2",
             method_args: dict | None = None, model_args: dict | None = None) -> Path:
     """A few real updates (DMD2 unless told), so the student differs from its teacher."""
-    cfg = parse_config({
-        "method": method, method: {**METHOD_ARGS[method], **(method_args or {})},
-        "model": {"teacher": teacher, "timesteps": timesteps, "student_lora_rank": lora_rank, **(model_args or {})},
-        "data": {"real": "digits"} if method != "dmd2" else {},
-        "train": {"steps": 4, "batch_size": 2, "progress": False, "checkpoint_every": 100},
-    })
+    cfg = make_config(method, teacher, args={**METHOD_ARGS[method], **(method_args or {})},
+                      model={"timesteps": timesteps, "student_lora_rank": lora_rank, **(model_args or {})},
+                      data={"real": "digits"} if method != "dmd2" else {},
+                      train={"steps": 4, "batch_size": 2, "checkpoint_every": 100})
     Trainer(cfg, run).train()
     return run
 

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONFIGS, trainer_for
+from conftest import CONFIGS, make_config, trainer_for
 from safetensors.torch import load_file
 
 from distill_diffusion.assembly import assemble
-from distill_diffusion.config import load_config, parse_config
+from distill_diffusion.config import Config, load_config
 from distill_diffusion.errors import ConfigError
 from distill_diffusion.memory import cast_frozen
 from distill_diffusion.rundir import latest_checkpoint, load_finished_run
@@ -35,12 +35,10 @@ def fresh_precision() -> Iterator[None]:
     AcceleratorState._reset_state()
 
 
-def sd_config(tiny_dir: str, **train: object):
-    return parse_config({
-        "method": "dmd2", "dmd2": {"teacher_cfg": 2.0},
-        "model": {"teacher": tiny_dir, "timesteps": [999, 499], "critic_lora_rank": 4},
-        "train": {"steps": 4, "batch_size": 2, "checkpoint_every": 2, "progress": False, **train},
-    })
+def sd_config(tiny_dir: str, **train: object) -> Config:
+    return make_config("dmd2", tiny_dir, args={"teacher_cfg": 2.0},
+                       model={"timesteps": [999, 499], "critic_lora_rank": 4},
+                       train={"steps": 4, "batch_size": 2, "checkpoint_every": 2, **train})
 
 
 def frozen_and_own(trainer: Trainer) -> tuple[set, set]:

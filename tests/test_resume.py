@@ -5,22 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import make_config
 from safetensors.torch import load_file
 
-from distill_diffusion.config import parse_config
+from distill_diffusion.config import Config
 from distill_diffusion.errors import ConfigError
 from distill_diffusion.rundir import latest_checkpoint
 from distill_diffusion.trainer import Trainer
 
 
-def config(steps: int, **model: object):
-    return parse_config({
-        "method": "dmd2",
-        "dmd2": {"teacher_cfg": 1.0, "critic_updates": 2, "lr_student": 1e-3, "lr_critic": 1e-3},
-        "model": {"teacher": "gmm", "timesteps": [999, 499], **model},
-        "train": {"steps": steps, "batch_size": 64, "checkpoint_every": 30, "ema_decay": 0.9, "progress": False,
-                  "eval_samples": 200},
-    })
+def config(steps: int, **model: object) -> Config:
+    return make_config("dmd2", args={"teacher_cfg": 1.0, "critic_updates": 2, "lr_student": 1e-3, "lr_critic": 1e-3},
+                       model={"timesteps": [999, 499], **model},
+                       train={"steps": steps, "batch_size": 64, "checkpoint_every": 30, "ema_decay": 0.9,
+                              "eval_samples": 200})
 
 
 def weights(run: Path, name: str) -> dict:
@@ -67,13 +65,11 @@ def test_lora_roles_checkpoint_their_adapters_only_and_resume_exactly(tmp_path: 
                                                                       tiny_dirs: dict[str, str]) -> None:
     """Student and critic as adapters on the teacher's UNet: a checkpoint holds each role's adapter, not the shared
     base (which would be one full UNet per role), and resuming from it still equals the uninterrupted run."""
-    def lora(steps: int):
-        return parse_config({
-            "method": "dmd2", "dmd2": {"critic_updates": 1, "lr_student": 1e-3, "lr_critic": 1e-3},
-            "model": {"teacher": tiny_dirs["sd15"], "timesteps": [999], "student_lora_rank": 4,
-                      "critic_lora_rank": 4},
-            "train": {"steps": steps, "batch_size": 2, "checkpoint_every": 4, "progress": False, "eval_samples": 4},
-        })
+    def lora(steps: int) -> Config:
+        fast = {"critic_updates": 1, "lr_student": 1e-3, "lr_critic": 1e-3}
+        return make_config("dmd2", tiny_dirs["sd15"], args=fast,
+                           model={"timesteps": [999], "student_lora_rank": 4, "critic_lora_rank": 4},
+                           train={"steps": steps, "batch_size": 2, "checkpoint_every": 4, "eval_samples": 4})
     straight, split = tmp_path / "straight", tmp_path / "split"
     Trainer(lora(8), straight).train()
     Trainer(lora(4), split).train()
@@ -95,12 +91,9 @@ def test_method_state_resumes_exactly(tmp_path: Path, method: str) -> None:
     args = {"consistency": {"lr_student": 1e-3, "target_ema": 0.9, "grid_steps": 10},
             "progressive": {"lr_student": 1e-3, "start_steps": 8, "steps_per_round": 20}}[method]
 
-    def cfg(steps: int):
-        return parse_config({
-            "method": method, method: args, "model": {"teacher": "gmm", "timesteps": [999, 499]},
-            "train": {"steps": steps, "batch_size": 64, "checkpoint_every": 10, "progress": False,
-                      "eval_samples": 200},
-        })
+    def cfg(steps: int) -> Config:
+        return make_config(method, args=args, model={"timesteps": [999, 499]},
+                           train={"steps": steps, "batch_size": 64, "checkpoint_every": 10, "eval_samples": 200})
     straight = tmp_path / "straight"
     Trainer(cfg(40), straight).train()
     for stop in (20, 30):

@@ -75,6 +75,11 @@ class NoiseProcess:
         keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
                 "rescale_betas_zero_snr")
         ddpm = DDPMScheduler(**{k: config[k] for k in keys if k in config})
+        if prediction_type == "epsilon" and float(ddpm.alphas_cumprod[-1]) == 0.0:
+            # rescale_betas_zero_snr makes alpha_bar exactly 0 at t = T-1, where x0 = (x_t - sigma eps) / alpha
+            raise ValueError("a zero-terminal-SNR schedule (rescale_betas_zero_snr) with epsilon prediction has no "
+                             "x0 at the last timestep (alpha = 0); use a v_prediction teacher, as the schedule's "
+                             "paper does, or one without rescale_betas_zero_snr")
         return cls("vp", prediction_type, ddpm.alphas_cumprod, ddpm.config.num_train_timesteps)
 
     @classmethod

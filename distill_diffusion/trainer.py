@@ -77,6 +77,9 @@ class Trainer:
         # data parallelism without DDP wrappers: roles may share one UNet (LoRA adapters) and methods call them
         # through Models, so the trainer averages each updating role's gradients itself (``sync_gradients``)
         self.roles = {r: self.accelerator.prepare_model(m, evaluation_mode=True) for r, m in roles.items()}
+        for module in self.roles.values():  # every step already runs under accelerator.autocast(); accelerate's own
+            if hasattr(module, "_original_forward"):  # per-role autocast wrapper would stop a method from running a
+                module.forward = module._original_forward  # role in full precision (DMD2's critic, as the reference)
         broadcast_parameters([p for m in roles.values() for p in own_parameters(m).values()], self.world)
         self.sharded = to_shard if self.world > 1 else []  # one process has nothing to shard across
         for r in self.sharded:  # after the broadcast: every process shards the same weights

@@ -16,9 +16,12 @@ GAN (Sec. 4.3, `methods/gan.py`): a head on the critic's bottleneck tells noised
 samples. The critic adds ``gan_critic_weight * [softplus(D(fake)) + softplus(-D(real))]`` to its denoising loss; the
 student adds ``gan_student_weight * softplus(-D(G(z)_t))``, its gradient flowing through the (frozen) critic.
 Both weights 0 (the default) make the method data-free. ``gan_start`` switches the GAN on at that many student
-updates and ``stage2_lr_student`` lowers the student's learning rate from then on: the paper's two-stage SD 1.5
-schedule (40k iterations at lr 1e-5 without GAN, then GAN 1e-3 at lr 5e-7) in one config
-(``configs/sd15_dmd2_two_stage.yaml``).
+updates and ``stage2_lr_student`` / ``stage2_lr_critic`` set both roles' learning rates from then on: the paper's
+two-stage SD 1.5 schedule (stage 1 at lr 1e-5 for both without GAN; stage 2 with GAN 1e-3 / 1e-2 at lr 5e-7 for
+both, tianweiy/DMD2 ``experiments/sdv1.5/laion6.25_sd_baseline_8node_guidance1.75_lr5e-7_seed10_dfake10_
+diffusion1000_gan1e-3_noode_resume_fixdata.sh``) in one config (``configs/sd15_dmd2_two_stage.yaml``). Deviation:
+the reference restarts stage 2 from the stage-1 weights with fresh optimizer states (``--ckpt_only_path``); here the
+Adam states carry over, since one run holds both stages.
 
 Checked against tianweiy/DMD2 ``main/sd_guidance.py`` (``compute_distribution_matching_loss``, ``compute_loss_fake``,
 ``compute_generator_clean_cls_loss``, ``compute_guidance_clean_cls_loss``: t in [0.02 T, 0.98 T], the normaliser,
@@ -46,23 +49,24 @@ class DMD2Config(ScoreConfig):
     critic_updates: int = 5  # critic updates per student update (dfake_gen_update_ratio: 10 SD 1.5, 5 SDXL)
     # the GAN weights (ScoreConfig): 1e-3 SD 1.5 stage 2, 5e-3 SDXL, 3e-3 ImageNet for the student; 1e-2 critic
     stage2_lr_student: float | None = None  # the student's learning rate from `gan_start` on (5e-7 for SD 1.5)
+    stage2_lr_critic: float | None = None  # the critic's learning rate from `gan_start` on (5e-7 for SD 1.5)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.critic_cfg != 1 or self.critic_train_cfg != 1:
             raise ConfigError("dmd2 evaluates and trains the critic without guidance (the reference asserts fake "
                               "guidance 1): leave critic_cfg and critic_train_cfg at 1, or use sid")
-        if self.stage2_lr_student is not None and self.stage2_lr_student <= 0:
-            raise ConfigError(f"dmd2.stage2_lr_student must be > 0 (or null), got {self.stage2_lr_student}")
+        for key in ("stage2_lr_student", "stage2_lr_critic"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                raise ConfigError(f"dmd2.{key} must be > 0 (or null), got {getattr(self, key)}")
 
 
 class DMD2(ScoreMethod):
     config_class = DMD2Config
 
     def lr_at(self, role: str, step: int) -> float:
-        if role == "student" and self.cfg.stage2_lr_student is not None and self.gan_on(step):
-            return self.cfg.stage2_lr_student
-        return self.lr(role)
+        stage2 = {"student": self.cfg.stage2_lr_student, "critic": self.cfg.stage2_lr_critic}[role]
+        return stage2 if stage2 is not None and self.gan_on(step) else self.lr(role)
 
     def student_loss(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         m, cfg = self.models, self.cfg
@@ -70,10 +74,12 @@ class DMD2(ScoreMethod):
         x = self.student_sample(batch, generator, grad=True)
         # 2. noise it at t ~ U{t_min T .. t_max T}
         x_t, t, _ = noised(m.process, x.detach(), cfg.t_min, cfg.t_max, generator)
-        # 3. real (guided teacher) and fake (critic, unguided) denoised estimates; no gradient through either
+        # 3. real (guided teacher) and fake (critic, unguided) denoised estimates; no gradient through either. The
+        # critic runs in full precision, outside any autocast, as the reference's fake UNet does here
         with torch.no_grad():
             x0_real = self.real_x0(x_t, t, batch.cond).double()
-            x0_fake = m.critic(x_t, t, batch.cond).double()
+            with torch.autocast(x_t.device.type, enabled=False):
+                x0_fake = m.critic(x_t.float(), t, batch.cond).double()
             # 4. DMD Eq. 8: score difference, normalised per sample by the mean distance to the real estimate
             p_real = x.detach().double() - x0_real
             grad = torch.nan_to_num((x0_fake - x0_real) / per_sample_mean_abs(p_real)).to(x.dtype)

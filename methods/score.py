@@ -42,8 +42,10 @@ class ScoreConfig(MethodConfig):
     critic_train_cfg: float = 1.0  # CFG the critic's own denoising loss is computed through (SiD-LSG kappa_1)
     critic_dropout: float = 0.0  # fraction of critic-training rows given the null prompt (SwiftBrush 0.1)
     critic_updates: int = 1  # critic updates per student update
-    t_min: float = 0.02  # student-loss timesteps, as fractions of T (20 .. 980 in DMD2, SiD for SD, SwiftBrush)
+    t_min: float = 0.02  # student-loss timesteps, fractions of T (20 .. 980: DMD2, SwiftBrush; SiD-LSG 20 .. 979)
     t_max: float = 0.98
+    critic_t_min: float = 0.0  # critic-loss timesteps (0 .. 999: DMD2, SwiftBrush; SiD-LSG 20 .. 979)
+    critic_t_max: float = 1.0
     backward_simulation: bool = True  # multi-step students train on their own rollouts
     critic_target: str = "native"  # critic loss space: native (the network's own: eps for SD) | epsilon | ...
     critic_weighting: str = "uniform"  # uniform | alpha2 (SwiftBrush: MSE(alpha_t eps_hat, alpha_t eps))
@@ -61,8 +63,10 @@ class ScoreConfig(MethodConfig):
             raise ConfigError(f"{name}.critic_dropout must be in [0, 1), got {self.critic_dropout}")
         if self.critic_updates < 1:
             raise ConfigError(f"{name}.critic_updates must be >= 1, got {self.critic_updates}")
-        if not 0 <= self.t_min <= self.t_max <= 1:
-            raise ConfigError(f"{name} needs 0 <= t_min <= t_max <= 1, got t_min={self.t_min}, t_max={self.t_max}")
+        for lo, hi in (("t_min", "t_max"), ("critic_t_min", "critic_t_max")):
+            if not 0 <= getattr(self, lo) <= getattr(self, hi) <= 1:
+                raise ConfigError(f"{name} needs 0 <= {lo} <= {hi} <= 1, got {lo}={getattr(self, lo)}, "
+                                  f"{hi}={getattr(self, hi)}")
         if self.critic_target not in CRITIC_TARGETS:
             raise ConfigError(f"unknown {name}.critic_target {self.critic_target!r}; "
                               f"choose one of: {', '.join(CRITIC_TARGETS)}")
@@ -150,9 +154,10 @@ class ScoreMethod(AlternatingMethod):
 
     def critic_denoising_loss(self, x: Tensor, cond: Cond, generator: torch.Generator
                               ) -> tuple[Tensor, dict[str, float]]:
-        """The critic's denoising loss on the (detached) student samples ``x``, t uniform over [0, T)."""
+        """The critic's denoising loss on the (detached) student samples ``x``, t uniform over the fractions
+        [critic_t_min, critic_t_max] of T (all of [0, T) by default)."""
         m, cfg = self.models, self.cfg
-        x_t, t, _ = noised(m.process, x, 0.0, 1.0, generator)
+        x_t, t, _ = noised(m.process, x, cfg.critic_t_min, cfg.critic_t_max, generator)
         cond = drop_prompts(cond, cfg.critic_dropout, generator)
         x0_hat = cfg_x0(m.critic, x_t, t, cond, cfg.critic_train_cfg)
         target = m.critic.prediction_type if cfg.critic_target == "native" else cfg.critic_target

@@ -20,18 +20,22 @@ sum (times C*H*W) and divided by the same normaliser w:
 
     L_G += gan_student_weight * C*H*W * softplus(-D(x_t)) / w
 
-SiDA weighs the two halves 0.5 / 0.5, i.e. ``gan_student_weight: 1``. Its critic adds the head's loss on noised
-real and student images at weight 1 beside a denoising loss summed over C*H*W, about 1e-3 .. 1e-2 in this package's
-per-element units (``gan_critic_weight``; DMD2's 1e-2). Checked against mingyuanzhou/SiD ``sida/training/
-sida_loss.py`` (``generator_share_encoder_loss``, ``fakescore_discriminator_share_encoder_loss``) and
-``sida_training_loop.py`` (the 0.5 / 0.5 sum, loss scalings 1). Differences: SiDA reads its logit off the encoder
-output itself, here it is DMD2's small conv head on the bottleneck; SiDA noises the critic's real and fake images
-with one draw, here each has its own.
+SiDA sums the halves 0.5 / 0.5 after scaling the SiD loss by ``lsg`` 100 and the GAN loss by ``lsg_gan`` 0.01, so its
+GAN : SiD ratio, this package's ``gan_student_weight``, is 1e-4 (its BCE is a batch mean divided per sample by w;
+here each sample's own softplus is). Its critic adds the head's loss on noised real and student images, weighted by
+EDM's lambda(sigma), beside a lambda-weighted denoising loss summed over C*H*W: about 1e-3 .. 1e-2 in this package's
+per-element units (``gan_critic_weight``; DMD2's 1e-2). Checked against mingyuanzhou/SiD branch ``sida``,
+``sida_training/sida_loss.py`` (``generator_share_encoder_loss``, ``fakescore_discriminator_share_encoder_loss``) and
+``sida_training/sida_training_loop.py`` (the scales, the 0.5 / 0.5 sum). Differences (docs/methods.md, parity
+table): SiDA reads its logit off the encoder output itself, here it is DMD2's small conv head on the bottleneck; SiDA
+noises the critic's real and fake images with one draw, here each has its own; no lambda(sigma) on the head's loss;
+no frozen-generator warm-up.
 
 Guidance is kept in three places (SiD-LSG): the critic trains through ``critic_train_cfg`` (kappa_1), is
 evaluated in the student's loss at ``critic_cfg`` (kappa_2 = kappa_3) and the teacher at ``teacher_cfg``
-(kappa_4). SiD-LSG's SD student reads pure noise at t_init = 625: set ``model.timesteps: [625]``; a multi-step
-student trains on its own rollouts like every method of this family.
+(kappa_4). SiD-LSG's SD student reads sqrt(1 - alpha_bar_625) z at t_init 625; students here read unscaled noise at
+their first timestep (as the exported schedulers do), so the SD configs use 999; a multi-step student trains on its
+own rollouts like every method of this family.
 
 Checked against mingyuanzhou/SiD ``training/sid_loss.py`` (``generator_loss``: the loss, the NaN mask, the no-grad
 normaliser clipped at 1e-5) and ``training/sid_training_loop.py`` (alternation, Adam betas, loss scaling);

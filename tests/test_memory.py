@@ -64,6 +64,24 @@ def test_bf16_keeps_frozen_weights_in_half_and_trainable_in_fp32(tmp_path: Path,
     assert frozen_and_own(kept) == ({torch.float32}, {torch.float32})
 
 
+def test_dmd2_runs_its_critic_in_full_precision_in_the_student_loss(tiny_dirs: dict) -> None:
+    """tianweiy/DMD2 runs the fake UNet in fp32 in the distribution-matching loss ("autocast and no_grad don't work
+    well together"), the real UNet in bf16: under bf16 autocast a full-weight critic's layers here compute in fp32 too
+    (a LoRA critic shares the teacher's frozen base, which train.half_frozen keeps in bf16)."""
+    trainer = Trainer(make_config("dmd2", tiny_dirs["sd15"], model={"timesteps": [999]},
+                                  train={"batch_size": 2, "mixed_precision": "bf16"}))
+    m = trainer.models
+    seen: dict[str, set] = {"critic": set(), "teacher": set()}
+    hooks = [net.conv_in.register_forward_hook(lambda mod, i, o, k=k: seen[k].add(o.dtype))  # returns None
+             for k, net in (("critic", m.critic.net), ("teacher", m.teacher.denoiser.net))]
+    batch = trainer.data.sample(2, torch.Generator().manual_seed(0))
+    with trainer.accelerator.autocast():
+        trainer.method.student_loss(batch, torch.Generator().manual_seed(1))
+    for h in hooks:
+        h.remove()
+    assert seen == {"critic": {torch.float32}, "teacher": {torch.bfloat16}}, seen
+
+
 def test_half_teacher_halves_its_bytes_and_stays_close(tiny_dirs: dict) -> None:
     cfg = sd_config(tiny_dirs["sd15"])
     models = assemble(cfg, train=False).models

@@ -107,6 +107,19 @@ def test_unknown_prediction_type_in_scheduler_config() -> None:
         NoiseProcess.from_scheduler_config(config)
 
 
+def test_zero_terminal_snr_needs_a_teacher_that_does_not_predict_epsilon() -> None:
+    """diffusers' rescale_betas_zero_snr makes alpha_bar(T-1) exactly 0: an epsilon teacher has no x0 there (a
+    division by zero), a v-prediction teacher does (x0 = alpha x_t - sigma v = -v)."""
+    config = dict(DDPMScheduler(**SD, rescale_betas_zero_snr=True).config)
+    with pytest.raises(ValueError, match="zero-terminal-SNR.*epsilon") as info:
+        NoiseProcess.from_scheduler_config(dict(config, prediction_type="epsilon"))
+    assert "\n" not in str(info.value)
+    process = NoiseProcess.from_scheduler_config(dict(config, prediction_type="v_prediction"))
+    x_t, v, t = _randn(3, 4), _randn(3, 4, seed=1), torch.full((3,), 999)
+    assert float(process.alphas_cumprod[-1]) == 0.0
+    torch.testing.assert_close(process.to_x0(v, x_t, t), -v)
+
+
 # ------------------------------------------------------------------------------------------------ DDIM
 def test_trailing_timesteps_match_ddim_scheduler() -> None:
     process, _ = _sd_process()

@@ -14,18 +14,20 @@ from distill_diffusion.methods.score import drop_prompts
 from distill_diffusion.trainer import Trainer
 
 
-def test_dmd2_two_stage_schedule_switches_gan_and_student_lr() -> None:
+def test_dmd2_two_stage_schedule_switches_gan_and_both_lrs() -> None:
+    """Stage 2 of DMD2's SD 1.5 recipe lowers both roles' learning rates (the reference's stage-2 script: generator
+    and guidance lr 5e-7); each role gets its own."""
     args = {"lr_student": 1e-3, "lr_critic": 1e-3, "critic_updates": 1, "gan_student_weight": 1e-3,
-            "gan_critic_weight": 1e-2, "gan_start": 2, "stage2_lr_student": 1e-5}
+            "gan_critic_weight": 1e-2, "gan_start": 2, "stage2_lr_student": 1e-5, "stage2_lr_critic": 2e-5}
     trainer = Trainer(make_config("dmd2", args=args, train={"batch_size": 16, "steps": 8}))
     seen = []
     for _ in range(8):
         phase, logs = trainer.train_step()
         lr = trainer.optimizers[phase].param_groups[0]["lr"]
         seen.append((phase, any(k.startswith("loss_gan") for k in logs), lr))
-    # steps 0-3 come before the 2nd student update: no GAN, stage-1 lr; from step 4 on, GAN and the stage-2 lr
+    # steps 0-3 come before the 2nd student update: no GAN, stage-1 lr; from step 4 on, GAN and the stage-2 lrs
     assert seen[:4] == [("critic", False, 1e-3), ("student", False, 1e-3)] * 2
-    assert seen[4:] == [("critic", True, 1e-3), ("student", True, 1e-5)] * 2
+    assert seen[4:] == [("critic", True, 2e-5), ("student", True, 1e-5)] * 2
 
 
 @pytest.mark.parametrize("method", ["dmd2", "sid", "vsd"])

@@ -1,6 +1,7 @@
 """Known-answer benchmark: the mixture teacher's DDIM at several step counts vs distilled 1-step students.
 
     python bench/known_answer.py [--config configs/gmm_dmd2.yaml] [--seeds 0 1 2] [--out runs/bench_known_answer]
+                                 [key=value ...]   (config overrides, e.g. dmd2.gan_student_weight=1e-3)
 
 Prints a markdown table (energy distance, per-class std ratio, coverage on 4000 class-balanced samples against
 fresh true samples) and writes it with the raw numbers to OUT/known_answer.json. Results go to docs/BENCHMARKS.md.
@@ -45,14 +46,15 @@ def main() -> None:
     ap.add_argument("--config", default="configs/gmm_dmd2.yaml")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", default="runs/bench_known_answer")
+    ap.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     args = ap.parse_args()
     torch.set_num_threads(1)  # tiny MLPs: one thread is faster than two on a 2-core machine
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.overrides)
     rows = teacher_rows(cfg, cfg.train.eval_samples)
     for seed in args.seeds:
-        run_cfg = load_config(args.config, [f"train.seed={seed}", "train.progress=false"])
+        run_cfg = load_config(args.config, [*args.overrides, f"train.seed={seed}", "train.progress=false"])
         t0 = time.time()
         m = Trainer(run_cfg, out / f"{cfg.method}_seed{seed}").train()
         steps = len(run_cfg.model.timesteps)

@@ -61,7 +61,6 @@ PERTURBATIONS = {
     "lcm_cfg_form": ("methods/consistency.py", "teacher.x0(x_t, t, cond, w)", "teacher.x0(x_t, t, cond, w - 1)", LCM),
     "lcm_skip": ("methods/consistency.py", "self.k = cfg.skip * (T // cfg.grid_steps)",
                  "self.k = 2 * cfg.skip * (T // cfg.grid_steps)", LCM),
-    "lcm_c_out": ("methods/consistency.py", "c_out = s / (s**2 + sd2).sqrt()", "c_out = 1 - c_skip", LCM),
     "lcm_huber_c": ("methods/consistency.py", "** 2 + cfg.huber_c**2)", "** 2 + (10 * cfg.huber_c)**2)", LCM),
     "pd_weight": ("methods/progressive.py", "weight = snr.clamp_min(1.0) if", "weight = snr if", PD),
     "pd_target": ("methods/progressive.py", "return (z_end - ratio * z_t) / (a_e - ratio * a_t)", "return z_end", PD),

@@ -260,16 +260,17 @@ def test_progressive_loss_is_the_reference_distillation_loss() -> None:
 
     run = tiny_run("progressive", {"teacher_cfg": 1.5, "start_steps": 4}, timesteps=[999, 499])
     batch = run.data.sample(N, torch.Generator().manual_seed(0))
-    loss, _ = run.method.loss("student", batch, torch.Generator().manual_seed(1))
+    loss, _ = run.method.loss("student", batch, torch.Generator().manual_seed(2))
     ours = (loss, student_grads(loss, run))
 
-    m, g = run.models, torch.Generator().manual_seed(1)
+    m, g = run.models, torch.Generator().manual_seed(2)
     unet, student_unet = m.teacher.denoiser.net, m.student.denoiser.net
     grid = DDIMScheduler.from_config(m.pipeline.scheduler.config, timestep_spacing="trailing")
     grid.set_timesteps(4)
     times = list(grid.timesteps.tolist()) + [-1]  # [999, 749, 499, 249] then the data
     x, cond = batch.real, batch.real_cond
     i = draws.randint(0, 2, N, g)
+    assert sorted(i.tolist()) == [0, 1]  # one sample ends its two teacher steps at 499, one at the data
     t, t_mid, t_end = (torch.tensor([times[2 * k + j] for k in i.tolist()]) for j in range(3))
     noise = draws.randn(x.shape, g)
 

@@ -28,6 +28,11 @@ GAN = G + "test_the_gan_student_term_is_the_reference_softplus"
 CRITIC, LCM, PD = (G + "test_critic_losses_are_the_reference_denoising_losses",
                    G + "test_consistency_loss_is_the_reference_lcm_loss",
                    G + "test_progressive_loss_is_the_reference_distillation_loss")
+A = "tests/test_golden_adversarial.py::"
+LADD_G, ADD_G, LADD_D = (A + "test_ladd_student_loss_is_the_reference_generator_loss",
+                         A + "test_add_student_loss_adds_the_alpha_weighted_distillation_term",
+                         A + "test_ladd_discriminator_loss_is_the_reference_loss")
+ADV = "methods/adversarial.py"
 # name: (file, the text replaced, its replacement, the tests that must fail)
 PERTURBATIONS = {
     "dmd2_sign": ("methods/dmd2.py", "nan_to_num((x0_fake - x0_real)", "nan_to_num((x0_real - x0_fake)", DMD2),
@@ -66,6 +71,25 @@ PERTURBATIONS = {
     "pd_target": ("methods/progressive.py", "return (z_end - ratio * z_t) / (a_e - ratio * a_t)", "return z_end", PD),
     "pd_teacher_cfg": ("methods/progressive.py", "teacher.x0(x_t, t, cond, self.cfg.teacher_cfg)",
                        "teacher.x0(x_t, t, cond, 1.0)", PD),
+    "ladd_student_sign": (ADV, "loss_gan = F.softplus(-d_fake).mean() if", "loss_gan = F.softplus(d_fake).mean() if",
+                          LADD_G),
+    "ladd_hinge_student_sign": (ADV, "else -d_fake.mean()", "else d_fake.mean()", LADD_G),
+    "ladd_student_time_range": (ADV, "fake_t, t, _ = noised(self.models.process, x, cfg.t_min, cfg.t_max, generator)",
+                                "fake_t, t, _ = noised(self.models.process, x, 0.0, cfg.t_max, generator)", LADD_G),
+    "add_distill_weight": (ADV, "loss = loss + cfg.distill_weight * loss_distill", "loss = loss + loss_distill",
+                           ADD_G),
+    "add_c_of_t": (ADV, "(alpha.flatten() * (x.float()", "(alpha.flatten().pow(2) * (x.float()", ADD_G),
+    "add_teacher_time_range": (ADV, "noised(m.process, x.detach(), 0.0, 1.0, generator)",
+                               "noised(m.process, x.detach(), self.cfg.t_min, self.cfg.t_max, generator)", ADD_G),
+    "add_teacher_cfg": (ADV, "batch.cond, self.cfg.teacher_cfg).to(x.dtype)", "batch.cond, 1.0).to(x.dtype)", ADD_G),
+    "ladd_critic_sign": (ADV, "(F.softplus(d_fake) + F.softplus(-d_real))",
+                         "(F.softplus(-d_fake) + F.softplus(d_real))", LADD_D),
+    "ladd_hinge_margin": (ADV, "F.relu(1 + d_fake)", "F.relu(d_fake)", LADD_D),
+    "ladd_critic_time_range": (ADV, "batch.real.to(x.dtype), cfg.t_min, cfg.t_max, generator)",
+                               "batch.real.to(x.dtype), 0.0, cfg.t_max, generator)", LADD_D),
+    "ladd_same_t": (ADV, "self.d(real_t, t_r, batch.real_cond)", "self.d(real_t, t_f, batch.real_cond)", LADD_D),
+    "r1_weight": (ADV, "loss = loss + cfg.r1_weight * r1", "loss = loss + r1", LADD_D),
+    "r1_sigma": (ADV, "real_t + cfg.r1_sigma *", "real_t + 2 * cfg.r1_sigma *", LADD_D),
 }
 
 

@@ -20,12 +20,66 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shutil
 import sys
 from pathlib import Path
 
 from .errors import ConfigError, RunError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line, like every other error of the tool (argparse prints the usage first)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"distill-diffusion: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _number(kind: type, low: float, text: str, strict: bool = False) -> float:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if not math.isfinite(value) or value < low or (strict and value == low):
+        raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low:g}, got {text}")
+    return value
+
+
+def count(text: str) -> int:
+    """An option that counts something: an integer >= 1."""
+    return _number(int, 1, text)
+
+
+def seed(text: str) -> int:
+    return _number(int, 0, text)
+
+
+def scale(text: str) -> float:
+    """A CFG scale: a finite number >= 0 (1 = no guidance)."""
+    return _number(float, 0, text)
+
+
+def positive(text: str) -> float:
+    return _number(float, 0, text, strict=True)
+
+
+def counts(text: str) -> list[int]:
+    """A comma-separated list of integers >= 1, e.g. 1,2,4,8."""
+    return [count(v) for v in text.split(",")]
+
+
+def scales(text: str) -> list[float]:
+    return [scale(v) for v in text.split(",")]
+
+
+def _out_dir(path: str, option: str = "--out") -> Path:
+    """An output directory: refused in one line when it names an existing file."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{option} {path!r} is a file, not a directory; choose a directory (it is created)")
+    return out
 
 
 def _distill(args: argparse.Namespace) -> None:
@@ -61,6 +115,7 @@ def _run(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from .pipelines.export import export
 
+    _out_dir(args.out_dir, "OUT_DIR")
     print(f"wrote {export(args.run_dir, args.out_dir, lora=args.lora, overwrite=args.overwrite)}")
 
 
@@ -100,13 +155,11 @@ def _sample(args: argparse.Namespace) -> None:
     from .eval.generate import check_solver, load_model
     from .preview import PREVIEW_SEED
 
-    out = Path(args.out)
+    out = _out_dir(args.out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"output directory {str(out)!r} is not empty; choose another --out")
     prompts = _read_prompt_args(args)
     model = load_model(args.model)
-    if args.guidance is not None and args.guidance < 0:
-        raise ConfigError(f"--guidance must be >= 0 (1 = no guidance), got {args.guidance}")
     if args.scheduler is not None:
         check_solver(args.scheduler)
     seed = PREVIEW_SEED if args.seed is None else args.seed
@@ -159,16 +212,10 @@ def _eval_sweep(args: argparse.Namespace) -> None:
     from .eval.generate import check_solver
     from .eval.sweep import run_sweep
 
-    def ints(text: str) -> list[int]:
-        try:
-            return [int(v) for v in text.split(",")]
-        except ValueError:
-            raise ConfigError(f"{text!r} is not a comma-separated list of integers, e.g. 1,2,4,8") from None
-
+    _out_dir(args.out)
     prompts = _read_prompt_args(args) if args.prompts else None
-    guidances = [float(v) for v in args.guidance.split(",")]
     solvers = [check_solver(s) for s in args.solvers.split(",")]
-    run_sweep(args.models, args.ref, ints(args.nfe), solvers, guidances, args.num_samples, args.out,
+    run_sweep(args.models, args.ref, args.nfe, solvers, args.guidance, args.num_samples, args.out,
               features=args.features, batch_size=args.batch_size, prompts=prompts, cache_dir=args.cache_dir)
     print((Path(args.out) / "sweep.md").read_text())
 
@@ -176,7 +223,7 @@ def _eval_sweep(args: argparse.Namespace) -> None:
 def _zoo_train_digits(args: argparse.Namespace) -> None:
     from .zoo.train_digits import train_digits
 
-    out = Path(args.out_dir)
+    out = _out_dir(args.out_dir, "OUT_DIR")
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise ConfigError(f"output directory {str(out)!r} is not empty; pass --overwrite or choose another")
     print(json.dumps(train_digits(out, vae_steps=args.vae_steps, unet_steps=args.unet_steps, seed=args.seed,
@@ -194,7 +241,7 @@ def _zoo_train_classifier(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="distill-diffusion", description="Few-step diffusion distillation.")
+    parser = _Parser(prog="distill-diffusion", description="Few-step diffusion distillation.")
     sub = parser.add_subparsers(dest="command", metavar="{run,distill,export,sample,eval,zoo}")
     sub.required = True
     for name, func, helptext in (
@@ -218,27 +265,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--prompt", action="append", help="prompt (repeatable); a run's own prompts by default")
     s.add_argument("--prompts", help="file with one prompt per line")
-    s.add_argument("--num-per-prompt", type=int, default=1)
-    s.add_argument("--steps", type=int, help="teacher sampling steps (default 50)")
-    s.add_argument("--guidance", type=float, help="teacher CFG scale (default 1: none)")
+    s.add_argument("--num-per-prompt", type=count, default=1)
+    s.add_argument("--steps", type=count, help="teacher sampling steps (default 50)")
+    s.add_argument("--guidance", type=scale, help="teacher CFG scale (default 1: none)")
     s.add_argument("--scheduler", help="teacher solver: ddim (default), euler, dpmpp")
-    s.add_argument("--seed", type=int, default=None, help="first seed; image j of a prompt uses seed + j")
-    s.add_argument("--num-samples", type=int, default=4000, help="mixture runs: number of samples")
+    s.add_argument("--seed", type=seed, default=None, help="first seed; image j of a prompt uses seed + j")
+    s.add_argument("--num-samples", type=count, default=4000, help="mixture runs: number of samples")
     s.set_defaults(func=_sample)
     e = sub.add_parser("eval", help="evaluation").add_subparsers(dest="eval_command")
     e.required = True
     sw = e.add_parser("sweep", help="FID (and prompt accuracy) against NFE, with latency and throughput")
     sw.add_argument("models", nargs="+", help="teachers (embedded:digits, diffusers dirs) and run directories")
     sw.add_argument("--ref", required=True, help="digits, a folder of images, or a .npz of feature statistics")
-    sw.add_argument("--nfe", default="1,2,4,8,16,32,50", help="network evaluations per image (CFG costs two a step)")
+    sw.add_argument("--nfe", type=counts, default=[1, 2, 4, 8, 16, 32, 50],
+                    help="network evaluations per image (CFG costs two a step)")
     sw.add_argument("--solvers", default="ddim,euler,dpmpp")
-    sw.add_argument("--guidance", default="1", help="teacher CFG scales, comma-separated (1 = none)")
-    sw.add_argument("--num-samples", type=int, default=1000)
+    sw.add_argument("--guidance", type=scales, default=[1.0], help="teacher CFG scales, comma-separated (1 = none)")
+    sw.add_argument("--num-samples", type=count, default=1000)
     sw.add_argument("--features", default="auto", help="auto (digits classifier for --ref digits, else clean), "
                     "clean, torchmetrics")
     sw.add_argument("--prompts", help="prompt file (required unless --ref digits)")
     sw.add_argument("--prompt", action="append", help=argparse.SUPPRESS)
-    sw.add_argument("--batch-size", type=int, default=250)
+    sw.add_argument("--batch-size", type=count, default=250)
     sw.add_argument("--cache-dir", default=None, help="where reference statistics are cached")
     sw.add_argument("--out", required=True)
     sw.set_defaults(func=_eval_sweep)
@@ -246,17 +294,17 @@ def build_parser() -> argparse.ArgumentParser:
     z.required = True
     td = z.add_parser("train-digits", help="train the embedded digits teacher from scratch (~28 min on 2 cores)")
     td.add_argument("out_dir")
-    td.add_argument("--vae-steps", type=int, default=800)
-    td.add_argument("--unet-steps", type=int, default=6500)
-    td.add_argument("--seed", type=int, default=0)
-    td.add_argument("--lr", type=float, default=1e-3, help="UNet peak learning rate (one-cycle schedule)")
-    td.add_argument("--max-shift", type=int, default=0, help="random shift augmentation in pixels (0: none)")
+    td.add_argument("--vae-steps", type=count, default=800)
+    td.add_argument("--unet-steps", type=count, default=6500)
+    td.add_argument("--seed", type=seed, default=0)
+    td.add_argument("--lr", type=positive, default=1e-3, help="UNet peak learning rate (one-cycle schedule)")
+    td.add_argument("--max-shift", type=seed, default=0, help="random shift augmentation in pixels (0: none)")
     td.add_argument("--init-from", default=None, help="continue from a pipeline this command made (fine-tuning)")
     td.add_argument("--overwrite", action="store_true")
     td.set_defaults(func=_zoo_train_digits)
     tc = z.add_parser("train-classifier", help="train the digits classifier (FID features, prompt accuracy)")
     tc.add_argument("out")
-    tc.add_argument("--seed", type=int, default=0)
+    tc.add_argument("--seed", type=seed, default=0)
     tc.add_argument("--overwrite", action="store_true")
     tc.set_defaults(func=_zoo_train_classifier)
     return parser

@@ -79,7 +79,11 @@ def read_prompt_file(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"prompt file {str(path)!r} not found")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"prompt file {str(path)!r} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def read_prompts(cfg: DataConfig) -> list[str]:
@@ -127,7 +131,10 @@ def read_image_folder(folder: Path, vae: torch.nn.Module) -> tuple[Tensor, list[
         img = img.convert("RGB").resize((size, size), Image.BICUBIC)
         images.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1)
         caption = f.with_suffix(".txt")
-        captions.append(caption.read_text().strip() if caption.is_file() else "")
+        try:
+            captions.append(caption.read_text(encoding="utf-8").strip() if caption.is_file() else "")
+        except UnicodeDecodeError:
+            raise ConfigError(f"caption file {str(caption)!r} is not UTF-8 text; save it as UTF-8") from None
     return torch.stack(images), captions
 
 

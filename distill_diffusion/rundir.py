@@ -15,17 +15,20 @@ the previous complete version. The trainer decides when to write; this module de
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 import yaml
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from . import sharding
 from .assembly import Run, assemble
 from .config import Config, parse_config
-from .errors import ConfigError, RunError
+from .errors import ConfigError, RunError, first_line
 from .files import first_non_finite, remove_dir, replace_dir, write_text_atomic
 from .lora import own_parameters
 
@@ -38,22 +41,25 @@ RESUMABLE_KEYS = {"steps", "checkpoint_every", "keep_checkpoints", "log_every", 
 
 
 # ------------------------------------------------------------------------------------------------ starting, resuming
-def prepare(cfg: Config, run_dir: Path, resume: bool) -> Path | None:
-    """Check that ``run_dir`` can take this run (nothing is written); the checkpoint to resume from, if any."""
+def prepare(cfg: Config, run_dir: Path, resume: bool) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """Check that ``run_dir`` can take this run (nothing is written): (the checkpoint to resume from, if any: the
+    newest intact one; the damaged newer ones, which `set_aside` moves away once the run is accepted)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {str(run_dir)!r} is a file, not a directory; choose a directory (it is created)")
     empty = not run_dir.exists() or not any(run_dir.iterdir())
     if resume and empty:  # killed before anything was written (or never started): --resume is safe to pass always
-        return None
+        return None, []
     if resume:
         saved = run_dir / "config.yaml"
         if not saved.is_file():
             raise ConfigError(f"cannot resume: {str(run_dir)!r} holds no run (no config.yaml)")
         # parsed first, so a key added since the run was saved compares at its default
-        check_same_config(parse_config(yaml.safe_load(saved.read_text())).to_dict(), cfg.to_dict())
-        return latest_checkpoint(run_dir)
+        check_same_config(read_saved_config(saved).to_dict(), cfg.to_dict())
+        return intact_checkpoint(run_dir)
     if not empty:
         raise ConfigError(f"run directory {str(run_dir)!r} is not empty; pass --resume to continue it or choose "
                           "another --out")
-    return None
+    return None, []
 
 
 def check_same_config(saved: dict, current: dict) -> None:
@@ -78,7 +84,17 @@ def load_run_config(run_dir: str | Path) -> Config:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
-    return parse_config(yaml.safe_load(path.read_text()))
+    return read_saved_config(path)
+
+
+def read_saved_config(path: Path) -> Config:
+    """A run's ``config.yaml``; a damaged one is refused in one line naming it."""
+    try:
+        return parse_config(yaml.safe_load(path.read_text(encoding="utf-8")))
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"run config {str(path)!r} is damaged ({first_line(e)}); restore it from a copy") from None
+    except ConfigError as e:
+        raise ConfigError(f"run config {str(path)!r}: {e}") from None
 
 
 def append_log(run_dir: Path, record: dict) -> None:
@@ -98,17 +114,105 @@ def trim_log(run_dir: Path, step: int) -> None:
 
 # ------------------------------------------------------------------------------------------------ checkpoints
 def checkpoints(run_dir: Path) -> list[Path]:
-    """The complete checkpoints of a run, oldest first."""
+    """The published checkpoints of a run, oldest first (`checkpoint_problem` tells whether one is intact)."""
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return []
-    done = [p for p in root.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / STATE_FILE).is_file()]
+    # published only whole (renamed into place), so one without its state file was damaged since: resume finds it
+    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+            and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
     return sorted(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     found = checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """What is wrong with checkpoint ``path`` (a file missing, of another size than written, unreadable, or holding a
+    non-finite number), as ``file: reason``; None when every file loads. Files are read one tensor at a time."""
+    if not (path / STATE_FILE).is_file():
+        return f"{STATE_FILE}: missing"
+    try:
+        counters = json.loads((path / STATE_FILE).read_text())
+        manifest = counters.get("files")
+        int(counters["step"])
+    except Exception as e:  # noqa: BLE001 (any damage: bad bytes, bad JSON, missing keys)
+        return f"{STATE_FILE}: {first_line(e)}"
+    for name, size in (manifest or {}).items():  # checkpoints written before the manifest have none
+        file = path / name
+        if not file.is_file():
+            return f"{name}: missing"
+        if file.stat().st_size != size:
+            return f"{name}: {file.stat().st_size} bytes, written as {size}"
+    for file in sorted(path.iterdir()):
+        if file.name == STATE_FILE:
+            continue
+        try:
+            bad = _non_finite_in(file)
+        except Exception as e:  # noqa: BLE001 (safetensors, zip and pickle each word damage their own way)
+            return f"{file.name}: unreadable ({first_line(e)})"
+        if bad is not None:
+            return f"{file.name}: {bad} is not finite"
+    return None
+
+
+def _non_finite_in(file: Path) -> str | None:
+    if file.suffix == ".safetensors":
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                if first_non_finite({key: f.get_tensor(key)}) is not None:
+                    return key
+        return None
+    if file.suffix in (".bin", ".pkl", ".pt"):  # accelerate's optimizer states and RNG states: its own pickles
+        return _first_non_finite_nested(torch.load(file, map_location="cpu", weights_only=True))
+    return None
+
+
+def _first_non_finite_nested(value: object, name: str = "") -> str | None:
+    if isinstance(value, torch.Tensor):
+        return (name or "a tensor") if first_non_finite({name: value}) is not None else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list | tuple) else ()
+    for key, item in items:
+        bad = _first_non_finite_nested(item, f"{name}.{key}" if name else str(key))
+        if bad is not None:
+            return bad
+    return None
+
+
+def intact_checkpoint(run_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the newest checkpoint whose files all load, the damaged newer ones with what is wrong). A run whose every
+    checkpoint is damaged is refused in one line, and nothing is changed."""
+    damaged: list[tuple[Path, str]] = []
+    found = checkpoints(run_dir)
+    for path in reversed(found):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, damaged
+        damaged.append((path, problem))
+    if damaged:
+        path, problem = damaged[0]
+        raise RunError(f"cannot resume {str(run_dir)!r}: every checkpoint is damaged (the newest, {path.name}: "
+                       f"{problem}); nothing was changed: restore a checkpoint or start a new --out directory")
+    return None, damaged
+
+
+def set_aside(damaged: list[tuple[Path, str]], resumed: Path) -> list[str]:
+    """Rename each damaged checkpoint to ``damaged_step_N`` beside it (kept, never deleted; `checkpoints` no longer
+    lists it) and say so in one line each; the new names."""
+    names = []
+    for path, problem in damaged:
+        aside = path.with_name(f"damaged_{path.name}")
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = path.with_name(f"damaged_{path.name}.{n}")
+        os.replace(path, aside)
+        names.append(aside.name)
+        print(f"distill-diffusion: checkpoint {path.name} is damaged ({problem}); moved aside to "
+              f"{str(aside)!r}; resuming from {resumed.name}", file=sys.stderr)
+    return names
 
 
 def checkpoint_paths(run_dir: Path, step: int) -> tuple[Path, Path]:
@@ -173,7 +277,9 @@ def write_trainer_state(tmp: Path, generator_state: torch.Tensor, ema: dict[str,
         save_file(ema, str(tmp / "ema.safetensors"))
     if method_state:
         save_file({k: v.detach().cpu().contiguous() for k, v in method_state.items()}, str(tmp / "method.safetensors"))
-    (tmp / STATE_FILE).write_text(json.dumps(counters))
+    # every file's size, so resume can tell a truncated or missing file (`checkpoint_problem`)
+    files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file() and f.name != STATE_FILE}
+    (tmp / STATE_FILE).write_text(json.dumps({**counters, "files": files}))
 
 
 def read_trainer_state(path: Path) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None, dict[str, torch.Tensor],

@@ -41,7 +41,8 @@ class Trainer:
         final weights). ``pipeline``: the teacher as a diffusers pipeline already in memory."""
         self.cfg = cfg
         self.run_dir = None if run_dir is None else Path(run_dir)
-        self.resume_from = None if self.run_dir is None else rundir.prepare(cfg, self.run_dir, resume)
+        self.resume_from, damaged = (None, []) if self.run_dir is None else rundir.prepare(cfg, self.run_dir, resume)
+        self.set_aside: list[str] = []  # damaged checkpoints moved aside (names), by the main process
         tc = cfg.train
         self.sharding = sharding.requested()  # an accelerate FSDP launch (read before accelerate sees it)
         self.zero = zero.requested()  # or a DeepSpeed ZeRO-1/2 launch
@@ -68,6 +69,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if self.is_main:  # one writer: two through the same temporary name race (FileNotFound)
                 cfg.save(self.run_dir / "config.yaml")  # atomically
+                self.set_aside = rundir.set_aside(damaged, self.resume_from)
 
         # 2. one optimizer per trainable role
         for module in roles.values():
@@ -248,6 +250,7 @@ class Trainer:
         if self.is_main:  # drop what steps lost to a kill had logged
             rundir.trim_log(self.run_dir, self.step)
         self._log({"step": self.step, "started_from": self.resume_from.name if self.resume_from else None,
+                   **({"set_aside": self.set_aside} if self.set_aside else {}),
                    **({"sharded": self.sharded} if self.sharding is not None else {}),
                    **({"zero_stage": self.zero.stage, "zero_roles": self.zero_roles} if self.zero else {})})
         bar = tqdm(total=tc.steps, initial=self.step, disable=not (tc.progress and self.accelerator.is_main_process),

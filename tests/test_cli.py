@@ -71,6 +71,55 @@ def test_errors_are_one_line(tmp_path: Path, args: list[str], message: str) -> N
     assert err.startswith("distill-diffusion: error:")
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["sample", "embedded:digits", "--out", "x", "--steps", "0"], "argument --steps: must be >= 1, got 0"),
+        (["sample", "embedded:digits", "--out", "x", "--num-per-prompt", "0"],
+         "argument --num-per-prompt: must be >= 1"),
+        (["sample", "embedded:digits", "--out", "x", "--guidance", "nan"],
+         "argument --guidance: must be >= 0, got nan"),
+        (["sample", "embedded:digits", "--out", "x", "--seed", "-1"], "argument --seed: must be >= 0, got -1"),
+        (["eval", "sweep", "embedded:digits", "--ref", "digits", "--out", "x", "--nfe", "0,2"],
+         "argument --nfe: must be >= 1, got 0"),
+        (["eval", "sweep", "embedded:digits", "--ref", "digits", "--out", "x", "--nfe", "1,two"],
+         "argument --nfe: 'two' is not an integer"),
+        (["eval", "sweep", "embedded:digits", "--ref", "digits", "--out", "x", "--num-samples", "0"],
+         "argument --num-samples: must be >= 1, got 0"),
+        (["eval", "sweep", "embedded:digits", "--ref", "digits", "--out", "x", "--guidance", "1,-2"],
+         "argument --guidance: must be >= 0, got -2"),
+        (["eval", "sweep", "embedded:digits", "--ref", "digits", "--out", "x", "--batch-size", "0"],
+         "argument --batch-size: must be >= 1"),
+        (["zoo", "train-digits", "x", "--lr", "0"], "argument --lr: must be > 0, got 0"),
+        (["zoo", "train-digits", "x", "--unet-steps", "0"], "argument --unet-steps: must be >= 1"),
+        (["sample", "embedded:digits"], "the following arguments are required: --out"),
+        (["distill", "configs/gmm_dmd2.yaml", "--out", "x", "dmd2.lr_student=.nan"],
+         "dmd2.lr_student must be a finite number, got nan"),
+    ],
+)
+def test_bad_options_are_refused_in_one_line_before_anything_runs(tmp_path: Path, args: list[str],
+                                                                   message: str) -> None:
+    args = [a if a != "x" else str(tmp_path / "x") for a in args]
+    r = cli(*args)
+    err = r.stderr.strip()
+    assert r.returncode == 2 and err == f"distill-diffusion: error: {err.split('error: ', 1)[1]}", err
+    assert "\n" not in err and message in err, err
+    assert not (tmp_path / "x").exists()
+
+
+def test_out_naming_a_file_is_refused_by_every_command(tmp_path: Path) -> None:
+    file = tmp_path / "file"
+    file.write_text("keep")
+    for args in (["sample", "embedded:digits", "--out", str(file), "--prompt", "a handwritten digit one"],
+                 ["eval", "sweep", "embedded:digits", "--ref", "digits", "--out", str(file)],
+                 ["distill", "configs/gmm_dmd2.yaml", "--out", str(file)],
+                 ["zoo", "train-digits", str(file)]):
+        r = cli(*args)
+        err = r.stderr.strip()
+        assert r.returncode == 2 and "is a file, not a directory" in err and "\n" not in err, err
+        assert file.read_text() == "keep"
+
+
 def test_distill_refuses_a_non_empty_out_dir(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()

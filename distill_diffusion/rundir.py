@@ -314,9 +314,13 @@ def load_finished_run(run_dir: str | Path, ema: bool = True) -> Run:
     if not weights.is_file():
         raise ConfigError(f"run {str(run_dir)!r} has no trained student (no final/{STUDENT}); finish or resume the "
                           "run first")
+    try:
+        state = load_file(str(weights))
+    except Exception as e:  # noqa: BLE001 (safetensors words each kind of damage its own way)
+        raise ConfigError(f"{str(weights)!r} is damaged ({first_line(e)}); export again from the run's newest "
+                          "checkpoint (--resume finishes it) or restore a copy") from None
     run = assemble(cfg, train=False)
     student = run.models.student
-    state = load_file(str(weights))
     missing = set(trainable_state(student)) - set(state)
     if missing:
         raise ConfigError(f"{str(weights)!r} does not match the run's student ({len(missing)} weights missing)")

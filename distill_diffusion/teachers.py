@@ -39,7 +39,11 @@ def load_pipeline(spec: str) -> Any:
         )
     if not (path / "model_index.json").is_file():
         raise ConfigError(f"teacher {spec!r} is not a diffusers pipeline directory (no model_index.json)")
-    return DiffusionPipeline.from_pretrained(path, local_files_only=True, safety_checker=None)
+    try:
+        return DiffusionPipeline.from_pretrained(path, local_files_only=True, safety_checker=None)
+    except Exception as e:  # noqa: BLE001 (a truncated or garbled file: torch, safetensors, json each raise their own)
+        raise ConfigError(f"teacher {spec!r} could not be loaded ({type(e).__name__}: {first_line(e)[:200]}); a "
+                          "file in it is damaged or missing: copy the pipeline again") from None
 
 
 def _from_hub(repo: str) -> Any:

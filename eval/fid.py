@@ -31,6 +31,8 @@ from scipy import linalg
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from distill_diffusion.errors import ConfigError, first_line
+
 FeatureFn = Callable[[Tensor], Tensor]  # float (B, 3, H, W) in [0, 1] -> (B, D)
 
 
@@ -71,8 +73,17 @@ class FeatureStats:
 
     @classmethod
     def load(cls, path: str | Path) -> FeatureStats:
-        with np.load(path, allow_pickle=False) as d:
-            return cls(d["mu"], d["sigma"], d["features"])
+        """Statistics saved by `save`; anything else (a damaged file, another tool's .npz) is refused in one line."""
+        try:
+            with np.load(path, allow_pickle=False) as d:
+                stats = cls(d["mu"], d["sigma"], d["features"])
+        except Exception as e:  # noqa: BLE001 (zip, pickle, key and OS errors: numpy raises each of them)
+            raise ConfigError(f"feature statistics {str(path)!r} do not load ({type(e).__name__}: "
+                              f"{first_line(e)[:200]}); they must hold mu, sigma and features as saved here") from None
+        if stats.mu.ndim != 1 or stats.sigma.shape != (len(stats.mu), len(stats.mu)):
+            raise ConfigError(f"feature statistics {str(path)!r} have mu of shape {stats.mu.shape} and sigma of "
+                              f"shape {stats.sigma.shape}; they must be (D,) and (D, D)")
+        return stats
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
@@ -169,7 +180,10 @@ def extract(images: np.ndarray | Tensor, features: FeatureFn, batch_size: int = 
 def cached_stats(images: np.ndarray | Tensor, features: FeatureFn, cache: str | Path | None) -> FeatureStats:
     """Feature statistics of a reference set, computed once and cached at ``cache`` (an .npz path)."""
     if cache is not None and Path(cache).is_file():
-        return FeatureStats.load(cache)
+        try:
+            return FeatureStats.load(cache)
+        except ConfigError:  # a damaged cache is recomputed (and rewritten), never trusted
+            pass
     stats = FeatureStats.from_features(extract(images, features))
     if cache is not None:
         stats.save(cache)

@@ -19,7 +19,6 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 def load_pipeline(spec: str) -> Any:
     """A diffusers pipeline from ``tiny:<kind>``, ``embedded:<name>``, a local directory or a hub id."""
-    from diffusers import DiffusionPipeline
 
     if spec.startswith("tiny:"):
         # imported here, not at the top: the tiny pipelines import diffusers' and transformers' pipeline classes,
@@ -39,11 +38,18 @@ def load_pipeline(spec: str) -> Any:
         )
     if not (path / "model_index.json").is_file():
         raise ConfigError(f"teacher {spec!r} is not a diffusers pipeline directory (no model_index.json)")
+    return from_directory(path, "teacher")
+
+
+def from_directory(path: Path, what: str) -> Any:
+    """A diffusers pipeline saved in ``path``; a damaged one is refused in one line naming it as ``what``."""
+    from diffusers import DiffusionPipeline
+
     try:
         return DiffusionPipeline.from_pretrained(path, local_files_only=True, safety_checker=None)
     except Exception as e:  # noqa: BLE001 (a truncated or garbled file: torch, safetensors, json each raise their own)
-        raise ConfigError(f"teacher {spec!r} could not be loaded ({type(e).__name__}: {first_line(e)[:200]}); a "
-                          "file in it is damaged or missing: copy the pipeline again") from None
+        raise ConfigError(f"{what} {str(path)!r} could not be loaded ({type(e).__name__}: {first_line(e)[:200]}); "
+                          "a file in it is damaged or missing: copy the pipeline again") from None
 
 
 def _from_hub(repo: str) -> Any:

@@ -22,9 +22,10 @@ from tqdm.auto import tqdm
 
 from distill_diffusion import zoo
 from distill_diffusion.assembly import Run
-from distill_diffusion.errors import ConfigError
+from distill_diffusion.errors import ConfigError, first_line
 from distill_diffusion.latents import decode
 from distill_diffusion.rundir import load_finished_run
+from distill_diffusion.teachers import from_directory
 
 SOLVERS = ("ddim", "euler", "dpmpp")
 
@@ -78,12 +79,14 @@ def load_model(spec: str) -> EvalModel:
     if (path / "config.yaml").is_file():
         return EvalModel(spec, run=load_finished_run(path))
     if (path / "model_index.json").is_file():
-        from diffusers import DiffusionPipeline
-
-        pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True)
+        pipe = from_directory(path, "pipeline")
         pipe.set_progress_bar_config(disable=True)
         info = path / "export.json"
-        return EvalModel(spec, pipeline=pipe, export=json.loads(info.read_text()) if info.is_file() else None)
+        try:
+            export = json.loads(info.read_text(encoding="utf-8")) if info.is_file() else None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{str(info)!r} is damaged ({first_line(e)}); export the run again") from None
+        return EvalModel(spec, pipeline=pipe, export=export)
     raise ConfigError(f"model {spec!r} is neither embedded:<name>, a diffusers pipeline directory nor a run directory")
 
 

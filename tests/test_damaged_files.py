@@ -18,6 +18,7 @@ from distill_diffusion.rundir import load_finished_run, load_run_config
 from distill_diffusion.teachers import load_pipeline
 from distill_diffusion.trainer import Trainer
 from eval.fid import FeatureStats, cached_stats
+from eval.generate import load_model
 
 
 def one_line(e: pytest.ExceptionInfo) -> str:
@@ -34,6 +35,20 @@ def test_a_teacher_with_a_truncated_weight_file_is_refused(tiny_dirs: dict[str, 
     with pytest.raises(ConfigError) as e:
         load_pipeline(str(teacher))
     assert f"teacher {str(teacher)!r} could not be loaded" in one_line(e) and "damaged or missing" in one_line(e)
+
+
+def test_a_damaged_pipeline_or_export_record_is_refused_when_sampled(tiny_dirs: dict[str, str],
+                                                                     tmp_path: Path) -> None:
+    pipe = tmp_path / "export"
+    shutil.copytree(tiny_dirs["sd15"], pipe)
+    (pipe / "export.json").write_text('{"timesteps": [999, ')
+    with pytest.raises(ConfigError) as e:
+        load_model(str(pipe))
+    assert f"{str(pipe / 'export.json')!r} is damaged" in one_line(e)
+    (pipe / "vae" / "config.json").write_text("{ not json")
+    with pytest.raises(ConfigError) as e:
+        load_model(str(pipe))
+    assert f"pipeline {str(pipe)!r} could not be loaded" in one_line(e)
 
 
 @pytest.fixture(scope="module")

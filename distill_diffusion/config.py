@@ -112,6 +112,9 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        for name, meaning in (("seed", "a seed"), ("grad_clip", "0: no clipping"), ("sample_every", "0: at the end")):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0 ({meaning}), got {getattr(self, name)}")
 
 
 @dataclass

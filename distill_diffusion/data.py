@@ -140,6 +140,9 @@ def read_image_folder(folder: Path, vae: torch.nn.Module) -> tuple[Tensor, list[
 
 def build_data(models: Models, cfg: DataConfig, device: torch.device | str) -> MixtureData | PromptData:
     if models.family == "gmm":
+        if cfg.prompt_file is not None:
+            raise ConfigError(f"data.prompt_file {cfg.prompt_file!r} is set, but the mixture teacher (gmm) is "
+                              "conditioned on class labels, not prompts; remove it")
         return MixtureData(models)
     real = real_latents(models, cfg.real) if cfg.real is not None else None
     return PromptData(models, read_prompts(cfg), device, real)

@@ -152,7 +152,12 @@ def feature_backend(backend: str | nn.Module, device: torch.device | str = "cpu"
         from cleanfid.features import build_feature_extractor
         from cleanfid.resize import build_resizer
 
-        model = build_feature_extractor("clean", torch.device(device))
+        try:
+            model = build_feature_extractor("clean", torch.device(device))
+        except Exception as e:  # noqa: BLE001 (offline: urllib's URLError; a damaged download: torch's errors)
+            raise ConfigError(f"the clean-fid Inception network could not be loaded ({type(e).__name__}: "
+                              f"{first_line(e)[:150]}); run once where there is network (clean-fid caches its "
+                              "weights) or use --ref digits") from None
         resize = build_resizer("clean")
 
         def clean(x: Tensor) -> Tensor:
@@ -164,9 +169,13 @@ def feature_backend(backend: str | nn.Module, device: torch.device | str = "cpu"
     if backend == "torchmetrics":
         from torchmetrics.image.fid import NoTrainInceptionV3
 
-        net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"]).to(device).eval()
+        try:
+            net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"]).to(device).eval()
+        except Exception as e:  # noqa: BLE001 (offline: its download fails in several ways)
+            raise ConfigError(f"torchmetrics' Inception network could not be loaded ({type(e).__name__}: "
+                              f"{first_line(e)[:150]}); run once where there is network or use --ref digits") from None
         return lambda x: net((x.clamp(0, 1) * 255).round().to(torch.uint8).to(device)).reshape(len(x), -1)
-    raise ValueError(f"unknown feature backend {backend!r}; choose one of: clean, torchmetrics, or an nn.Module")
+    raise ConfigError(f"unknown feature backend {backend!r}; choose one of: clean, torchmetrics, or an nn.Module")
 
 
 @torch.no_grad()

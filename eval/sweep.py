@@ -77,23 +77,29 @@ def run_sweep(models: list[str], ref: str, nfes: list[int], solvers: list[str], 
               prompts: list[str] | None = None, cache_dir: str | Path | None = None,
               progress: bool = True) -> list[dict]:
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     digits = ref == "digits"
-    classifier = None
-    if digits:
-        classifier = zoo.load("digits_classifier")
+    # everything a user passed is checked before anything is computed or written
+    if ref.endswith(".npz") and not Path(ref).is_file():
+        raise ConfigError(f"reference statistics {ref!r} not found")
+    if not digits and not ref.endswith(".npz") and not Path(ref).is_dir():
+        raise ConfigError(f"reference {ref!r} is neither 'digits', a folder of images nor a .npz of statistics")
+    if prompts is None and not digits:
+        raise ConfigError("a sweep against a non-digits reference needs prompts (--prompts FILE)")
+    for path, what in ((out_dir, "--out"), (cache_dir, "--cache-dir")):
+        if path is not None and Path(path).exists() and not Path(path).is_dir():
+            raise ConfigError(f"{what} {str(path)!r} is a file, not a directory; choose a directory (it is created)")
+    images = None if ref.endswith(".npz") else reference_images(ref)
+    classifier = zoo.load("digits_classifier") if digits else None
     backend = classifier if features == "auto" and digits else ("clean" if features == "auto" else features)
     feat = feature_backend(backend)
-    if ref.endswith(".npz"):
+    if images is None:
         reference = FeatureStats.load(ref)
     else:
-        images = reference_images(ref)
         key = cache_key(ref, backend, images.shape, hashlib.sha1(images.tobytes()).hexdigest())
         cache = None if cache_dir is None else Path(cache_dir) / f"ref_{key}.npz"
         reference = cached_stats(images, feat, cache)
+    out_dir.mkdir(parents=True, exist_ok=True)
     if prompts is None:
-        if not digits:
-            raise ConfigError("a sweep against a non-digits reference needs prompts (--prompts FILE)")
         prompts = digit_prompts(num_samples)
     prompts = [prompts[i % len(prompts)] for i in range(num_samples)]
     seeds = list(range(num_samples))

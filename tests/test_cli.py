@@ -95,6 +95,14 @@ def test_errors_are_one_line(tmp_path: Path, args: list[str], message: str) -> N
         (["sample", "embedded:digits"], "the following arguments are required: --out"),
         (["distill", "configs/gmm_dmd2.yaml", "--out", "x", "dmd2.lr_student=.nan"],
          "dmd2.lr_student must be a finite number, got nan"),
+        (["distill", "configs/gmm_dmd2.yaml", "--out", "x", "train.grad_clip=-1"],
+         "train.grad_clip must be >= 0 (0: no clipping), got -1.0"),
+        (["distill", "configs/gmm_dmd2.yaml", "--out", "x", "data.prompt_file=prompts.txt"],
+         "the mixture teacher (gmm) is conditioned on class labels, not prompts"),
+        (["eval", "sweep", "embedded:digits", "--ref", "/nonexistent/ref", "--out", "x"],
+         "reference '/nonexistent/ref' is neither 'digits', a folder of images nor a .npz of statistics"),
+        (["eval", "sweep", "embedded:digits", "--ref", "/nonexistent/ref.npz", "--out", "x"],
+         "reference statistics '/nonexistent/ref.npz' not found"),
     ],
 )
 def test_bad_options_are_refused_in_one_line_before_anything_runs(tmp_path: Path, args: list[str],
@@ -112,12 +120,14 @@ def test_out_naming_a_file_is_refused_by_every_command(tmp_path: Path) -> None:
     file.write_text("keep")
     for args in (["sample", "embedded:digits", "--out", str(file), "--prompt", "a handwritten digit one"],
                  ["eval", "sweep", "embedded:digits", "--ref", "digits", "--out", str(file)],
+                 ["eval", "sweep", "embedded:digits", "--ref", "digits", "--out", str(tmp_path / "o"), "--cache-dir",
+                  str(file)],
                  ["distill", "configs/gmm_dmd2.yaml", "--out", str(file)],
                  ["zoo", "train-digits", str(file)]):
         r = cli(*args)
         err = r.stderr.strip()
         assert r.returncode == 2 and "is a file, not a directory" in err and "\n" not in err, err
-        assert file.read_text() == "keep"
+        assert file.read_text() == "keep" and not (tmp_path / "o").exists()
 
 
 def test_distill_refuses_a_non_empty_out_dir(tmp_path: Path) -> None:

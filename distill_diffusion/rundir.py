@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from accelerate.utils import load as accelerate_load
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -165,8 +166,8 @@ def _non_finite_in(file: Path) -> str | None:
                 if first_non_finite({key: f.get_tensor(key)}) is not None:
                     return key
         return None
-    if file.suffix in (".bin", ".pkl", ".pt"):  # accelerate's optimizer states and RNG states: its own pickles
-        return _first_non_finite_nested(torch.load(file, map_location="cpu", weights_only=True))
+    if file.suffix in (".bin", ".pkl", ".pt"):  # accelerate's optimizer and RNG states, read as accelerate reads them
+        return _first_non_finite_nested(accelerate_load(str(file), map_location="cpu"))
     return None
 
 

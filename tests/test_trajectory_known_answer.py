@@ -46,6 +46,7 @@ def test_consistency_student_matches_the_mixture(tmp_path: Path, timesteps: str,
     assert m["energy_distance"] <= bar and 0.7 <= m["std_ratio"] <= 1.35 and m["coverage"] >= 0.9, m
 
 
+@pytest.mark.slow
 def test_consistency_with_the_student_as_its_own_solver_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                                               ) -> None:
     """Measured: diverges (ED ~1e25 at 4 steps)."""
@@ -97,6 +98,7 @@ def test_progressive_rounds_land_on_the_teachers_ddim_n(tmp_path: Path) -> None:
         assert student["energy_distance"] < teacher_half["energy_distance"], (student, teacher_half)
 
 
+@pytest.mark.slow
 def test_progressive_with_a_one_step_target_stays_at_ddim_half(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                                                ) -> None:
     monkeypatch.setitem(METHODS, "progressive_one_step", OneStepTargetProgressive)
@@ -144,6 +146,7 @@ W_CONDITIONED = ("model.cfg_embedding_dim=64", "progressive.teacher_cfg=1.0", "p
                  "progressive.start_steps=4", "train.steps=3000")
 
 
+@pytest.mark.slow
 def test_guided_progressive_student_follows_the_guided_teacher_at_each_w(tmp_path: Path) -> None:
     """Measured (seed 0, 1500 guided-stage + 1500 round updates, ~30 s): paired RMS to the guided DDIM-4, student
     DDIM-2 vs teacher DDIM-2: w 1.5 0.052 vs 0.497, w 2 0.059 vs 0.481."""
@@ -152,6 +155,7 @@ def test_guided_progressive_student_follows_the_guided_teacher_at_each_w(tmp_pat
         assert student < 0.3 * teacher_half, gaps
 
 
+@pytest.mark.slow
 def test_guided_progressive_student_that_cannot_read_w_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                                              ) -> None:
     """The same run with the student's scale input dropped (it sees no w): one network for every w."""
@@ -179,6 +183,7 @@ W_LCM = ("model.cfg_embedding_dim=64", "consistency.teacher_cfg=1.0", "consisten
          "model.timesteps=[999]")
 
 
+@pytest.mark.slow
 def test_w_conditioned_consistency_student_lands_on_the_guided_ode(tmp_path: Path) -> None:
     """Measured (seed 0, 2000 updates, ~30 s): ED 0.0004 / 0.0009 / 0.0013 at w 1.5 / 2 / 2.5 (teacher DDIM-4 at
     those w: 0.006-0.007). Guided samples have no closed form, so the teacher's 50-step DDIM is the answer here
@@ -188,6 +193,7 @@ def test_w_conditioned_consistency_student_lands_on_the_guided_ode(tmp_path: Pat
     assert all(d <= 0.002 for d in distances), distances
 
 
+@pytest.mark.slow
 def test_consistency_student_that_cannot_read_w_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     forward = Student.forward
     monkeypatch.setattr(Student, "forward", lambda self, x, t, c: forward(self, x, t, replace(c, cfg_scale=None)))

@@ -39,6 +39,7 @@ def test_digits_teacher_loads_offline_as_a_stable_diffusion_pipeline() -> None:
     assert not [p for p in files if p.suffix in (".bin", ".pt", ".pkl", ".ckpt")]  # safetensors only
 
 
+@pytest.mark.slow
 def test_digits_teacher_follows_its_prompts() -> None:
     """At 50 DDIM steps and the best CFG scale, the classifier reads the prompted digit in >= 90% of 300 images."""
     model = load_model("embedded:digits")
@@ -60,6 +61,7 @@ def test_unknown_embedded_model() -> None:
         zoo.path("embedded:cats")
 
 
+@pytest.mark.slow
 def test_train_digits_command_writes_a_loadable_pipeline(tmp_path: Path) -> None:
     out = tmp_path / "digits"
     cmd = [sys.executable, "-m", "distill_diffusion.cli", "zoo", "train-digits", str(out), "--vae-steps", "2",

@@ -52,7 +52,8 @@ def count(text: str) -> int:
     return _number(int, 1, text)
 
 
-def seed(text: str) -> int:
+def non_negative(text: str) -> int:
+    """A seed or a size that may be 0: an integer >= 0."""
     return _number(int, 0, text)
 
 
@@ -75,11 +76,9 @@ def scales(text: str) -> list[float]:
 
 
 def _out_dir(path: str, option: str = "--out") -> Path:
-    """An output directory: refused in one line when it names an existing file."""
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{option} {path!r} is a file, not a directory; choose a directory (it is created)")
-    return out
+    from .files import check_out_dir
+
+    return check_out_dir(path, option)
 
 
 def _distill(args: argparse.Namespace) -> None:
@@ -210,9 +209,8 @@ def _sample(args: argparse.Namespace) -> None:
 
 def _eval_sweep(args: argparse.Namespace) -> None:
     from .eval.generate import check_solver
-    from .eval.sweep import run_sweep
+    from .eval.sweep import run_sweep  # checks --out and --cache-dir before writing
 
-    _out_dir(args.out)
     prompts = _read_prompt_args(args) if args.prompts else None
     solvers = [check_solver(s) for s in args.solvers.split(",")]
     run_sweep(args.models, args.ref, args.nfe, solvers, args.guidance, args.num_samples, args.out,
@@ -269,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=count, help="teacher sampling steps (default 50)")
     s.add_argument("--guidance", type=scale, help="teacher CFG scale (default 1: none)")
     s.add_argument("--scheduler", help="teacher solver: ddim (default), euler, dpmpp")
-    s.add_argument("--seed", type=seed, default=None, help="first seed; image j of a prompt uses seed + j")
+    s.add_argument("--seed", type=non_negative, default=None, help="first seed; image j of a prompt uses seed + j")
     s.add_argument("--num-samples", type=count, default=4000, help="mixture runs: number of samples")
     s.set_defaults(func=_sample)
     e = sub.add_parser("eval", help="evaluation").add_subparsers(dest="eval_command")
@@ -296,15 +294,15 @@ def build_parser() -> argparse.ArgumentParser:
     td.add_argument("out_dir")
     td.add_argument("--vae-steps", type=count, default=800)
     td.add_argument("--unet-steps", type=count, default=6500)
-    td.add_argument("--seed", type=seed, default=0)
+    td.add_argument("--seed", type=non_negative, default=0)
     td.add_argument("--lr", type=positive, default=1e-3, help="UNet peak learning rate (one-cycle schedule)")
-    td.add_argument("--max-shift", type=seed, default=0, help="random shift augmentation in pixels (0: none)")
+    td.add_argument("--max-shift", type=non_negative, default=0, help="random shift augmentation in pixels (0: none)")
     td.add_argument("--init-from", default=None, help="continue from a pipeline this command made (fine-tuning)")
     td.add_argument("--overwrite", action="store_true")
     td.set_defaults(func=_zoo_train_digits)
     tc = z.add_parser("train-classifier", help="train the digits classifier (FID features, prompt accuracy)")
     tc.add_argument("out")
-    tc.add_argument("--seed", type=seed, default=0)
+    tc.add_argument("--seed", type=non_negative, default=0)
     tc.add_argument("--overwrite", action="store_true")
     tc.set_defaults(func=_zoo_train_classifier)
     return parser

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import ConfigError
+
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     path = Path(path)
@@ -44,3 +46,11 @@ def first_non_finite(state: dict[str, torch.Tensor]) -> str | None:
         if value.is_floating_point() and not torch.isfinite(value).all():
             return name
     return None
+
+
+def check_out_dir(path: str | Path, option: str = "--out") -> Path:
+    """An output directory a command will create or fill: refused in one line when it names an existing file."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{option} {str(path)!r} is a file, not a directory; choose a directory (it is created)")
+    return out

@@ -30,7 +30,7 @@ from . import sharding
 from .assembly import Run, assemble
 from .config import Config, parse_config
 from .errors import ConfigError, RunError, first_line
-from .files import first_non_finite, remove_dir, replace_dir, write_text_atomic
+from .files import check_out_dir, first_non_finite, remove_dir, replace_dir, write_text_atomic
 from .lora import own_parameters
 
 CHECKPOINT_PREFIX = "step_"
@@ -45,8 +45,7 @@ RESUMABLE_KEYS = {"steps", "checkpoint_every", "keep_checkpoints", "log_every", 
 def prepare(cfg: Config, run_dir: Path, resume: bool) -> tuple[Path | None, list[tuple[Path, str]]]:
     """Check that ``run_dir`` can take this run (nothing is written): (the checkpoint to resume from, if any: the
     newest intact one; the damaged newer ones, which `set_aside` moves away once the run is accepted)."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"--out {str(run_dir)!r} is a file, not a directory; choose a directory (it is created)")
+    check_out_dir(run_dir)
     empty = not run_dir.exists() or not any(run_dir.iterdir())
     if resume and empty:  # killed before anything was written (or never started): --resume is safe to pass always
         return None, []

@@ -21,6 +21,7 @@ from PIL import Image
 from distill_diffusion import zoo
 from distill_diffusion.data import image_files
 from distill_diffusion.errors import ConfigError
+from distill_diffusion.files import check_out_dir
 from distill_diffusion.zoo.digits_data import PROMPTS, TEACHER_SIZE, digits_split, label_of_prompt
 
 from .fid import FeatureStats, cache_key, cached_stats, extract, feature_backend, fid_from_stats, kid, precision_recall
@@ -81,14 +82,12 @@ def run_sweep(models: list[str], ref: str, nfes: list[int], solvers: list[str], 
     # everything a user passed is checked before anything is computed or written
     if ref.endswith(".npz") and not Path(ref).is_file():
         raise ConfigError(f"reference statistics {ref!r} not found")
-    if not digits and not ref.endswith(".npz") and not Path(ref).is_dir():
-        raise ConfigError(f"reference {ref!r} is neither 'digits', a folder of images nor a .npz of statistics")
+    images = None if ref.endswith(".npz") else reference_images(ref)
     if prompts is None and not digits:
         raise ConfigError("a sweep against a non-digits reference needs prompts (--prompts FILE)")
-    for path, what in ((out_dir, "--out"), (cache_dir, "--cache-dir")):
-        if path is not None and Path(path).exists() and not Path(path).is_dir():
-            raise ConfigError(f"{what} {str(path)!r} is a file, not a directory; choose a directory (it is created)")
-    images = None if ref.endswith(".npz") else reference_images(ref)
+    check_out_dir(out_dir)
+    if cache_dir is not None:
+        check_out_dir(cache_dir, "--cache-dir")
     classifier = zoo.load("digits_classifier") if digits else None
     backend = classifier if features == "auto" and digits else ("clean" if features == "auto" else features)
     feat = feature_backend(backend)

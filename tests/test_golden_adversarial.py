@@ -37,19 +37,24 @@ def d_of(run: Run, x_t: Tensor, t: Tensor, cond) -> Tensor:  # noqa: ANN001
     return gan.logits(run.models.critic, x_t, t, cond)
 
 
+def student_loss_and_reference_draws(run: Run):  # noqa: ANN201
+    """The method's student loss with its gradients, then the reference's draws from the same generator: the 1-step
+    student's sample with gradient, re-noised at t in [t_min T, t_max T] (T_MIN, T_MAX), and D of it.
+    Returns (batch, (loss, grads), logs, x, D(x_t), the generator for further draws)."""
+    batch = run.data.sample(N, torch.Generator().manual_seed(0))
+    loss, logs = run.method.student_loss(batch, torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    x = run.models.student(batch.noise, T999, batch.cond)
+    fake_t, t = noise_at(run, x, int(T_MIN * 1000), int(T_MAX * 1000) + 1, g)
+    return batch, (loss, student_grads(loss, run)), logs, x, d_of(run, fake_t, t, batch.cond), g
+
+
 @pytest.mark.parametrize("gan_loss", ["softplus", "hinge"])
 def test_ladd_student_loss_is_the_reference_generator_loss(gan_loss: str) -> None:
     """FastGen ``_student_update_step``: the student's sample re-noised at t ~ U[t_min T, t_max T] (integers, as
     ``sample_timesteps``), loss softplus(-D(x_t)).mean(); ADD's hinge form -D(x_t).mean()."""
     run = tiny_run("ladd", {"gan_loss": gan_loss, "t_min": T_MIN, "t_max": T_MAX})
-    batch = run.data.sample(N, torch.Generator().manual_seed(0))
-    loss, _ = run.method.student_loss(batch, torch.Generator().manual_seed(1))
-    ours = (loss, student_grads(loss, run))
-
-    g = torch.Generator().manual_seed(1)
-    x = run.models.student(batch.noise, T999, batch.cond)
-    fake_t, t = noise_at(run, x, 100, 601, g)
-    d_fake = d_of(run, fake_t, t, batch.cond)
+    batch, ours, _, x, d_fake, _ = student_loss_and_reference_draws(run)
     ref_loss = F.softplus(-d_fake).mean() if gan_loss == "softplus" else -d_fake.mean()
     assert_same(ours, (ref_loss, student_grads(ref_loss, run)))
 
@@ -60,14 +65,8 @@ def test_add_student_loss_adds_the_alpha_weighted_distillation_term() -> None:
     teacher under CFG w (Imagen form on epsilon)."""
     run = tiny_run("add", {"gan_loss": "hinge", "t_min": T_MIN, "t_max": T_MAX, "distill_weight": 2.5,
                            "teacher_cfg": 3.0})
-    batch = run.data.sample(N, torch.Generator().manual_seed(0))
-    loss, logs = run.method.student_loss(batch, torch.Generator().manual_seed(1))
-    ours = (loss, student_grads(loss, run))
-
-    g = torch.Generator().manual_seed(1)
-    x = run.models.student(batch.noise, T999, batch.cond)
-    fake_t, t = noise_at(run, x, 100, 601, g)
-    loss_adv = -d_of(run, fake_t, t, batch.cond).mean()
+    batch, ours, logs, x, d_fake, g = student_loss_and_reference_draws(run)
+    loss_adv = -d_fake.mean()
     with torch.no_grad():
         x_t, t2 = noise_at(run, x.detach(), 0, 1000, g)
         a = abar(run, t2)

@@ -55,7 +55,7 @@ def assemble(cfg: Config, *, train: bool, pipeline: Any = None, device: torch.de
     # 3. the frozen modules on the device, then the data (prompts and real images are encoded there, in fp32)
     for module in models.frozen():
         module.to(device)
-    data = build_data(models, cfg.data, device)
+    data = build_data(models, cfg.data, device, cfg.train.seed)
     if needs.real_images is not None and not data.has_real:
         raise ConfigError(f"{cfg.method} as configured trains on real images ({needs.real_images}); set data.real to "
                           "digits or an image folder")

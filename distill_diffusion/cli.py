@@ -7,6 +7,9 @@
                              [--guidance W] [--scheduler ddim|euler|dpmpp] [--seed S]
     distill-diffusion eval sweep MODEL... --ref REF --out DIR [--nfe 1,2,4,...] [--solvers ddim,euler,dpmpp]
                              [--guidance 1,3] [--num-samples N]
+    distill-diffusion data encode-prompts CONFIG --out CACHE [--batch N] [--dtype float16|bfloat16|float32] [k=v ...]
+    distill-diffusion data encode-images CONFIG --out CACHE [--batch N] [--dtype ...] [--workers N] [k=v ...]
+    distill-diffusion data verify CACHE
     distill-diffusion zoo train-digits OUT_DIR | zoo train-classifier OUT
 
 Errors are one line naming what was wrong and what is allowed; the exit status is then 2.
@@ -228,6 +231,27 @@ def _zoo_train_digits(args: argparse.Namespace) -> None:
                                   lr=args.lr, max_shift=args.max_shift, init_from=args.init_from)))
 
 
+def _data_encode(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .data.encode import encode_images, encode_prompts
+
+    cfg = load_config(args.config, args.overrides)
+    out = _out_dir(args.out)
+    if args.data_command == "encode-prompts":
+        manifest = encode_prompts(cfg, out, batch=args.batch, dtype=args.dtype, device=args.device)
+    else:
+        manifest = encode_images(cfg, out, batch=args.batch, dtype=args.dtype, device=args.device,
+                                        workers=args.workers)
+    print(f"wrote {manifest}")
+
+
+def _data_verify(args: argparse.Namespace) -> None:
+    from .data.cache import verify
+
+    manifest = verify(args.cache)
+    print(f"{args.cache}: {manifest['count']} {manifest['kind']} rows in {len(manifest['shards'])} shards, intact")
+
+
 def _zoo_train_classifier(args: argparse.Namespace) -> None:
     from .zoo.classifier import train_classifier
 
@@ -240,7 +264,7 @@ def _zoo_train_classifier(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="distill-diffusion", description="Few-step diffusion distillation.")
-    sub = parser.add_subparsers(dest="command", metavar="{run,distill,export,sample,eval,zoo}")
+    sub = parser.add_subparsers(dest="command", metavar="{run,distill,export,sample,eval,data,zoo}")
     sub.required = True
     for name, func, helptext in (
         ("run", _run, "distill, export, sweep the student against the teacher and write report.md"),
@@ -288,6 +312,28 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--cache-dir", default=None, help="where reference statistics are cached")
     sw.add_argument("--out", required=True)
     sw.set_defaults(func=_eval_sweep)
+    dt = sub.add_parser("data", help="on-disk caches of prompt embeddings and image latents").add_subparsers(
+        dest="data_command")
+    dt.required = True
+    for name, what, batch in (("encode-prompts", "data.prompt_file's prompts with the teacher's text encoders",
+                               256),
+                              ("encode-images", "data.real's images with the teacher's VAE", 64)):
+        d = dt.add_parser(name, help=f"cache {what}")
+        d.add_argument("config", help="the experiment YAML whose teacher and data section name what to encode")
+        d.add_argument("--out", required=True, help="cache directory (rerun the command to finish a killed build)")
+        d.add_argument("--batch", type=count, default=batch)
+        d.add_argument("--dtype", default="float16", help="float16 (default), bfloat16 or float32")
+        d.add_argument("--device", default="cuda" if os.environ.get("CUDA_VISIBLE_DEVICES") else "cpu",
+                       help="where the encoders run (cpu, cuda, cuda:1, ...)")
+        if name == "encode-images":
+            d.add_argument("--workers", type=non_negative, default=None, help="decoding workers (data.workers)")
+        else:
+            d.set_defaults(workers=None)
+        d.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.real=images/")
+        d.set_defaults(func=_data_encode)
+    v = dt.add_parser("verify", help="check every shard of a cache against its recorded SHA-256")
+    v.add_argument("cache")
+    v.set_defaults(func=_data_verify)
     z = sub.add_parser("zoo", help="re-create the embedded models").add_subparsers(dest="zoo_command")
     z.required = True
     td = z.add_parser("train-digits", help="train the embedded digits teacher from scratch (~28 min on 2 cores)")
@@ -314,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come before or after options such as --out
-    if extra and (args.command not in ("distill", "run") or any(e.startswith("-") or "=" not in e for e in extra)):
+    if extra and (not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = list(args.overrides) + extra

@@ -71,8 +71,31 @@ class DataConfig:
         default_factory=lambda: [f"a handwritten digit {w}" for w in
                                  ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")]
     )
-    prompt_file: str | None = field(default=None, metadata={"help": "one prompt per line; replaces `prompts`"})
-    real: str | None = field(default=None, metadata={"help": "real images for GAN terms: digits | image folder"})
+    prompt_file: str | None = field(default=None, metadata={
+        "help": "prompts of any number, read lazily (replaces `prompts`): .txt (a line each), .jsonl, .csv, .tsv, "
+                ".parquet, WebDataset .tar shards, a `datasets` folder, hf:NAME[:SPLIT]"})
+    prompt_column: str | None = field(default=None, metadata={
+        "help": "column / JSON field of the prompts (default: the first of prompt, caption, text)"})
+    prompt_cache: str | None = field(default=None, metadata={
+        "help": "prompt embeddings made by `distill-diffusion data encode-prompts` (replaces encoding each batch)"})
+    real: str | None = field(default=None, metadata={
+        "help": "real images for GAN / data terms: digits | an image folder (recursive) | .tar shards | .parquet | a "
+                "`datasets` folder | hf:NAME[:SPLIT]"})
+    real_cache: str | None = field(default=None, metadata={
+        "help": "image latents made by `distill-diffusion data encode-images` (replaces `real`)"})
+    image_column: str | None = field(default=None, metadata={"help": "image column of a table (default: image)"})
+    caption_column: str | None = field(default=None, metadata={
+        "help": "caption column / JSON field of real images (default: the first of prompt, caption, text)"})
+    workers: int = field(default=2, metadata={"help": "DataLoader worker processes for streamed sources (0: none)"})
+    prefetch: int = field(default=4, metadata={"help": "batches each worker reads ahead"})
+
+    def __post_init__(self) -> None:
+        if self.workers < 0:
+            raise ConfigError(f"data.workers must be >= 0 (0: read in the training process), got {self.workers}")
+        if self.prefetch < 1:
+            raise ConfigError(f"data.prefetch must be >= 1, got {self.prefetch}")
+        if self.real is not None and self.real_cache is not None:
+            raise ConfigError("data.real and data.real_cache are both set; the cache replaces the source: keep one")
 
 
 OPTIMIZERS = ("adamw", "adamw8bit")

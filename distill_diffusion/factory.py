@@ -96,6 +96,26 @@ def _mixture_models(cfg: ModelConfig, needs: Needs, student_cfg: float | None, c
     )
 
 
+def image_size(pipe: Any) -> int:
+    """The teacher's image resolution: its UNet's latent size times the VAE's downsampling."""
+    return pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+
+def text_conditioner(pipe: Any) -> TextConditioner:
+    """The pipeline's frozen text encoders as `TextConditioner` (its VAE frozen too): what training, prompt caches
+    and previews encode prompts with."""
+    size = image_size(pipe)
+    if type(pipe).__name__ == "StableDiffusionXLPipeline":
+        text = TextConditioner([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2],
+                               sdxl=True, force_zeros_for_empty_prompt=pipe.config.force_zeros_for_empty_prompt,
+                               image_size=(size, size))
+    else:
+        text = TextConditioner([pipe.tokenizer], [pipe.text_encoder])
+    for module in (pipe.vae, *text.encoders):
+        module.requires_grad_(False).eval()
+    return text
+
+
 def _unet_models(cfg: ModelConfig, pipe: Any, needs: Needs, student_cfg: float | None, critic: str | None,
                  critic_rank: int, seed: int) -> Models:
     """SD 1.x / 2.x / SDXL: the pipeline's UNet is the teacher. Full-weight roles are copies of it, taken before any
@@ -107,17 +127,7 @@ def _unet_models(cfg: ModelConfig, pipe: Any, needs: Needs, student_cfg: float |
         raise ConfigError(f"teacher pipeline {type(pipe).__name__!r} has no UNet2DConditionModel as its unet")
     process = NoiseProcess.from_scheduler(pipe.scheduler)
     unet = pipe.unet
-    sdxl = type(pipe).__name__ == "StableDiffusionXLPipeline"
-    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    size = unet.config.sample_size * vae_scale
-    if sdxl:
-        text = TextConditioner([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2],
-                               sdxl=True, force_zeros_for_empty_prompt=pipe.config.force_zeros_for_empty_prompt,
-                               image_size=(size, size))
-    else:
-        text = TextConditioner([pipe.tokenizer], [pipe.text_encoder])
-    for module in (pipe.vae, *text.encoders):
-        module.requires_grad_(False).eval()
+    text = text_conditioner(pipe)
     lora_student = cfg.student_lora_rank is not None
     shared = lora_student or critic == "lora"  # the teacher's UNet carries adapters: each role picks its own
     student = (SharedDenoiser(unet, process, adapter="student") if lora_student else
@@ -140,7 +150,7 @@ def _unet_models(cfg: ModelConfig, pipe: Any, needs: Needs, student_cfg: float |
         teacher=teacher,
         student=Student(student, cfg.timesteps, needs.student_sampler, student_cfg),
         critic=critic_denoiser,
-        family="sdxl" if sdxl else "sd",
+        family="sdxl" if text.sdxl else "sd",
         sample_shape=shape,
         text=text,
         vae=pipe.vae,

@@ -21,7 +21,7 @@ from pathlib import Path
 from PIL import Image
 
 from .config import Config
-from .data import read_prompt_file, read_prompts
+from .data import first_prompts, read_prompt_file
 from .errors import ConfigError
 from .eval.generate import generate, load_model
 from .eval.sweep import run_sweep, table
@@ -44,7 +44,7 @@ def sample_grids(cfg: Config, student_spec: str, out_dir: Path) -> tuple[Path, P
     """Teacher (``grid_teacher_steps`` DDIM steps, ``grid_teacher_cfg``) and student on the same prompts and
     seeds: one row per prompt, one column per seed."""
     ec = cfg.eval
-    prompts = read_prompts(cfg.data)[: ec.grid_prompts]
+    prompts = first_prompts(cfg.data, ec.grid_prompts)
     all_prompts = [p for p in prompts for _ in range(ec.grid_seeds)]
     seeds = [PREVIEW_SEED + j for _ in prompts for j in range(ec.grid_seeds)]
     paths = []

@@ -11,10 +11,10 @@ from .roles import Models
 
 
 def _latent_stats(vae: torch.nn.Module, like: Tensor) -> tuple[Tensor | float, Tensor | float]:
-    """Per-channel latent mean / std of SDXL-family VAEs that standardise latents (0 and 1 otherwise)."""
+    """Per-channel latent mean / std of SDXL-family VAEs that standardise latents; (shift_factor or 0, 1) otherwise."""
     mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-    if mean is None or std is None:
-        return 0.0, 1.0
+    if mean is None or std is None:  # SD3 / Flux VAEs shift instead: (z - shift_factor) * scaling_factor
+        return float(getattr(vae.config, "shift_factor", None) or 0.0), 1.0
     return torch.tensor(mean).view(1, -1, 1, 1).to(like), torch.tensor(std).view(1, -1, 1, 1).to(like)
 
 
@@ -33,7 +33,12 @@ def decode(models: Models, latents: Tensor, as_float: bool = False) -> np.ndarra
 @torch.no_grad()
 def encode(models: Models, images: Tensor, batch: int = 64) -> Tensor:
     """Images (B, 3, H, W) in [-1, 1] -> the teacher's latents (posterior means, scaled as `decode` unscales)."""
-    vae = models.vae
+    return encode_vae(models.vae, images, batch)
+
+
+@torch.no_grad()
+def encode_vae(vae: torch.nn.Module, images: Tensor, batch: int = 64) -> Tensor:
+    """`encode` with a VAE alone (latent caches are built without the rest of the run)."""
     device = next(vae.parameters()).device
     latents = torch.cat([vae.encode(images[i : i + batch].to(device, vae.dtype)).latent_dist.mean.float()
                          for i in range(0, len(images), batch)])

@@ -13,7 +13,7 @@ from PIL import Image
 from torch import Tensor
 
 from .config import Config
-from .data import read_prompts
+from .data import first_prompts
 from .denoiser import Cond
 from .eval.mixture import mixture_metrics
 from .latents import decode
@@ -70,7 +70,7 @@ def preview(models: Models, cfg: Config, out_dir: Path) -> dict[str, float]:
             scatter(x, labels, out_dir / "samples.png",
                     " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
             return metrics
-        prompts = read_prompts(cfg.data)[:8]
+        prompts = first_prompts(cfg.data, 8)
         latents = student_samples(models, models.text.encode(prompts), len(prompts))
         image_grid(decode(models, latents), cols=len(prompts)).save(out_dir / "grid.png")
         return {}

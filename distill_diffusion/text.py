@@ -23,6 +23,7 @@ class TextConditioner:
         self.sdxl = sdxl
         self.force_zeros = force_zeros_for_empty_prompt
         self.image_size = image_size
+        self._null: tuple[Tensor, Tensor | None] | None = None
 
     def _ids(self, tokenizer: Any, prompts: list[str], device: torch.device) -> Tensor:
         out = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
@@ -41,19 +42,28 @@ class TextConditioner:
             hidden.append(out.hidden_states[-2])
         return torch.cat(hidden, dim=-1), pooled
 
+    def null(self) -> tuple[Tensor, Tensor | None]:
+        """The empty prompt's (embeds, pooled), (1, ...) each: computed once (the encoders are frozen)."""
+        if self._null is None:
+            self._null = self._encode([""])
+        return self._null
+
     def encode(self, prompts: list[str]) -> Cond:
         """Conditioning for ``prompts`` with the empty-prompt unconditional branch, batch-aligned."""
-        embeds, pooled = self._encode(list(prompts))
-        n = len(prompts)
+        return self.cond(*self._encode(list(prompts)))
+
+    def cond(self, embeds: Tensor, pooled: Tensor | None) -> Cond:
+        """`Cond` from encoder outputs (fresh, or rows of a prompt cache), with the unconditional branch."""
+        n = len(embeds)
         if not self.sdxl:
-            null, _ = self._encode([""])
-            return Cond(embeds=embeds, uncond=Cond(embeds=null.expand(n, -1, -1).clone()))
+            null, _ = self.null()
+            return Cond(embeds=embeds, uncond=Cond(embeds=null.to(embeds).expand(n, -1, -1).clone()))
         h, w = self.image_size
         time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=embeds.dtype, device=embeds.device).repeat(n, 1)
         if self.force_zeros:
             null, null_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
         else:
-            null, null_pooled = self._encode([""])
-            null, null_pooled = null.expand(n, -1, -1).clone(), null_pooled.expand(n, -1).clone()
+            null, null_pooled = self.null()
+            null, null_pooled = null.to(embeds).expand(n, -1, -1).clone(), null_pooled.to(pooled).expand(n, -1).clone()
         uncond = Cond(embeds=null, pooled=null_pooled, time_ids=time_ids.clone())
         return Cond(embeds=embeds, pooled=pooled, time_ids=time_ids, uncond=uncond)

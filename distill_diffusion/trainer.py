@@ -139,7 +139,8 @@ class Trainer:
         if agree(error is None, self.world) and self.is_main:
             try:
                 rundir.write_trainer_state(tmp, self.generator.get_state(), ema, self.method.state_dict(),
-                                           {"step": self.step, "counts": self.counts, "skipped": self.skipped})
+                                           {"step": self.step, "counts": self.counts, "skipped": self.skipped,
+                                            "data": self.data.state_dict()})
             except Exception as e:
                 error = e
         if not agree(error is None, self.world):
@@ -169,6 +170,7 @@ class Trainer:
         if method_state:
             self.method.load_state_dict({k: v.to(self.accelerator.device) for k, v in method_state.items()})
         self.step, self.counts, self.skipped = counters["step"], counters["counts"], counters["skipped"]
+        self.data.load_state_dict(counters.get("data", {}))  # streamed sources continue at the saved row
 
     def _save_own_weights(self, models: list, weights: list, output_dir: str) -> None:
         for i, role in enumerate(self.roles):  # accelerate saves weights[i] as model[_i].safetensors, in prepare order

@@ -9,8 +9,9 @@ Each (shape, method, roles) runs in a fresh process: the real ``Trainer`` on an 
 with random weights (no download): SD 1.5's UNet (860M) or SDXL's (2.6B) with their VAE configs, one-layer text
 encoders of the right widths (prompts are encoded once, before training, so the encoders do not enter a step). Roles
 ``full``: a full-weight student and critic beside the frozen teacher; ``lora``: student and critic as rank-64 adapters
-on the teacher's one frozen base. Every run gets a folder of random images at the model's resolution as real data
-(the adversarial terms, consistency and progressive train on it; the others ignore it). After ``--warmup`` steps
+on the teacher's one frozen base. Every run gets a folder of random images at the model's resolution as real data,
+encoded once into a latent cache (`data encode-images`; the adversarial terms, consistency and progressive train on
+it; the others ignore it). After ``--warmup`` steps
 (both roles' optimizer states exist), ``--steps`` steps are timed; images/s counts student samples per second of
 training (the global batch per step). ``--precision`` (default bf16 on a GPU, fp32 on CPU) also stores the frozen
 weights in that precision (``train.half_frozen``); ``--optimizer adamw8bit`` keeps Adam's moments in 8 bits. Peak
@@ -94,6 +95,7 @@ def one(shape: str, method: str, roles: str, args: argparse.Namespace) -> dict:
     import torch
 
     from distill_diffusion.config import parse_config
+    from distill_diffusion.data.encode import encode_images
     from distill_diffusion.trainer import Trainer
 
     cuda = torch.cuda.is_available()
@@ -111,7 +113,11 @@ def one(shape: str, method: str, roles: str, args: argparse.Namespace) -> dict:
                      "gradient_checkpointing": args.checkpointing}}
     with tempfile.TemporaryDirectory() as tmp:
         size = 16 if pipe is None else pipe.unet.config.sample_size * 8
+        # real images as a latent cache (as a user at scale trains): the VAE does not enter a step
         raw["data"] = {"real": random_images(Path(tmp), size)}
+        encode_images(parse_config(raw), Path(tmp) / "latents", device="cuda" if cuda else "cpu", workers=0,
+                      pipeline=pipe)
+        raw["data"] = {"real_cache": str(Path(tmp) / "latents")}
         if method in ("consistency", "progressive"):  # no critic: one role, the student
             raw["model"].pop("critic_lora_rank")
         trainer = Trainer(parse_config(raw), Path(tmp) / "run", pipeline=pipe)

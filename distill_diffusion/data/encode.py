@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -30,10 +31,10 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 SHARD_BYTES = 128 << 20  # rows per shard: about this many bytes
 
 
-def _teacher(cfg: Config, device: str):  # noqa: ANN202
+def _teacher(cfg: Config, device: str, pipeline: Any = None):  # noqa: ANN202
     if cfg.model.teacher == "gmm":
         raise ConfigError("the mixture teacher (gmm) has no text encoder or VAE: there is nothing to cache")
-    pipe = load_pipeline(cfg.model.teacher)
+    pipe = pipeline if pipeline is not None else load_pipeline(cfg.model.teacher)
     text = text_conditioner(pipe)
     for module in (pipe.vae, *text.encoders):
         module.to(device)
@@ -87,11 +88,12 @@ def encode_prompts(cfg: Config, out: str | Path, batch: int = 256, dtype: str = 
 
 
 def encode_images(cfg: Config, out: str | Path, batch: int = 64, dtype: str = "float16", device: str = "cpu",
-                  workers: int | None = None) -> Path:
+                  workers: int | None = None, pipeline: Any = None) -> Path:
+    """``pipeline``: the teacher already in memory (benchmarks), instead of loading ``model.teacher``."""
     if cfg.data.real in (None, "digits"):
         raise ConfigError("data.real must name the images to encode (an image folder, .tar shards, .parquet, a "
                           "`datasets` folder or hf:NAME); `digits` needs no cache")
-    pipe, _ = _teacher(cfg, device)
+    pipe, _ = _teacher(cfg, device, pipeline)
     size = image_size(pipe)
     source = open_image_source(cfg.data.real, size, cfg.data.image_column, cfg.data.caption_column, check=False)
     to = _dtype(dtype)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .config import Config
-from .data import MixtureData, PromptData, build_data
+from .data import MixtureData, PromptData, build_data, preflight
 from .errors import ConfigError
 from .factory import build_models
 from .methods import METHODS, Method
@@ -45,6 +45,8 @@ def assemble(cfg: Config, *, train: bool, pipeline: Any = None, device: torch.de
         raise ConfigError(f"model.cfg_embedding_dim (a student that reads its CFG scale) is for "
                           f"{' and '.join(cfg_reading_methods())}, whose teacher solver is guided; {cfg.method} "
                           "bakes its guidance in: set it to null")
+    if train and cfg.model.teacher != "gmm":  # the mixture refuses data keys itself (build_data)
+        preflight(cfg.data)  # a missing source or an unfinished cache is named before the teacher loads
     # 1. the roles, complete; fresh weights are seeded, so two runs with one seed start identical
     models = build_models(cfg.model, needs if train else replace(needs, critic=None), seed=cfg.train.seed,
                           pipeline=pipeline)

@@ -28,13 +28,13 @@ from ..errors import ConfigError
 from ..latents import encode
 from ..roles import Batch, Models
 from ..zoo.digits_data import digits_split, prompt_for, to_rgb
-from .cache import Cache, text_identity, vae_identity
+from .cache import Cache, read_manifest, text_identity, vae_identity
 from .images import image_files, open_image_source
 from .sources import TextLines, open_text_source
 from .stream import Feed, _item
 
 __all__ = ["MixtureData", "PromptData", "build_data", "first_prompts", "image_files", "read_prompt_file",
-           "read_prompts", "resolution"]
+           "preflight", "read_prompts", "resolution"]
 
 
 class MixtureData:
@@ -219,6 +219,20 @@ def _real_feed(models: Models, cfg: DataConfig, device: torch.device | str, seed
         return ListReal(models, latents, [prompt_for(int(k)) for k in labels], device)
     source = open_image_source(cfg.real, resolution(models), cfg.image_column, cfg.caption_column)
     return StreamedReal(models, source, device, seed, cfg, cached=False)
+
+
+def preflight(cfg: DataConfig) -> None:
+    """What can be checked before the teacher loads (seconds to minutes for SDXL): the named sources exist and the
+    caches are finished. Identity and content are checked when the data is built."""
+    for key in ("prompt_file", "real"):
+        spec = getattr(cfg, key)
+        if spec is None or spec == "digits" or spec.startswith("hf:") or any(c in spec for c in "*?["):
+            continue
+        if not Path(spec).exists():
+            raise ConfigError(f"data.{key} {spec!r} not found")
+    for key, kind in (("prompt_cache", "prompts"), ("real_cache", "images")):
+        if getattr(cfg, key) is not None:
+            read_manifest(getattr(cfg, key), kind, f"data.{key}")
 
 
 def build_data(models: Models, cfg: DataConfig, device: torch.device | str, seed: int = 0

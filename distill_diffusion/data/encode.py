@@ -31,9 +31,12 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 SHARD_BYTES = 128 << 20  # rows per shard: about this many bytes
 
 
-def _teacher(cfg: Config, device: str, pipeline: Any = None):  # noqa: ANN202
+def _no_mixture(cfg: Config) -> None:
     if cfg.model.teacher == "gmm":
         raise ConfigError("the mixture teacher (gmm) has no text encoder or VAE: there is nothing to cache")
+
+
+def _teacher(cfg: Config, device: str, pipeline: Any = None):  # noqa: ANN202
     pipe = pipeline if pipeline is not None else load_pipeline(cfg.model.teacher)
     text = text_conditioner(pipe)
     for module in (pipe.vae, *text.encoders):
@@ -62,6 +65,7 @@ class _Progress:
 
 def encode_prompts(cfg: Config, out: str | Path, batch: int = 256, dtype: str = "float16",
                    device: str = "cpu") -> Path:
+    _no_mixture(cfg)
     if cfg.data.prompt_file is None:
         raise ConfigError("data.prompt_file is not set: name the prompts to encode (a .txt, .jsonl, .csv, .tsv, "
                           ".parquet, .tar shards, a `datasets` folder or hf:NAME)")
@@ -90,6 +94,7 @@ def encode_prompts(cfg: Config, out: str | Path, batch: int = 256, dtype: str = 
 def encode_images(cfg: Config, out: str | Path, batch: int = 64, dtype: str = "float16", device: str = "cpu",
                   workers: int | None = None, pipeline: Any = None) -> Path:
     """``pipeline``: the teacher already in memory (benchmarks), instead of loading ``model.teacher``."""
+    _no_mixture(cfg)
     if cfg.data.real in (None, "digits"):
         raise ConfigError("data.real must name the images to encode (an image folder, .tar shards, .parquet, a "
                           "`datasets` folder or hf:NAME); `digits` needs no cache")

@@ -30,6 +30,8 @@ class ModelConfig:
     gmm_radius: float = 4.0
     gmm_std: float = 0.3
     gmm_dim: int = 2
+    gmm_process: str = field(default="vp", metadata={
+        "help": "the mixture teacher's noise path: vp (SD 1.5's schedule) | flow ((1 - s) x0 + s eps, SD3 / Flux)"})
     mlp_hidden: int = 128
     mlp_layers: int = 3
     # a LoRA student: an adapter on a frozen copy of the teacher's UNet (exports merged, or as LoRA weights)
@@ -46,6 +48,8 @@ class ModelConfig:
         default=None, metadata={"help": "width of the student's CFG-scale embedding (LCM: 256); null = baked in"})
 
     def __post_init__(self) -> None:
+        if self.gmm_process not in ("vp", "flow"):
+            raise ConfigError(f"model.gmm_process must be vp or flow, got {self.gmm_process!r}")
         if self.cfg_embedding_dim is not None and self.cfg_embedding_dim < 2:
             raise ConfigError(f"model.cfg_embedding_dim must be >= 2 (LCM uses 256) or null, got "
                               f"{self.cfg_embedding_dim}")

@@ -62,14 +62,18 @@ def _mixture_models(cfg: ModelConfig, needs: Needs, student_cfg: float | None, c
     epsilon prediction of its input (what a UNet's features carry about a noised image: its deviation from the
     teacher's denoising, scaled by 1 / sigma_t); a LoRA critic is a plain one (the MLP is already a small
     correction on the frozen exact teacher)."""
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
     if cfg.student_lora_rank is not None or (cfg.critic_lora_rank or 0) > 0:
         raise ConfigError("LoRA roles (model.student_lora_rank, model.critic_lora_rank) need a diffusers teacher; "
                           "a mixture critic already is a small correction on the frozen exact teacher")
-    # SD 1.5's schedule: 1000 steps, scaled_linear 0.00085 .. 0.012, so alpha_bar(999) ~ 0.0047 > 0.
-    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
-    process = NoiseProcess.from_scheduler_config(dict(scheduler.config, prediction_type="sample"))
+    if cfg.gmm_process == "flow":  # SD3 / Flux's path: x_t = (1 - s) x0 + s eps, s = t / 1000, t in [0, 1000]
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+        process = NoiseProcess.from_scheduler(scheduler)
+    else:  # SD 1.5's schedule: 1000 steps, scaled_linear 0.00085 .. 0.012, so alpha_bar(999) ~ 0.0047 > 0.
+        scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                  clip_sample=False)
+        process = NoiseProcess.from_scheduler_config(dict(scheduler.config, prediction_type="sample"))
     mixture = GaussianMixture.ring(cfg.gmm_classes, cfg.gmm_radius, cfg.gmm_std, cfg.gmm_dim)
     exact = MixtureDenoiserNet(mixture, process)
     data_var = float((mixture.means**2).sum(1).mean() / mixture.dim + mixture.std**2)
@@ -80,12 +84,12 @@ def _mixture_models(cfg: ModelConfig, needs: Needs, student_cfg: float | None, c
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
             net = ResidualMLP(exact, process, mixture.dim, mixture.classes, cfg.mlp_hidden, cfg.mlp_layers, data_var,
                               cfg_dim, eps_features)
-        return Denoiser(net, process)
+        return Denoiser(net, process, "sample")
 
     student = Student(mlp(cfg.cfg_embedding_dim), cfg.timesteps, needs.student_sampler, student_cfg)
     return Models(
         process=process,
-        teacher=Teacher(Denoiser(exact, process)),
+        teacher=Teacher(Denoiser(exact, process, "sample")),  # the mixture networks predict x0 on either path
         student=student,
         critic=None if critic is None else mlp(eps_features=critic == "teacher"),
         family="gmm",

@@ -117,7 +117,7 @@ class ResidualMLP(nn.Module):
     def forward(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         a, sigma = self.process.alpha_sigma(t, x_t)
         c_in = 1 / (a**2 * self.data_var + sigma**2).sqrt()
-        log_snr = (2 * (a / sigma).log()).reshape(-1, 1)
+        log_snr = (2 * (a / sigma).log()).clamp(-20, 20).reshape(-1, 1)  # flow: alpha = 0 at t = T (pure noise)
         freqs = 2 ** torch.arange(8, device=x_t.device, dtype=x_t.dtype) * math.pi / 16
         feats = torch.cat([torch.sin(log_snr * freqs), torch.cos(log_snr * freqs)], -1)
         labels = cond.labels if cond.labels is not None else torch.full((len(x_t),), -1, device=x_t.device)

@@ -92,13 +92,13 @@ class Consistency(Method):
     def __init__(self, cfg: ConsistencyConfig, models):  # noqa: ANN001
         super().__init__(cfg, models)
         process = models.process
-        if process.kind != "vp":
-            raise ConfigError("consistency distillation here runs on a DDIM grid of a discrete (vp) teacher; a "
-                              "flow-matching teacher is not supported yet")
         T = process.num_train_timesteps
         self.k = cfg.skip * (T // cfg.grid_steps)
-        # LCM's grid: (1..N) * T/N - 1, i.e. {19, 39, ..., 999} for N = 50; the solver steps k down from each
-        self.grid = [(i + 1) * (T // cfg.grid_steps) - 1 for i in range(cfg.grid_steps)]
+        # LCM's grid: (1..N) * T/N - 1, i.e. {19, 39, ..., 999} for N = 50; the solver steps k down from each. On a
+        # flow teacher the grid is (1..N) * T/N, {20.0, ..., 1000.0}: its last point is pure noise (sigma 1), as
+        # diffusers' FlowMatchLCMScheduler places it; the solver's DDIM step is then the Euler step of the flow ODE.
+        points = [(i + 1) * (T // cfg.grid_steps) for i in range(cfg.grid_steps)]
+        self.grid = [p - 1 for p in points] if process.kind == "vp" else [float(p) for p in points]
         lora = isinstance(models.student.denoiser, SharedDenoiser)
         self.ema = cfg.target_ema if cfg.target_ema is not None else (0.0 if lora else 0.95)
         if self.ema > 0 and lora:

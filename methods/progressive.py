@@ -99,9 +99,6 @@ class Progressive(Method):
         super().__init__(cfg, models)
         process, timesteps = models.process, list(models.student.timesteps)
         k = len(timesteps)
-        if process.kind != "vp":
-            raise ConfigError("progressive distillation here runs DDIM on a discrete (vp) teacher; a flow-matching "
-                              "teacher is not supported yet")
         if timesteps != process.trailing_timesteps(k):
             raise ConfigError(f"progressive students sample on the trailing DDIM grid: model.timesteps must be "
                               f"{process.trailing_timesteps(k)} for {k} steps, got {timesteps}")

@@ -180,7 +180,11 @@ def _sample(args: argparse.Namespace) -> None:
                                       "drop --steps / --scheduler / --guidance")
                 if not prompts and model.run is None:
                     raise ConfigError("give --prompt TEXT (repeatable) or --prompts FILE")
-                prompts = prompts or model.run.cfg.data.prompts
+                if not prompts:  # the run's own: its prompt list, or the first 8 of its prompt file
+                    from .data import first_prompts
+
+                    data = model.run.cfg.data
+                    prompts = first_prompts(data, 8) if data.prompt_file else list(data.prompts)
                 steps, guidance, solver = model.student_steps, 1.0, "student"
             else:
                 if not prompts:

@@ -169,22 +169,29 @@ class NoiseProcess:
         return frac * self.num_train_timesteps
 
     def sample_timesteps(
-        self, n: int, lo: float, hi: float, generator: torch.Generator, device: torch.device | str | None = None
+        self, n: int, lo: float, hi: float, generator: torch.Generator, device: torch.device | str | None = None,
+        shift: float = 1.0,
     ) -> Tensor:
         """n timesteps uniform over the fractions [lo, hi] of training time.
 
         'vp': integers ``int(lo*T) .. min(int(hi*T), T-1)`` inclusive (DMD2's ``randint(min_step, max_step + 1)``);
-        'flow': floats uniform in ``[lo*T, hi*T]``.
+        'flow': floats ``u T`` with u uniform in ``[lo, hi]``, then, with ``shift`` s != 1, mapped through
+        ``s u / (1 + (s - 1) u)`` (SD3's timestep shift; NVlabs/FastGen's "shifted" density): s > 1 moves mass to
+        higher noise.
         """
         if not 0 <= lo <= hi <= 1:
             raise ValueError(f"timestep range [{lo}, {hi}] must satisfy 0 <= lo <= hi <= 1")
+        if shift != 1.0 and self.kind != "flow":
+            raise ValueError(f"a timestep shift ({shift}) is for flow-matching teachers; this one is {self.kind!r}")
         device = device if device is not None else generator.device
         T = self.num_train_timesteps
         if self.kind == "vp":
             a, b = int(lo * T), min(int(hi * T), T - 1)
             return draws.randint(a, b + 1, n, generator).to(device)
-        u = draws.rand(n, generator).to(device)
-        return (lo + (hi - lo) * u) * T
+        u = lo + (hi - lo) * draws.rand(n, generator).to(device)
+        if shift != 1.0:
+            u = shift * u / (1 + (shift - 1) * u)
+        return u * T
 
     def first_timestep(self) -> float:
         return self.num_train_timesteps - 1 if self.kind == "vp" else float(self.num_train_timesteps)

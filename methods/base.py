@@ -84,11 +84,11 @@ class Method(ABC):
         return None
 
 
-def noised(process: NoiseProcess, x: Tensor, lo: float, hi: float, generator: torch.Generator
+def noised(process: NoiseProcess, x: Tensor, lo: float, hi: float, generator: torch.Generator, shift: float = 1.0
            ) -> tuple[Tensor, Tensor, Tensor]:
-    """(x_t, t, eps): x noised at t uniform over the fractions [lo, hi] of training time (t drawn first, then eps);
-    x_t keeps x's graph."""
-    t = process.sample_timesteps(len(x), lo, hi, generator)
+    """(x_t, t, eps): x noised at t uniform over the fractions [lo, hi] of training time (shifted on a flow path:
+    `NoiseProcess.sample_timesteps`; t drawn first, then eps); x_t keeps x's graph."""
+    t = process.sample_timesteps(len(x), lo, hi, generator, shift=shift)
     eps = draws.randn(x.shape, generator, x)
     return process.add_noise(x, eps, t), t, eps
 

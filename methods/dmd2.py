@@ -73,7 +73,7 @@ class DMD2(ScoreMethod):
         # 1. the student's sample, with gradient
         x = self.student_sample(batch, generator, grad=True)
         # 2. noise it at t ~ U{t_min T .. t_max T}
-        x_t, t, _ = noised(m.process, x.detach(), cfg.t_min, cfg.t_max, generator)
+        x_t, t, _ = noised(m.process, x.detach(), cfg.t_min, cfg.t_max, generator, cfg.t_shift)
         # 3. real (guided teacher) and fake (critic, unguided) denoised estimates; no gradient through either. The
         # critic runs in full precision, outside any autocast, as the reference's fake UNet does here
         with torch.no_grad():

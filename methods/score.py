@@ -46,6 +46,9 @@ class ScoreConfig(MethodConfig):
     t_max: float = 0.98
     critic_t_min: float = 0.0  # critic-loss timesteps (0 .. 999: DMD2, SwiftBrush; SiD-LSG 20 .. 979)
     critic_t_max: float = 1.0
+    # flow teachers: both ranges' draws mapped through SD3's shift s u / (1 + (s - 1) u) (FastGen's "shifted"
+    # density); 1 = uniform, the only value a vp teacher takes
+    t_shift: float = 1.0
     backward_simulation: bool = True  # multi-step students train on their own rollouts
     critic_target: str = "native"  # critic loss space: native (the network's own: eps for SD) | epsilon | ...
     critic_weighting: str = "uniform"  # uniform | alpha2 (SwiftBrush: MSE(alpha_t eps_hat, alpha_t eps))
@@ -67,6 +70,8 @@ class ScoreConfig(MethodConfig):
             if not 0 <= getattr(self, lo) <= getattr(self, hi) <= 1:
                 raise ConfigError(f"{name} needs 0 <= {lo} <= {hi} <= 1, got {lo}={getattr(self, lo)}, "
                                   f"{hi}={getattr(self, hi)}")
+        if not self.t_shift > 0:
+            raise ConfigError(f"{name}.t_shift must be > 0 (1: uniform timesteps), got {self.t_shift}")
         if self.critic_target not in CRITIC_TARGETS:
             raise ConfigError(f"unknown {name}.critic_target {self.critic_target!r}; "
                               f"choose one of: {', '.join(CRITIC_TARGETS)}")
@@ -99,6 +104,10 @@ class ScoreMethod(AlternatingMethod):
 
     def __init__(self, cfg: ScoreConfig, models):  # noqa: ANN001
         super().__init__(cfg, models)
+        if cfg.t_shift != 1.0 and models.process.kind != "flow":
+            name = type(cfg).__name__.removesuffix("Config").lower()
+            raise ConfigError(f"{name}.t_shift ({cfg.t_shift}) shifts a flow-matching teacher's timesteps; this "
+                              f"teacher's noise process is {models.process.kind!r}: set it to 1")
         self.use_gan = uses_gan(cfg)
         self._gan_now = False
         if self.use_gan:
@@ -157,7 +166,7 @@ class ScoreMethod(AlternatingMethod):
         """The critic's denoising loss on the (detached) student samples ``x``, t uniform over the fractions
         [critic_t_min, critic_t_max] of T (all of [0, T) by default)."""
         m, cfg = self.models, self.cfg
-        x_t, t, _ = noised(m.process, x, cfg.critic_t_min, cfg.critic_t_max, generator)
+        x_t, t, _ = noised(m.process, x, cfg.critic_t_min, cfg.critic_t_max, generator, cfg.t_shift)
         cond = drop_prompts(cond, cfg.critic_dropout, generator)
         x0_hat = cfg_x0(m.critic, x_t, t, cond, cfg.critic_train_cfg)
         target = m.critic.prediction_type if cfg.critic_target == "native" else cfg.critic_target

@@ -79,7 +79,7 @@ class SiD(ScoreMethod):
         cfg = self.cfg
         # 1. the student's sample and its noised version, both keeping the graph back to the student
         x = self.student_sample(batch, generator, grad=True)
-        x_t, t, _ = noised(self.models.process, x, cfg.t_min, cfg.t_max, generator)
+        x_t, t, _ = noised(self.models.process, x, cfg.t_min, cfg.t_max, generator, cfg.t_shift)
         # 2. teacher and critic estimates with gradients through both networks (their weights do not update here)
         y_real = self.real_x0(x_t, t, batch.cond).float()
         y_fake = self.fake_x0(x_t, t, batch.cond).float()

@@ -59,7 +59,7 @@ class VSD(ScoreMethod):
     def student_loss(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         m, cfg = self.models, self.cfg
         x = self.student_sample(batch, generator, grad=True)
-        x_t, t, _ = noised(m.process, x.detach(), cfg.t_min, cfg.t_max, generator)
+        x_t, t, _ = noised(m.process, x.detach(), cfg.t_min, cfg.t_max, generator, cfg.t_shift)
         with torch.no_grad():
             eps_real = m.process.x0_to_eps(self.real_x0(x_t, t, batch.cond), x_t, t)
             eps_fake = m.process.x0_to_eps(self.fake_x0(x_t, t, batch.cond), x_t, t)

@@ -115,3 +115,24 @@ def test_flow_student_with_flipped_sign_fails(tmp_path: Path, method: str, monke
     monkeypatch.setitem(METHODS, f"{method}_flipped", Flipped)
     m = Trainer(flow_config(tmp_path, method, f"{method}_flipped"), tmp_path / "run").train()
     assert not meets_bar(m), m
+
+
+def test_a_timestep_shift_maps_uniform_draws_as_sd3_does() -> None:
+    """``t_shift`` s maps u ~ U[lo, hi] to s u / (1 + (s - 1) u) (diffusers' FlowMatchEulerDiscreteScheduler shift,
+    FastGen's "shifted" density): the same draws, moved toward noise; refused on a vp teacher."""
+    from distill_diffusion.draws import ShardedGenerator
+
+    process = flow_models().process
+    plain = process.sample_timesteps(2000, 0.02, 0.98, ShardedGenerator("cpu", 4)) / 1000
+    shifted = process.sample_timesteps(2000, 0.02, 0.98, ShardedGenerator("cpu", 4), shift=3.0) / 1000
+    torch.testing.assert_close(shifted, 3 * plain / (1 + 2 * plain))
+    assert shifted.median() > 0.7 > plain.median()
+    vp = build_models(ModelConfig(teacher="gmm"), Needs()).process
+    with pytest.raises(ValueError, match="flow-matching"):
+        vp.sample_timesteps(4, 0.0, 1.0, ShardedGenerator("cpu", 0), shift=3.0)
+    from distill_diffusion.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="dmd2.t_shift"):
+        Trainer(load_config(CONFIGS / "gmm_dmd2.yaml", ["dmd2.t_shift=3", "train.progress=false"]))
+    with pytest.raises(ConfigError, match="t_shift must be > 0"):
+        load_config(CONFIGS / "gmm_flow_dmd2.yaml", ["dmd2.t_shift=0"])

@@ -92,7 +92,8 @@ def flow_config(tmp_path: Path, method: str, variant: str | None = None, *overri
     return load_config(path, [f"method={variant or method}", "train.progress=false", *overrides])
 
 
-PASSING = ["dmd2", "vsd", "ladd", "add", "consistency"]
+# meet the bar on three seeds (docs/BENCHMARKS.md); SiD (ED 0.005-0.006 with t_shift 3) and VSD (collapsed) do not yet
+PASSING = ["dmd2", "ladd", "add", "consistency"]
 
 
 @pytest.mark.slow
@@ -136,3 +137,16 @@ def test_a_timestep_shift_maps_uniform_draws_as_sd3_does() -> None:
         Trainer(load_config(CONFIGS / "gmm_dmd2.yaml", ["dmd2.t_shift=3", "train.progress=false"]))
     with pytest.raises(ConfigError, match="t_shift must be > 0"):
         load_config(CONFIGS / "gmm_flow_dmd2.yaml", ["dmd2.t_shift=0"])
+
+
+@pytest.mark.slow
+def test_flow_progressive_rounds_land_on_the_teachers_euler_n(tmp_path: Path) -> None:
+    """As the VP test: each round's student at N/2 steps lands on its teacher's N-step solver (here Euler on the
+    straight path; measured seed 0: Euler-8 0.0009 / 0.786, the final 2-step student 0.0009 / 0.786)."""
+    from test_trajectory_known_answer import run_rounds
+
+    trainer = Trainer(flow_config(tmp_path, "progressive"), tmp_path / "run")
+    for student, teacher_n, teacher_half in run_rounds(trainer):
+        assert abs(student["energy_distance"] - teacher_n["energy_distance"]) <= 0.2 * teacher_n["energy_distance"]
+        assert abs(student["std_ratio"] - teacher_n["std_ratio"]) <= 0.05
+        assert student["energy_distance"] < teacher_half["energy_distance"], (student, teacher_half)

@@ -95,7 +95,7 @@ def one(shape: str, method: str, roles: str, args: argparse.Namespace) -> dict:
     import torch
 
     from distill_diffusion.config import parse_config
-    from distill_diffusion.data.encode import encode_images
+    from distill_diffusion.data.prepare import encode_images
     from distill_diffusion.trainer import Trainer
 
     cuda = torch.cuda.is_available()

@@ -237,7 +237,7 @@ def _zoo_train_digits(args: argparse.Namespace) -> None:
 
 def _data_encode(args: argparse.Namespace) -> None:
     from .config import load_config
-    from .data.encode import encode_images, encode_prompts
+    from .data.prepare import encode_images, encode_prompts
 
     cfg = load_config(args.config, args.overrides)
     out = _out_dir(args.out)

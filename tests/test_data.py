@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 from distill_diffusion.assembly import assemble
 from distill_diffusion.data import PromptData
 from distill_diffusion.data.cache import Cache, verify
-from distill_diffusion.data.encode import encode_images, encode_prompts
 from distill_diffusion.data.images import open_image_source, square_crop
+from distill_diffusion.data.prepare import encode_images, encode_prompts
 from distill_diffusion.data.sources import open_text_source
 from distill_diffusion.data.stream import Feed, _item
 from distill_diffusion.draws import ShardedGenerator
@@ -276,7 +276,7 @@ def test_a_killed_cache_build_resumes_and_rebuilds_a_damaged_shard(tmp_path: Pat
     the rest; the result is byte-identical to a build that was never interrupted."""
     (tmp_path / "p.txt").write_text("\n".join(f"prompt {i}" for i in range(10)))
     cfg = sd15(tmp_path, 1, prompt_file=str(tmp_path / "p.txt"))
-    import distill_diffusion.data.encode as enc
+    import distill_diffusion.data.prepare as enc
     shard_bytes = enc.SHARD_BYTES
     enc.SHARD_BYTES = 1  # one row per shard
     try:
@@ -297,3 +297,14 @@ def test_a_killed_cache_build_resumes_and_rebuilds_a_damaged_shard(tmp_path: Pat
     clean = json.loads((tmp_path / "clean/cache.json").read_text())
     assert json.loads((partial / "cache.json").read_text())["shards"] == clean["shards"]
     assert "already holds a complete cache" in one_line(ConfigError, encode_prompts, cfg, partial)
+
+
+def test_the_digits_images_still_build_once_the_cache_commands_are_imported() -> None:
+    """Importing `distill_diffusion.data.prepare` (the cache commands; this module does at the top) must not shadow
+    anything the data package uses: a submodule named like a function the package imported once did."""
+    import distill_diffusion.data.prepare  # noqa: F401
+
+    cfg = make_config("dmd2", "embedded:digits", args={"gan_student_weight": 0.01, "gan_critic_weight": 0.01},
+                      data={"real": "digits"})
+    batch = assemble(cfg, train=True).data.sample(2, ShardedGenerator("cpu", 0))
+    assert batch.real is not None and batch.real.shape[0] == 2

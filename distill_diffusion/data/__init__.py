@@ -25,7 +25,7 @@ from .. import draws
 from ..config import DataConfig
 from ..denoiser import Cond
 from ..errors import ConfigError
-from ..latents import encode
+from ..latents import encode as to_latents
 from ..roles import Batch, Models
 from ..zoo.digits_data import digits_split, prompt_for, to_rgb
 from .cache import Cache, read_manifest, text_identity, vae_identity
@@ -122,7 +122,7 @@ class StreamedReal:
 
     def next(self, n: int, generator: torch.Generator) -> tuple[Tensor, Cond]:
         images, captions = self.feed.next(n, *_shard_of(generator))
-        latents = images.to(self.device, torch.float32) if self.cached else encode(self.models, images)
+        latents = images.to(self.device, torch.float32) if self.cached else to_latents(self.models, images)
         return latents.to(self.device), self.models.text.encode(captions).to(self.device)
 
 
@@ -215,7 +215,7 @@ def _real_feed(models: Models, cfg: DataConfig, device: torch.device | str, seed
         return None
     if cfg.real == "digits":
         images, labels = digits_split(resolution(models))["train"]  # the teacher's image size
-        latents = encode(models, to_rgb(images))
+        latents = to_latents(models, to_rgb(images))
         return ListReal(models, latents, [prompt_for(int(k)) for k in labels], device)
     source = open_image_source(cfg.real, resolution(models), cfg.image_column, cfg.caption_column)
     return StreamedReal(models, source, device, seed, cfg, cached=False)

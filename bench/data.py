@@ -87,22 +87,21 @@ def memory(args: argparse.Namespace, out: Path) -> list[dict]:
         rows.append({"row": name, **{k: round(v, 1) for k, v in result.items() if k != "code"}})
         print(json.dumps(rows[-1]), flush=True)
 
+    def cache(command: str, source: str, what: str) -> Path:
+        path = out / f"cache_{command}_{Path(source.split('=', 1)[1]).name}"
+        if not (path / "cache.json").exists():
+            subprocess.run(["rm", "-rf", str(path)], check=True)
+            t0 = time.time()
+            cli(["data", command, "configs/digits_dmd2.yaml", "--out", str(path), source])
+            rows.append({"row": f"building the cache of {what}", "seconds": round(time.time() - t0)})
+        return path
+
     row("shipped prompts (baseline)", [])
     row(f"{args.prompts:,} prompts, text file, encoded each batch", [f"data.prompt_file={prompts}"])
-    cache = out / f"prompt_cache_{args.prompts}"
-    if not (cache / "cache.json").exists():
-        subprocess.run(["rm", "-rf", str(cache)], check=True)
-        t0 = time.time()
-        cli(["data", "encode-prompts", "configs/digits_dmd2.yaml", "--out", str(cache), f"data.prompt_file={prompts}"])
-        rows.append({"row": f"building the prompt cache ({args.prompts:,} rows)", "seconds": round(time.time() - t0)})
-    row(f"{args.prompts:,} prompts from the prompt cache", [f"data.prompt_cache={cache}"])
+    prompt_cache = cache("encode-prompts", f"data.prompt_file={prompts}", f"{args.prompts:,} prompts")
+    row(f"{args.prompts:,} prompts from the prompt cache", [f"data.prompt_cache={prompt_cache}"])
     row("GAN terms, digits training images in memory (baseline)", [*gan, "data.real=digits"])
-    latents = out / f"latent_cache_{args.images}"
-    if not (latents / "cache.json").exists():
-        subprocess.run(["rm", "-rf", str(latents)], check=True)
-        t0 = time.time()
-        cli(["data", "encode-images", "configs/digits_dmd2.yaml", "--out", str(latents), f"data.real={images}"])
-        rows.append({"row": f"building the latent cache ({args.images:,} images)", "seconds": round(time.time() - t0)})
+    latents = cache("encode-images", f"data.real={images}", f"{args.images:,} images")
     row(f"GAN terms, {args.images:,} mixed-size images from the latent cache", [*gan, f"data.real_cache={latents}"])
     return rows
 

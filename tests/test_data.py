@@ -308,3 +308,33 @@ def test_the_digits_images_still_build_once_the_cache_commands_are_imported() ->
                       data={"real": "digits"})
     batch = assemble(cfg, train=True).data.sample(2, ShardedGenerator("cpu", 0))
     assert batch.real is not None and batch.real.shape[0] == 2
+
+
+def test_image_shards_and_image_tables_read_like_a_folder(tmp_path: Path) -> None:
+    """The same three images as WebDataset shard members and as a `datasets` image column: the same crops and
+    captions as the folder source gives."""
+    rng = np.random.default_rng(1)
+    sizes = ((20, 12), (9, 30), (16, 16))
+    images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+    captions = ["first", "second", ""]
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    with tarfile.open(tmp_path / "images-0.tar", "w") as tar:
+        for i, (img, cap) in enumerate(zip(images, captions)):
+            img.save(folder / f"{i}.png")
+            (folder / f"{i}.txt").write_text(cap)
+            for name, data in ((f"{i:04d}.png", (folder / f"{i}.png").read_bytes()), (f"{i:04d}.txt", cap.encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    datasets = pytest.importorskip("datasets")
+    table = datasets.Dataset.from_dict({"image": images, "caption": captions}).cast_column("image", datasets.Image())
+    table.save_to_disk(str(tmp_path / "table"))
+    expected = open_image_source(str(folder), 16)
+    for spec in (str(tmp_path / "images-0.tar"), str(tmp_path / "table")):
+        source = open_image_source(spec, 16)
+        assert len(source) == 3
+        for i in range(3):
+            assert torch.equal(source[i][0], expected[i][0]) and source[i][1] == expected[i][1] == captions[i], spec
+    message = one_line(ConfigError, open_image_source, str(tmp_path / "table"), 16, "nope")
+    assert "has no column 'nope'; it has: image, caption" in message

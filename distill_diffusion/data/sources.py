@@ -105,17 +105,18 @@ class TextLines:
         return self.raw(i).strip()
 
 
-def pick_column(available: list[str], column: str | None, path: Path, what: str) -> str:
-    """``column`` if given (it must exist), else the first of `TEXT_COLUMNS` present; one-line error otherwise."""
+def pick_column(available: list[str], column: str | None, path: Path | str, what: str,
+                candidates: tuple[str, ...] = TEXT_COLUMNS, option: str = "data.prompt_column") -> str:
+    """``column`` if given (it must exist), else the first of ``candidates`` present; one-line error otherwise."""
     if column is not None:
         if column not in available:
             raise ConfigError(f"{what} {str(path)!r} has no column {column!r}; it has: {', '.join(available)}")
         return column
-    for name in TEXT_COLUMNS:
+    for name in candidates:
         if name in available:
             return name
-    raise ConfigError(f"{what} {str(path)!r} has none of the columns {', '.join(TEXT_COLUMNS)} (it has: "
-                      f"{', '.join(available) or 'none'}); name one with data.prompt_column")
+    raise ConfigError(f"{what} {str(path)!r} has none of the columns {', '.join(candidates)} (it has: "
+                      f"{', '.join(available) or 'none'}); name one with {option}")
 
 
 class JsonLines(TextLines):

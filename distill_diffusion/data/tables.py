@@ -58,13 +58,4 @@ def open_table(spec: str, column: str | None, what: str) -> TableColumn:
 
 
 def image_column(table: Any, column: str | None, spec: str, what: str) -> str:
-    names = list(table.column_names)
-    if column is not None:
-        if column not in names:
-            raise ConfigError(f"{what} {spec!r} has no column {column!r}; it has: {', '.join(names)}")
-        return column
-    for name in IMAGE_COLUMNS:
-        if name in names:
-            return name
-    raise ConfigError(f"{what} {spec!r} has none of the image columns {', '.join(IMAGE_COLUMNS)} (it has: "
-                      f"{', '.join(names)}); name one with data.image_column")
+    return pick_column(list(table.column_names), column, spec, what, IMAGE_COLUMNS, "data.image_column")

@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from distill_diffusion.assembly import assemble
-from distill_diffusion.data import PromptData
+from distill_diffusion.data import PromptData, first_prompts
 from distill_diffusion.data.cache import Cache, verify
 from distill_diffusion.data.images import open_image_source, square_crop
 from distill_diffusion.data.prepare import encode_images, encode_prompts
@@ -191,6 +191,9 @@ def test_cached_prompts_give_the_embeddings_encoding_gives(tmp_path: Path) -> No
     a, b = streamed.sample(4, ShardedGenerator("cpu", 0)), cached.sample(4, ShardedGenerator("cpu", 0))
     assert torch.allclose(a.cond.embeds, b.cond.embeds, atol=1e-6)
     assert torch.equal(a.cond.uncond.embeds, b.cond.uncond.embeds) and torch.equal(a.noise, b.noise)
+    # previews and report grids of a run that names only the cache show the prompts it was made from
+    assert first_prompts(sd15(tmp_path, 1, prompt_cache=str(tmp_path / "cache")).data, 3) == \
+        ["prompt number 0", "prompt number 1", "prompt number 2"]
     # another text encoder (the digits teacher's) is refused in one line, before anything is written
     other = make_config("dmd2", "embedded:digits", data={"prompt_cache": str(tmp_path / "cache")})
     message = one_line(ConfigError, Trainer, other, tmp_path / "run")

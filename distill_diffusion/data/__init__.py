@@ -179,10 +179,16 @@ def read_prompts(cfg: DataConfig) -> list[str]:
 
 
 def first_prompts(cfg: DataConfig, k: int) -> list[str]:
-    """The first ``k`` training prompts (previews, report grids), read without loading the whole source."""
-    if cfg.prompt_file is None:
+    """The first ``k`` training prompts (previews, report grids), read without loading the whole source: the prompt
+    file's, else the source a prompt cache was made from (when it is still there), else the config's list."""
+    spec, column = cfg.prompt_file, cfg.prompt_column
+    if spec is None and cfg.prompt_cache is not None:
+        source = read_manifest(cfg.prompt_cache, "prompts", "data.prompt_cache")["source"]
+        if Path(source["spec"]).exists():
+            spec, column = source["spec"], source.get("column")
+    if spec is None:
         return read_prompts(cfg)[:k]
-    source = open_text_source(cfg.prompt_file, cfg.prompt_column)
+    source = open_text_source(spec, column)
     return [source[i] for i in range(min(k, len(source)))]
 
 

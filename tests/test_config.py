@@ -171,6 +171,9 @@ def test_every_shipped_config_parses_and_every_method_has_gpu_configs() -> None:
         assert cfg.method in METHODS, path
         if path.name.startswith(("sd15_", "sdxl_")):
             assert HUB_ID.fullmatch(cfg.model.teacher), (path, cfg.model.teacher)
+            # a method that trains on real images names them (the consistency and progressive configs once did not)
+            needs = METHODS[cfg.method].needs(cfg.method_args)
+            assert needs.real_images is None or cfg.data.real or cfg.data.real_cache, (path, needs.real_images)
     for method in METHODS:
         for arch in ("sd15", "sdxl"):
             assert (root / f"{arch}_{method}.yaml").is_file(), (arch, method)

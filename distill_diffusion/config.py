@@ -23,7 +23,9 @@ from .methods import METHODS
 
 @dataclass
 class ModelConfig:
-    teacher: str = field(default="gmm", metadata={"help": "gmm | tiny:sd15 | tiny:sd21 | tiny:sdxl | diffusers dir"})
+    teacher: str = field(default="gmm", metadata={
+        "help": "gmm | embedded:digits | tiny:sd15 | tiny:sd21 | tiny:sdxl | tiny:sd3 | tiny:flux | a diffusers "
+                "directory | a hub id"})
     timesteps: list[int] = field(default_factory=lambda: [999], metadata={"help": "student sampling timesteps"})
     # the Gaussian-mixture known answer
     gmm_classes: int = 8
@@ -34,6 +36,11 @@ class ModelConfig:
         "help": "the mixture teacher's noise path: vp (SD 1.5's schedule) | flow ((1 - s) x0 + s eps, SD3 / Flux)"})
     mlp_hidden: int = 128
     mlp_layers: int = 3
+    # image teachers
+    resolution: int | None = field(default=None, metadata={
+        "help": "image size the student is trained and exported at; null = the teacher's own (Flux: 1024)"})
+    embedded_guidance: float = field(default=3.5, metadata={
+        "help": "Flux.1-dev's guidance-embedding value for teacher and student (FluxPipeline's guidance_scale)"})
     # a LoRA student: an adapter on a frozen copy of the teacher's UNet (exports merged, or as LoRA weights)
     student_lora_rank: int | None = field(default=None, metadata={"help": "LoRA rank; null = full-weight student"})
     student_lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: the rank)"})
@@ -67,6 +74,12 @@ class ModelConfig:
                 raise ConfigError(f"model.{name} must be > 0, got {getattr(self, name)}")
         if not self.lora_targets:
             raise ConfigError("model.lora_targets must name at least one module, e.g. [to_q, to_k, to_v, to_out.0]")
+        if self.resolution is not None and (self.resolution < 16 or self.resolution % 16):
+            raise ConfigError(f"model.resolution must be a multiple of 16 (e.g. 512, 1024) or null (the teacher's "
+                              f"own), got {self.resolution}")
+        if self.embedded_guidance < 0:
+            raise ConfigError(f"model.embedded_guidance must be >= 0 (Flux.1-dev uses 3.5), got "
+                              f"{self.embedded_guidance}")
 
 
 @dataclass

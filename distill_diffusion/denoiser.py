@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import flow_nets
 from .process import NoiseProcess
 
 
@@ -29,6 +30,8 @@ class Cond:
     cfg_scale: (B,) the CFG scale w a student that reads its scale is given (Imagen convention, 1 = none; embedded
         as ``w - 1`` like diffusers' LCM and SD pipelines do); networks without a CFG embedding, the teacher among
         them, ignore it.
+    guidance: (B,) the distilled guidance a network embeds as an input (Flux.1-dev's ``guidance``; the pipeline's
+        ``guidance_scale``), given alike to teacher, student and critic; None for networks without one.
     uncond: the same fields for the null prompt / null class, batch-aligned; classifier-free guidance uses it.
     """
 
@@ -37,6 +40,7 @@ class Cond:
     time_ids: Tensor | None = None
     labels: Tensor | None = None
     cfg_scale: Tensor | None = None
+    guidance: Tensor | None = None
     uncond: Cond | None = None
 
     def _tensors(self) -> dict[str, Tensor]:
@@ -90,7 +94,8 @@ class Denoiser(nn.Module):
     """``denoiser(x_t, t, cond) -> x0_hat`` around a diffusers model or a module of this package.
 
     Supported networks: ``UNet2DConditionModel`` (SD 1.x / 2.x, SDXL through ``cond.pooled`` / ``cond.time_ids``),
-    ``UNet2DModel`` (class labels through ``cond.labels``), and any module with ``net(x_t, t, cond) -> prediction``.
+    ``UNet2DModel`` (class labels through ``cond.labels``), the flow-matching transformers of SD3 / SD3.5 and Flux.1
+    (`distill_diffusion.flow_nets`), and any module with ``net(x_t, t, cond) -> prediction``.
     """
 
     def __init__(self, net: nn.Module, process: NoiseProcess, prediction_type: str | None = None):
@@ -118,7 +123,14 @@ class Denoiser(nn.Module):
                        timestep_cond=w_embed).sample
         if isinstance(net, UNet2DModel):
             return net(x_in, t, class_labels=cond.labels).sample
+        if flow_nets.is_flow_transformer(net):
+            return flow_nets.call(net, x_in, t, cond, dtype)
         return net(x_in, t, cond)
+
+    def noise(self, shape: tuple[int, ...], generator: torch.Generator | list[torch.Generator],
+              like: Tensor) -> Tensor:
+        """Fresh standard normal noise for a sampler's re-noising, drawn as the network's own pipeline draws it."""
+        return flow_nets.fresh_noise(self.net, tuple(shape), generator, like)
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         t = _as_batch(t, x_t)

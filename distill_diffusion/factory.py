@@ -1,8 +1,9 @@
 """The one factory that builds the roles of a run from its `ModelConfig` and its method's `Needs`, complete: nothing
 patches a role after it is built. The only place teacher weights are read (through `distill_diffusion.teachers`).
 
-Teacher families, one builder each: the exact Gaussian mixture (``gmm``: a known answer, `_mixture_models`) and
-UNet latent-diffusion pipelines (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``: `_unet_models`), found by
+Teacher families, one builder each: the exact Gaussian mixture (``gmm``: a known answer, `_mixture_models`), UNet
+latent-diffusion pipelines (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``: `_unet_models`) and
+flow-matching transformer pipelines (``StableDiffusion3Pipeline``, ``FluxPipeline``: `_transformer_models`), found by
 the pipeline's class in `BUILDERS`. Students and critics start as copies of the teacher, or as LoRA adapters on its
 own network.
 """
@@ -22,7 +23,7 @@ from .lora import SharedDenoiser, add_lora
 from .process import NoiseProcess
 from .roles import Models, Needs, Student, Teacher
 from .teachers import load_pipeline
-from .text import TextConditioner
+from .text import PipelineTextConditioner, TextConditioner
 
 
 def critic_kind(needs: Needs, cfg: ModelConfig) -> tuple[str | None, int]:
@@ -100,19 +101,37 @@ def _mixture_models(cfg: ModelConfig, needs: Needs, student_cfg: float | None, c
     )
 
 
-def image_size(pipe: Any) -> int:
-    """The teacher's image resolution: its UNet's latent size times the VAE's downsampling."""
-    return pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+def vae_factor(pipe: Any) -> int:
+    """How many image pixels one latent pixel spans (the VAE's downsampling)."""
+    return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
 
 
-def text_conditioner(pipe: Any) -> TextConditioner:
-    """The pipeline's frozen text encoders as `TextConditioner` (its VAE frozen too): what training, prompt caches
-    and previews encode prompts with."""
-    size = image_size(pipe)
-    if type(pipe).__name__ == "StableDiffusionXLPipeline":
+def image_size(pipe: Any, resolution: int | None = None) -> int:
+    """The image resolution: ``resolution`` when given, else the teacher's own: its UNet's or SD3 transformer's latent
+    size times the VAE's downsampling; Flux's transformer has no size, so its VAE's ``sample_size`` (1024 for
+    Flux.1, FluxPipeline's default too)."""
+    if resolution is not None:
+        return int(resolution)
+    net = getattr(pipe, "unet", None) or pipe.transformer
+    size = getattr(net.config, "sample_size", None)
+    if size is None or type(net).__name__ == "FluxTransformer2DModel":
+        return int(pipe.vae.config.sample_size)
+    return int(size) * vae_factor(pipe)
+
+
+def text_conditioner(pipe: Any, resolution: int | None = None, guidance: float = 3.5) -> Any:
+    """The pipeline's frozen text encoders as a conditioner (`TextConditioner`, or `PipelineTextConditioner` for the
+    flow transformers; ``guidance``: Flux.1-dev's embedded guidance), its VAE frozen too: what training, prompt
+    caches and previews encode prompts with."""
+    size = image_size(pipe, resolution)
+    name = type(pipe).__name__
+    if name == "StableDiffusionXLPipeline":
         text = TextConditioner([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2],
                                sdxl=True, force_zeros_for_empty_prompt=pipe.config.force_zeros_for_empty_prompt,
                                image_size=(size, size))
+    elif name in FLOW_BUILDERS:
+        embeds_guidance = name == "FluxPipeline" and pipe.transformer.config.guidance_embeds
+        text = PipelineTextConditioner(pipe, guidance if embeds_guidance else None)
     else:
         text = TextConditioner([pipe.tokenizer], [pipe.text_encoder])
     for module in (pipe.vae, *text.encoders):
@@ -120,42 +139,46 @@ def text_conditioner(pipe: Any) -> TextConditioner:
     return text
 
 
-def _unet_models(cfg: ModelConfig, pipe: Any, needs: Needs, student_cfg: float | None, critic: str | None,
-                 critic_rank: int, seed: int) -> Models:
-    """SD 1.x / 2.x / SDXL: the pipeline's UNet is the teacher. Full-weight roles are copies of it, taken before any
-    adapter joins it; LoRA roles are adapters on the teacher's UNet itself (the teacher computes with every adapter
-    off); a ``teacher`` critic is that UNet, frozen (adapters off)."""
-    from diffusers import UNet2DConditionModel
-
-    if not isinstance(getattr(pipe, "unet", None), UNet2DConditionModel):
-        raise ConfigError(f"teacher pipeline {type(pipe).__name__!r} has no UNet2DConditionModel as its unet")
-    process = NoiseProcess.from_scheduler(pipe.scheduler)
-    unet = pipe.unet
-    text = text_conditioner(pipe)
+def _network_roles(net: Any, student_net: Any, process: NoiseProcess, cfg: ModelConfig, critic: str | None,
+                   critic_rank: int, seed: int) -> tuple[Teacher, Denoiser, Denoiser | None]:
+    """Teacher, student and critic denoisers on a teacher network ``net`` (a UNet or a transformer). Full-weight roles
+    are copies of it (``student_net``: the student's, made by the caller), taken before any adapter joins it; LoRA
+    roles are adapters on ``net`` itself (the teacher computes with every adapter off); a ``teacher`` critic is
+    ``net``, frozen (adapters off), which heads may join."""
     lora_student = cfg.student_lora_rank is not None
-    shared = lora_student or critic == "lora"  # the teacher's UNet carries adapters: each role picks its own
-    student = (SharedDenoiser(unet, process, adapter="student") if lora_student else
-               Denoiser(_student_unet(unet, cfg.cfg_embedding_dim).requires_grad_(True).train(), process))
+    shared = lora_student or critic == "lora"  # the teacher's network carries adapters: each role picks its own
+    student = (SharedDenoiser(net, process, adapter="student") if lora_student else
+               Denoiser(student_net.requires_grad_(True).train(), process))
     critic_denoiser: Denoiser | None = None
-    if critic == "teacher":  # heads may join it; the network itself stays frozen
-        critic_denoiser = SharedDenoiser(unet, process, adapter=None) if lora_student else Denoiser(unet, process)
+    if critic == "teacher":
+        critic_denoiser = SharedDenoiser(net, process, adapter=None) if lora_student else Denoiser(net, process)
     elif critic == "lora":
-        critic_denoiser = SharedDenoiser(unet, process, adapter="critic")
+        critic_denoiser = SharedDenoiser(net, process, adapter="critic")
     elif critic == "copy":
-        critic_denoiser = Denoiser(copy.deepcopy(unet).requires_grad_(True).train(), process)
-    teacher = Teacher(SharedDenoiser(unet, process, adapter=None) if shared else Denoiser(unet, process))
+        critic_denoiser = Denoiser(copy.deepcopy(net).requires_grad_(True).train(), process)
+    teacher = Teacher(SharedDenoiser(net, process, adapter=None) if shared else Denoiser(net, process))
     if lora_student:  # the teacher froze the base above; the adapters join it now
-        add_lora(unet, cfg.student_lora_rank, cfg.student_lora_alpha, cfg.lora_targets, seed, name="student")
+        add_lora(net, cfg.student_lora_rank, cfg.student_lora_alpha, cfg.lora_targets, seed, name="student")
     if critic == "lora":
-        add_lora(unet, critic_rank, cfg.critic_lora_alpha, cfg.lora_targets, seed + 1, name="critic")
-    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+        add_lora(net, critic_rank, cfg.critic_lora_alpha, cfg.lora_targets, seed + 1, name="critic")
+    return teacher, student, critic_denoiser
+
+
+def _image_models(cfg: ModelConfig, pipe: Any, net: Any, student_net: Any, needs: Needs, student_cfg: float | None,
+                  critic: str | None, critic_rank: int, seed: int, family: str, text: Any) -> Models:
+    process = NoiseProcess.from_scheduler(pipe.scheduler)
+    teacher, student, critic_denoiser = _network_roles(net, student_net, process, cfg, critic, critic_rank, seed)
+    side = image_size(pipe, cfg.resolution) // vae_factor(pipe)
+    if family in FLOW_BUILDERS.values() and side % 2:
+        raise ConfigError(f"model.resolution {image_size(pipe, cfg.resolution)} gives an odd latent size {side}; "
+                          f"the transformer's 2x2 patches need a multiple of {2 * vae_factor(pipe)}")
     return Models(
         process=process,
         teacher=teacher,
         student=Student(student, cfg.timesteps, needs.student_sampler, student_cfg),
         critic=critic_denoiser,
-        family="sdxl" if text.sdxl else "sd",
-        sample_shape=shape,
+        family=family,
+        sample_shape=(pipe.vae.config.latent_channels, side, side),
         text=text,
         vae=pipe.vae,
         pipeline=pipe,
@@ -163,8 +186,37 @@ def _unet_models(cfg: ModelConfig, pipe: Any, needs: Needs, student_cfg: float |
     )
 
 
+def _unet_models(cfg: ModelConfig, pipe: Any, needs: Needs, student_cfg: float | None, critic: str | None,
+                 critic_rank: int, seed: int) -> Models:
+    """SD 1.x / 2.x / SDXL: the pipeline's UNet is the teacher (`_network_roles`)."""
+    from diffusers import UNet2DConditionModel
+
+    if not isinstance(getattr(pipe, "unet", None), UNet2DConditionModel):
+        raise ConfigError(f"teacher pipeline {type(pipe).__name__!r} has no UNet2DConditionModel as its unet")
+    text = text_conditioner(pipe, cfg.resolution)
+    student_net = None if cfg.student_lora_rank is not None else _student_unet(pipe.unet, cfg.cfg_embedding_dim)
+    return _image_models(cfg, pipe, pipe.unet, student_net, needs, student_cfg, critic, critic_rank, seed,
+                         "sdxl" if text.sdxl else "sd", text)
+
+
+def _transformer_models(cfg: ModelConfig, pipe: Any, needs: Needs, student_cfg: float | None, critic: str | None,
+                        critic_rank: int, seed: int) -> Models:
+    """SD3 / SD3.5 and Flux.1: the pipeline's flow-matching transformer is the teacher (`distill_diffusion.flow_nets`
+    calls it); its roles are built exactly as a UNet's (`_network_roles`)."""
+    if cfg.cfg_embedding_dim is not None:
+        raise ConfigError("model.cfg_embedding_dim (a student that reads its CFG scale) is for UNet teachers; a "
+                          "flow-transformer student bakes its guidance in: set it to null")
+    text = text_conditioner(pipe, cfg.resolution, cfg.embedded_guidance)
+    student_net = None if cfg.student_lora_rank is not None else copy.deepcopy(pipe.transformer)
+    return _image_models(cfg, pipe, pipe.transformer, student_net, needs, student_cfg, critic, critic_rank, seed,
+                         FLOW_BUILDERS[type(pipe).__name__], text)
+
+
+# the flow-matching transformer pipelines -> their family name
+FLOW_BUILDERS = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
 # a teacher pipeline's class -> the builder of its roles (a new teacher family adds its builder here)
-BUILDERS = {"StableDiffusionPipeline": _unet_models, "StableDiffusionXLPipeline": _unet_models}
+BUILDERS = {"StableDiffusionPipeline": _unet_models, "StableDiffusionXLPipeline": _unet_models,
+            **{name: _transformer_models for name in FLOW_BUILDERS}}
 
 
 def _student_unet(unet: Any, cfg_dim: int | None) -> Any:

@@ -116,7 +116,8 @@ class Student(nn.Module):
     def sample(self, noise: Tensor, cond: Cond, generator: torch.Generator | list[torch.Generator]) -> Tensor:
         if self.sampler == "ddim":
             return ddim(lambda x, t: self(x, t, cond), noise, self.timesteps, self.process)
-        return multistep(lambda x, t: self(x, t, cond), noise, self.timesteps, self.process, generator)
+        return multistep(lambda x, t: self(x, t, cond), noise, self.timesteps, self.process, generator,
+                         self.denoiser.noise)
 
     def rollout(self, noise: Tensor, cond: Cond, k: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """The student's own input at step k of its sampler, and that step's timestep (no gradient).
@@ -125,7 +126,8 @@ class Student(nn.Module):
         student out k steps from pure noise so training sees the inputs inference will see. k = 0 is pure noise.
         """
         with torch.no_grad():
-            x = renoised(lambda x, t: self(x, t, cond), noise, self.timesteps, self.process, generator, k)
+            x = renoised(lambda x, t: self(x, t, cond), noise, self.timesteps, self.process, generator, k,
+                         self.denoiser.noise)
         return x.detach(), timestep_batch(self.timesteps[k], x)
 
 
@@ -135,7 +137,7 @@ class Models:
     teacher: Teacher
     student: Student
     critic: Denoiser | None
-    family: str  # "gmm" | "sd" | "sdxl"
+    family: str  # "gmm" | "sd" | "sdxl" | "sd3" | "flux"
     sample_shape: tuple[int, ...]
     mixture: GaussianMixture | None = None
     text: Any = None  # TextConditioner for prompt-conditioned families

@@ -15,6 +15,7 @@ from .draws import randn
 from .process import CLEAN, NoiseProcess
 
 X0Fn = Callable[[Tensor, Tensor], Tensor]
+NoiseFn = Callable[[tuple, "torch.Generator | list[torch.Generator]", Tensor], Tensor]
 
 
 def timestep_batch(t: float, x: Tensor) -> Tensor:
@@ -33,22 +34,22 @@ def ddim(x0_fn: X0Fn, noise: Tensor, timesteps: Sequence[float], process: NoiseP
 
 
 def renoised(x0_fn: X0Fn, noise: Tensor, timesteps: Sequence[float], process: NoiseProcess,
-             generator: torch.Generator | list[torch.Generator], k: int) -> Tensor:
-    """The input of step k of the few-step sampler below: k times predict x0, then re-noise it with fresh noise to
-    the next timestep. k = 0 is the pure noise itself."""
+             generator: torch.Generator | list[torch.Generator], k: int, noise_fn: NoiseFn = randn) -> Tensor:
+    """The input of step k of the few-step sampler below: k times predict x0, then re-noise it with fresh noise
+    (``noise_fn(shape, generator, like)``) to the next timestep. k = 0 is the pure noise itself."""
     x = noise
     for i in range(k):
         x0 = x0_fn(x, timestep_batch(timesteps[i], x))
-        x = process.add_noise(x0, randn(x0.shape, generator, x0), timestep_batch(timesteps[i + 1], x))
+        x = process.add_noise(x0, noise_fn(x0.shape, generator, x0), timestep_batch(timesteps[i + 1], x))
     return x
 
 
 def multistep(
     x0_fn: X0Fn, noise: Tensor, timesteps: Sequence[float], process: NoiseProcess,
-    generator: torch.Generator | list[torch.Generator],
+    generator: torch.Generator | list[torch.Generator], noise_fn: NoiseFn = randn,
 ) -> Tensor:
     """Few-step student sampling (DMD2, LCM): predict x0, re-noise it with fresh noise to the next timestep; the
     last prediction is the sample. The first input is pure noise at ``timesteps[0]``, as DMD2 and diffusers'
     ``LCMScheduler`` do."""
-    x = renoised(x0_fn, noise, timesteps, process, generator, len(timesteps) - 1)
+    x = renoised(x0_fn, noise, timesteps, process, generator, len(timesteps) - 1, noise_fn)
     return x0_fn(x, timestep_batch(timesteps[-1], x))

@@ -1,4 +1,5 @@
-"""Prompt -> `Cond`, exactly as diffusers' SD and SDXL pipelines encode prompts (so exports reproduce training).
+"""Prompt -> `Cond`, exactly as diffusers' SD, SDXL, SD3 and Flux pipelines encode prompts (so exports reproduce
+training).
 
 SD 1.x / 2.x: the text encoder's last hidden state; the unconditional branch encodes the empty prompt.
 SDXL: the penultimate hidden states of both encoders concatenated, pooled ``text_embeds`` from the second encoder, and
@@ -67,3 +68,52 @@ class TextConditioner:
             null, null_pooled = null.to(embeds).expand(n, -1, -1).clone(), null_pooled.to(pooled).expand(n, -1).clone()
         uncond = Cond(embeds=null, pooled=null_pooled, time_ids=time_ids.clone())
         return Cond(embeds=embeds, pooled=pooled, time_ids=time_ids, uncond=uncond)
+
+
+class PipelineTextConditioner:
+    """Prompt -> `Cond` for the flow-matching transformer pipelines, through the pipeline's own ``encode_prompt``
+    at its defaults (so an export, called with the same defaults, conditions exactly as training did).
+
+    SD3 / SD3.5: ``embeds`` the CLIP-L + CLIP-G hidden states (padded to T5's width) followed by T5's, ``pooled``
+    the two CLIP pooled projections; the unconditional branch encodes the empty prompt, as the pipeline's CFG does.
+    Flux.1: ``embeds`` T5's hidden states, ``pooled`` CLIP's pooled output, and ``guidance`` the distilled guidance
+    value (Flux.1-dev's ``guidance_scale``; ``None`` for a transformer without a guidance embedding, schnell).
+    """
+
+    sdxl = False  # the prompt-cache identity's flag for SDXL's size conditioning
+
+    def __init__(self, pipe: Any, guidance: float | None = None):
+        self.pipe = pipe
+        names = [n for n in ("text_encoder", "text_encoder_2", "text_encoder_3") if getattr(pipe, n, None) is not None]
+        self.encoders = [getattr(pipe, n) for n in names]
+        self.tokenizers = [getattr(pipe, n.replace("text_encoder", "tokenizer")) for n in names]
+        self.guidance = guidance
+        self.image_size = None
+        self._null: tuple[Tensor, Tensor | None] | None = None
+
+    @torch.no_grad()
+    def _encode(self, prompts: list[str]) -> tuple[Tensor, Tensor | None]:
+        device = self.encoders[0].device
+        if type(self.pipe).__name__ == "FluxPipeline":
+            embeds, pooled, _ = self.pipe.encode_prompt(prompts, None, device=device)
+            return embeds, pooled
+        embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, None, None, device=device,
+                                                       do_classifier_free_guidance=False)
+        return embeds, pooled
+
+    def null(self) -> tuple[Tensor, Tensor | None]:
+        """The empty prompt's (embeds, pooled), (1, ...) each, computed once."""
+        if self._null is None:
+            self._null = self._encode([""])
+        return self._null
+
+    def encode(self, prompts: list[str]) -> Cond:
+        return self.cond(*self._encode(list(prompts)))
+
+    def cond(self, embeds: Tensor, pooled: Tensor | None) -> Cond:
+        n = len(embeds)
+        null, null_pooled = self.null()
+        guidance = None if self.guidance is None else torch.full((n,), float(self.guidance), device=embeds.device)
+        uncond = Cond(embeds=null.to(embeds).expand(n, -1, -1).clone(), pooled=null_pooled.to(pooled).expand(n, -1)
+                      .clone(), guidance=None if guidance is None else guidance.clone())
+        return Cond(embeds=embeds, pooled=pooled, guidance=guidance, uncond=uncond)

@@ -29,7 +29,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 __all__ = ["PROMPT_WORDS", "TINY_KINDS", "build_tokenizer", "tiny_pipeline"]
 
-TINY_KINDS: tuple[str, ...] = ("sd15", "sd21", "sdxl")
+TINY_KINDS: tuple[str, ...] = ("sd15", "sd21", "sdxl", "sd3", "flux")  # sd3, flux: `tiny_flow`
 
 _DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 PROMPT_WORDS: tuple[str, ...] = (
@@ -193,7 +193,8 @@ def _unet(kind: str) -> UNet2DConditionModel:
 
 def tiny_pipeline(kind: str = "sd15", seed: int = 0) -> DiffusionPipeline:
     """A tiny random Stable Diffusion pipeline of `kind` ("sd15": epsilon prediction, "sd21": v-prediction with
-    linear projections, "sdxl": two text encoders and text-time conditioning), 16x16 images from 8x8x4 latents.
+    linear projections, "sdxl": two text encoders and text-time conditioning), 16x16 images from 8x8x4 latents;
+    "sd3" and "flux": the flow-matching transformer pipelines of `distill_diffusion.tiny_flow` (8x8x16 latents).
 
     Weights come from ``torch.manual_seed(seed)`` inside a forked RNG (the caller's global RNG is left untouched),
     so equal seeds give identical weights. The progress bar is disabled.
@@ -204,6 +205,10 @@ def tiny_pipeline(kind: str = "sd15", seed: int = 0) -> DiffusionPipeline:
     pipe: DiffusionPipeline
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        if kind in ("sd3", "flux"):
+            from .tiny_flow import tiny_flow_pipeline
+
+            return _ready(tiny_flow_pipeline(kind))
         unet = _unet(kind)
         vae = _vae(0.13025 if kind == "sdxl" else 0.18215)
         tokenizer = build_tokenizer()
@@ -233,6 +238,10 @@ def tiny_pipeline(kind: str = "sd15", seed: int = 0) -> DiffusionPipeline:
                 feature_extractor=None,
                 requires_safety_checker=False,
             )
+    return _ready(pipe)
+
+
+def _ready(pipe: DiffusionPipeline) -> DiffusionPipeline:
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             component.eval()  # as `from_pretrained` leaves them

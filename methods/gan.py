@@ -35,12 +35,18 @@ def bottleneck(net: nn.Module) -> tuple[nn.Module, int, bool]:
         return net.mid_block, net.config.block_out_channels[-1], True
     if isinstance(net, ResidualMLP):
         return net.body, net.out.in_features, False
+    if type(net).__name__ in ("SD3Transformer2DModel", "FluxTransformer2DModel"):
+        # the middle joint block's image tokens (B, N, D): SD3-Turbo's LADD reads transformer-block features; DMD2's
+        # choice for a UNet, the bottleneck, has no transformer counterpart, so the middle of the stack stands in
+        blocks = net.transformer_blocks
+        return blocks[(len(blocks) - 1) // 2], net.inner_dim, False
     raise ConfigError(f"no GAN head for a critic network of type {type(net).__name__}; supported: "
-                      "UNet2DConditionModel, the mixture's ResidualMLP")
+                      "UNet2DConditionModel, SD3Transformer2DModel, FluxTransformer2DModel, the mixture's ResidualMLP")
 
 
 class GANHead(nn.Module):
-    """Bottleneck features -> one logit per image (conv, GroupNorm, SiLU, 1x1 conv, spatial mean; or an MLP)."""
+    """Bottleneck features -> one logit per image (conv, GroupNorm, SiLU, 1x1 conv, spatial mean; or an MLP, on
+    tokens averaged over the image)."""
 
     def __init__(self, channels: int, spatial: bool):
         super().__init__()
@@ -51,7 +57,9 @@ class GANHead(nn.Module):
         else:
             self.body = nn.Sequential(nn.Linear(channels, channels), nn.SiLU(), nn.Linear(channels, 1))
 
-    def forward(self, h: Tensor) -> Tensor:
+    def forward(self, h: Tensor | tuple[Tensor, Tensor]) -> Tensor:
+        if isinstance(h, tuple):  # a transformer block's (text tokens, image tokens): the image tokens (B, N, D)
+            h = h[1]
         return self.body(h.float()).flatten(1).mean(1)
 
 

@@ -1,4 +1,5 @@
-"""The contract every entry of METHODS keeps, on the mixture teacher and on tiny SD 1.5 / 2.1 / SDXL pipelines.
+"""The contract every entry of METHODS keeps, on the mixture teacher and on tiny SD 1.5 / 2.1 / SDXL / SD3 / Flux
+pipelines (UNet and flow-matching transformer teachers alike: nothing here names a model family).
 
 Losses are finite; a step changes only the role its phase names; the teacher never changes; the method's config
 round-trips through YAML. New methods inherit these tests by being added to METHODS: nothing here names a method.
@@ -6,6 +7,7 @@ round-trips through YAML. New methods inherit these tests by being added to METH
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -16,7 +18,9 @@ from conftest import make_config
 from distill_diffusion.config import parse_config
 from distill_diffusion.lora import other_adapters
 from distill_diffusion.methods import METHODS
+from distill_diffusion.process import NoiseProcess
 from distill_diffusion.rundir import trainable_state
+from distill_diffusion.teachers import load_pipeline
 from distill_diffusion.trainer import Trainer
 
 FAST = {"lr_student": 1e-3, "lr_critic": 1e-3}
@@ -77,13 +81,19 @@ def test_contract_on_the_mixture(method: str) -> None:
     assert seen == set(roles)
 
 
-@pytest.mark.parametrize("kind", ["sd15", "sd21", "sdxl", "embedded:digits"])
+@functools.cache
+def two_steps(teacher: str) -> list[float]:
+    """The teacher's own 2-step trailing grid ([999, 499] on SD's schedule, [1000, 500] on the flow path)."""
+    return NoiseProcess.from_scheduler(load_pipeline(teacher).scheduler).trailing_timesteps(2)
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sd21", "sdxl", "embedded:digits", "sd3", "flux"])
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_contract_on_tiny_sd(method: str, kind: str, tiny_dirs: dict[str, str]) -> None:
+def test_contract_on_tiny_pipelines(method: str, kind: str, tiny_dirs: dict[str, str]) -> None:
     # real images for the methods that noise data (trajectory methods) or judge it (GAN terms); others ignore them
-    trainer = Trainer(make_config(method, tiny_dirs.get(kind, kind), args=FAST, model={"timesteps": [999, 499]},
+    teacher = tiny_dirs.get(kind, kind)
+    trainer = Trainer(make_config(method, teacher, args=FAST, model={"timesteps": two_steps(teacher)},
                                   train={"batch_size": 2, "steps": 12}, data={"prompts": PROMPTS, "real": "digits"}))
-    assert trainer.models.family == ("sdxl" if kind == "sdxl" else "sd")
     seen = check_steps(trainer, steps_to_see_every_role(trainer))
     assert seen == set(trainer.method.needs.roles)
 
@@ -99,13 +109,14 @@ def test_method_config_round_trips_through_yaml(method: str) -> None:
 @pytest.mark.parametrize(("student_rank", "rank"), [(None, 0), (None, 4), (4, 4)])
 @pytest.mark.parametrize("method", sorted(m for m, cls in METHODS.items()
                                           if "critic" in cls.needs(cls.config_class()).roles))
-def test_contract_with_either_critic(method: str, student_rank: int | None, rank: int,
+@pytest.mark.parametrize("kind", ["sd15", "flux"])
+def test_contract_with_either_critic(method: str, student_rank: int | None, rank: int, kind: str,
                                      tiny_dirs: dict[str, str]) -> None:
     """Every critic method runs with a full-weight critic (rank 0) and with a LoRA critic on the teacher's own UNet,
     chosen by config alone; the LoRA critic trains only its adapter and shares the teacher's base weights. With a
     LoRA student too, all three roles are one UNet: the teacher's base with two adapters."""
     model = {"timesteps": [999], "critic_lora_rank": rank, "student_lora_rank": student_rank}
-    trainer = Trainer(make_config(method, tiny_dirs["sd15"], args=FAST, model=model, data={"real": "digits"},
+    trainer = Trainer(make_config(method, tiny_dirs[kind], args=FAST, model=model, data={"real": "digits"},
                                   train={"batch_size": 2, "steps": 12}))
     models = trainer.models
     base = models.teacher.denoiser.net

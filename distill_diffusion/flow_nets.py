@@ -1,0 +1,79 @@
+"""How the flow-matching transformers are called, so `Denoiser` can hide them behind ``denoiser(x_t, t, cond)``.
+
+Every role sees latents as the VAE makes them, (B, C, H, W), and timesteps in the process's units (``t = 1000 s``
+on the path ``x_t = (1 - s) x0 + s eps``). Each function here turns that into the network's own call, exactly as its
+diffusers pipeline makes it (checked against diffusers 0.42 ``pipeline_stable_diffusion_3.py`` and
+``pipeline_flux.py``), so a student trained through it samples the same in the exported pipeline:
+
+- SD3 / SD3.5 (``SD3Transformer2DModel``): ``timestep = t`` in [0, 1000]; ``encoder_hidden_states`` the CLIP + T5
+  sequence (``cond.embeds``), ``pooled_projections`` the two CLIP pooled outputs (``cond.pooled``).
+- Flux.1 (``FluxTransformer2DModel``): latents packed into 2x2 patches, (B, H/2 * W/2, 4C); ``timestep = t / 1000``;
+  ``img_ids`` the (row, column) position of each patch, ``txt_ids`` zeros; dev's distilled guidance as
+  ``guidance = cond.guidance`` (the pipeline's ``guidance_scale``; the network multiplies it by 1000 itself).
+
+The prediction is the flow velocity ``u = eps - x0`` for both. Flux's scheduler draws its fresh noise in the packed
+layout; `fresh_noise` draws it the same way, so a multistep student re-noises as the exported pipeline does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .draws import randn
+
+TRANSFORMERS = ("SD3Transformer2DModel", "FluxTransformer2DModel")
+
+
+def is_flow_transformer(net: nn.Module) -> bool:
+    return type(net).__name__ in TRANSFORMERS
+
+
+def pack(x: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B, H/2 * W/2, 4C): Flux's 2x2 patches (``FluxPipeline._pack_latents``)."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(x: Tensor, h: int, w: int) -> Tensor:
+    """The inverse of `pack` for an (h, w) latent (``FluxPipeline._unpack_latents``)."""
+    b, _, c4 = x.shape
+    return x.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c4 // 4, h, w)
+
+
+def image_ids(h: int, w: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(h/2 * w/2, 3) position ids of the packed patches: (0, row, column) (``_prepare_latent_image_ids``)."""
+    rows = torch.arange(h // 2, device=device).repeat_interleave(w // 2)
+    cols = torch.arange(w // 2, device=device).repeat(h // 2)
+    return torch.stack([torch.zeros_like(rows), rows, cols], dim=1).to(dtype)
+
+
+def call(net: nn.Module, x: Tensor, t: Tensor, cond: Any, dtype: torch.dtype) -> Tensor:
+    """The network's velocity prediction for latents ``x`` (B, C, H, W) at process timesteps ``t`` (B,)."""
+    t = t.to(torch.float32)
+    embeds = cond.embeds.to(dtype)
+    pooled = cond.pooled.to(dtype)
+    if type(net).__name__ == "SD3Transformer2DModel":
+        return net(hidden_states=x, encoder_hidden_states=embeds, pooled_projections=pooled, timestep=t,
+                   return_dict=False)[0]
+    _, _, h, w = x.shape
+    guidance = None
+    if net.config.guidance_embeds:
+        if cond.guidance is None:
+            raise ValueError("this Flux transformer reads a guidance embedding (Flux.1-dev); cond.guidance is None")
+        guidance = cond.guidance.to(torch.float32)
+    out = net(hidden_states=pack(x), encoder_hidden_states=embeds, pooled_projections=pooled,
+              timestep=(t / 1000).to(x.dtype), guidance=guidance,
+              img_ids=image_ids(h, w, x.device, x.dtype), txt_ids=x.new_zeros(embeds.shape[1], 3),
+              return_dict=False)[0]
+    return unpack(out, h, w)
+
+
+def fresh_noise(net: nn.Module, shape: tuple[int, ...], generator: Any, like: Tensor) -> Tensor:
+    """Standard normal noise of ``shape`` (B, C, H, W), drawn in the layout the network's scheduler draws it."""
+    if type(net).__name__ != "FluxTransformer2DModel":
+        return randn(shape, generator, like)
+    b, c, h, w = shape
+    return unpack(randn((b, (h // 2) * (w // 2), 4 * c), generator, like), h, w)

@@ -1,0 +1,123 @@
+"""Tiny, randomly initialised flow-matching transformer pipelines built offline: ``tiny:sd3`` and ``tiny:flux``.
+
+The component classes and wiring of Stable Diffusion 3 (``StableDiffusion3Pipeline``: an ``SD3Transformer2DModel``,
+two CLIP encoders with projections and a T5 encoder) and Flux.1 (``FluxPipeline``: a ``FluxTransformer2DModel``
+with 2x2-packed latents, position ids and dev's guidance embedding, one CLIP and one T5 encoder), shrunk to a few
+hundred thousand parameters: 16x16 RGB images, 8x8x16 latents (a 16-channel VAE with SD3's ``shift_factor``), width-32
+text encoders. The CLIP tokenizer is the package's in-memory BPE one (`distill_diffusion.tiny.build_tokenizer`); the
+T5 tokenizer is a ``tokenizers`` WordLevel model over the same words in ``PreTrainedTokenizerFast``. Nothing is
+downloaded; weights are random and deterministic in the seed; both round-trip through ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+from .tiny import _TEXT_WIDTH, PROMPT_WORDS, _text_config, build_tokenizer
+
+FLOW_KINDS: tuple[str, ...] = ("sd3", "flux")
+T5_MAX_LENGTH = 32  # the T5 tokenizer's model_max_length; the pipelines pad to their own max_sequence_length
+
+
+def build_t5_tokenizer(words: tuple[str, ...] = PROMPT_WORDS) -> PreTrainedTokenizerFast:
+    """A word-level T5-style tokenizer: ``<pad>`` 0, ``</s>`` 1 (appended to every sequence, as T5's is), ``<unk>``
+    2, then one id per word; whitespace and punctuation split words; lower-cased."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for word in words:
+        vocab.setdefault(word.lower(), len(vocab))
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=T5_MAX_LENGTH, pad_token="<pad>",
+                                   eos_token="</s>", unk_token="<unk>")
+
+
+def _t5(tokenizer: PreTrainedTokenizerFast) -> T5EncoderModel:
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=_TEXT_WIDTH, d_kv=8, d_ff=2 * _TEXT_WIDTH,
+                                   num_layers=2, num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0,
+                                   pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+
+
+def _vae16() -> AutoencoderKL:
+    """A 2-level AutoencoderKL: 16x16x3 images <-> 8x8x16 latents, SD3's latent scaling and shift."""
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64), layers_per_block=1,
+                         latent_channels=16, sample_size=16, scaling_factor=1.5305, shift_factor=0.0609,
+                         use_quant_conv=False, use_post_quant_conv=False)
+
+
+def _sd3() -> StableDiffusion3Pipeline:
+    tokenizer, tokenizer_2, tokenizer_3 = build_tokenizer(), build_tokenizer(), build_t5_tokenizer()
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=_TEXT_WIDTH,
+                                        caption_projection_dim=_TEXT_WIDTH, pooled_projection_dim=2 * _TEXT_WIDTH,
+                                        out_channels=16, pos_embed_max_size=16)
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=_vae16(),
+        text_encoder=CLIPTextModelWithProjection(_text_config(tokenizer, "quick_gelu")),
+        tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer_2, "gelu")),
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=_t5(tokenizer_3),
+        tokenizer_3=tokenizer_3,
+    )
+
+
+def _flux() -> FluxPipeline:
+    tokenizer, tokenizer_2 = build_tokenizer(), build_t5_tokenizer()
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2,
+                                         joint_attention_dim=_TEXT_WIDTH, pooled_projection_dim=_TEXT_WIDTH,
+                                         guidance_embeds=True, axes_dims_rope=(4, 4, 8))
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                max_image_seq_len=4096)
+    return FluxPipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=_vae16(),
+        text_encoder=CLIPTextModel(_text_config(tokenizer, "quick_gelu")),
+        tokenizer=tokenizer,
+        text_encoder_2=_t5(tokenizer_2),
+        tokenizer_2=tokenizer_2,
+    )
+
+
+def tiny_flow_pipeline(kind: str) -> Any:
+    """The tiny pipeline of ``kind`` (``sd3`` or ``flux``); the caller seeds and forks the RNG."""
+    if kind == "sd3":
+        return _sd3()
+    if kind == "flux":
+        return _flux()
+    raise ValueError(f"unknown tiny flow model kind {kind!r}; choose one of: {', '.join(FLOW_KINDS)}")
+
+
+def _check() -> None:  # pragma: no cover (a manual smoke run: python -m distill_diffusion.tiny_flow)
+    for kind in FLOW_KINDS:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            pipe = tiny_flow_pipeline(kind)
+        extra = {"height": 16, "width": 16} if kind == "flux" else {}
+        out = pipe(["a handwritten digit seven"], num_inference_steps=2, output_type="np", **extra).images
+        print(kind, out.shape)
+
+
+if __name__ == "__main__":
+    _check()

@@ -127,6 +127,12 @@ class Denoiser(nn.Module):
             return flow_nets.call(net, x_in, t, cond, dtype)
         return net(x_in, t, cond)
 
+    @property
+    def renoise_from_global_rng(self) -> bool:
+        """Whether the network's pipeline re-noises from torch's global generator (it calls ``scheduler.step``
+        without ``generator``: SD3's and Flux's do)."""
+        return flow_nets.is_flow_transformer(self.net)
+
     def noise(self, shape: tuple[int, ...], generator: torch.Generator | list[torch.Generator],
               like: Tensor) -> Tensor:
         """Fresh standard normal noise for a sampler's re-noising, drawn as the network's own pipeline draws it."""

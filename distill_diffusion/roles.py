@@ -114,8 +114,17 @@ class Student(nn.Module):
         return self.denoiser(x_t, t, cond)
 
     def sample(self, noise: Tensor, cond: Cond, generator: torch.Generator | list[torch.Generator]) -> Tensor:
+        """K steps from ``noise``; the re-noising draws from ``generator`` (one per image, as diffusers takes them).
+
+        Where the network's own pipeline does not hand its generators to the scheduler (SD3's and Flux's pipelines
+        call ``scheduler.step`` without one, so re-noising draws from torch's global generator), each image's
+        re-noising draws from a fresh generator with its own seed instead: what that pipeline draws when called for
+        that image alone after ``torch.manual_seed(seed)``.
+        """
         if self.sampler == "ddim":
             return ddim(lambda x, t: self(x, t, cond), noise, self.timesteps, self.process)
+        if isinstance(generator, list) and self.denoiser.renoise_from_global_rng:
+            generator = [torch.Generator(g.device).manual_seed(g.initial_seed()) for g in generator]
         return multistep(lambda x, t: self(x, t, cond), noise, self.timesteps, self.process, generator,
                          self.denoiser.noise)
 

@@ -37,8 +37,28 @@ def check_solver(name: str) -> str:
 
 
 def make_scheduler(name: str, config: Any) -> Any:
-    """A stock diffusers scheduler for the teacher's config, with trailing spacing so step 1 starts at t=T-1."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+    """A stock diffusers scheduler for the teacher's config, with trailing spacing so step 1 starts at t=T-1.
+
+    A flow-matching teacher (SD3, Flux) keeps its own ``FlowMatchEulerDiscreteScheduler`` (its shift, and Flux's
+    resolution-dependent shift) for ``euler`` and ``ddim`` (DDIM on the straight path is the Euler step), and
+    ``dpmpp`` is DPM-Solver++(2M) on the same flow sigmas (``use_flow_sigmas``, as diffusers configures it for SANA).
+    """
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerDiscreteScheduler,
+        FlowMatchEulerDiscreteScheduler,
+    )
+
+    if str(dict(config).get("_class_name", "")).startswith("FlowMatch") or "shift" in dict(config):
+        if name in ("euler", "ddim"):
+            return FlowMatchEulerDiscreteScheduler.from_config(config)
+        if name == "dpmpp":
+            if dict(config).get("use_dynamic_shifting"):
+                raise ValueError("dpmpp has no resolution-dependent shift (Flux's scheduler); use euler")
+            return DPMSolverMultistepScheduler(num_train_timesteps=config["num_train_timesteps"],
+                                               algorithm_type="dpmsolver++", solver_order=2, use_flow_sigmas=True,
+                                               prediction_type="flow_prediction", flow_shift=config["shift"])
 
     if name == "ddim":
         return DDIMScheduler.from_config(config, timestep_spacing="trailing", set_alpha_to_one=False)
@@ -90,6 +110,34 @@ def load_model(spec: str) -> EvalModel:
     raise ConfigError(f"model {spec!r} is neither embedded:<name>, a diffusers pipeline directory nor a run directory")
 
 
+def _seeded_call(model: EvalModel, prompts: list[str], seed: int) -> np.ndarray:
+    """One image the way an SD3 / Flux export's model card calls it: the pipeline re-noises from torch's global
+    generator, so it is seeded first (and restored after, so the caller's random state is untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return model.pipeline(prompt=prompts, generator=[torch.Generator().manual_seed(seed)], output_type="np",
+                              **model.export["call"]).images
+
+
+def _teacher_images(pipe: Any, prompts: list[str], seeds: list[int], steps: int | None, cfg_scale: float,
+                    solver: str) -> np.ndarray:
+    """A teacher pipeline's own sampling at ``steps`` with a stock ``solver``, each image from its seed's noise.
+    Flux.1-dev reads ``cfg_scale`` as its embedded guidance (FluxPipeline's ``guidance_scale``), without a second
+    branch; Flux's latents go in packed, at the VAE's image size (its pipeline's own default is 1024 whatever the
+    model)."""
+    from distill_diffusion.factory import image_size, vae_factor
+    from distill_diffusion.flow_nets import pack
+
+    pipe.scheduler = make_scheduler(solver, pipe.scheduler.config)
+    size = image_size(pipe)
+    noise = _noise(seeds, (pipe.vae.config.latent_channels, size // vae_factor(pipe), size // vae_factor(pipe)))
+    extra: dict[str, Any] = {}
+    if type(pipe).__name__ == "FluxPipeline":
+        noise, extra = pack(noise), {"height": size, "width": size}
+    return pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=cfg_scale, latents=noise,
+                output_type="np", **extra).images
+
+
 def _noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
     return torch.cat([torch.randn((1, *shape), generator=torch.Generator().manual_seed(s)) for s in seeds])
 
@@ -112,7 +160,9 @@ def generate(model: EvalModel, prompts: list[str], seeds: list[int], steps: int 
                   disable=not progress):
         p, s = prompts[i : i + batch_size], seeds[i : i + batch_size]
         t0 = time.perf_counter()
-        if model.export is not None:  # exactly what a diffusers user runs, per-image generators
+        if model.export is not None and model.export.get("seed_global_rng"):  # the model card's per-seed call
+            images = convert(np.concatenate([_seeded_call(model, [prompt], seed) for prompt, seed in zip(p, s)]))
+        elif model.export is not None:  # exactly what a diffusers user runs, per-image generators
             gens = [torch.Generator().manual_seed(k) for k in s]
             images = convert(model.pipeline(prompt=p, generator=gens, output_type="np",
                                             **model.export["call"]).images)
@@ -125,11 +175,7 @@ def generate(model: EvalModel, prompts: list[str], seeds: list[int], steps: int 
             x = models.student.sample(noise, cond, gens)
             images = decode(models, x, as_float)
         else:
-            pipe = model.pipeline
-            pipe.scheduler = make_scheduler(solver, pipe.scheduler.config)
-            shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
-            images = convert(pipe(prompt=p, num_inference_steps=steps, guidance_scale=cfg_scale,
-                                  latents=_noise(s, shape), output_type="np").images)
+            images = convert(_teacher_images(model.pipeline, p, s, steps, cfg_scale, solver))
         seconds += time.perf_counter() - t0
         out.append(images)
     return np.concatenate(out), seconds

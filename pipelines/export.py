@@ -16,6 +16,11 @@ the teacher's own pipeline class.
   carries a zero CFG-scale embedding, `export_unet`).
 - Students trained as LoRA adapters export also (``--lora``) as diffusers LoRA weights for the teacher's own
   pipeline class, with the scheduler beside them; the call adds ``guidance_scale=0``.
+- Flow-matching transformer teachers (SD3 / SD3.5, Flux.1) export as their own pipeline class with the student's
+  transformer and a stock ``FlowMatchLCMScheduler`` (``FlowMatchEulerDiscreteScheduler`` for DDIM-sampling
+  students) without shift; no stock flow scheduler stores a step list, so the call names the student's ``sigmas``
+  (and ``guidance_scale``: 0 for SD3, the trained embedded value for Flux.1-dev; the size where it is not the
+  pipeline's default), as the model card shows (`flow_call_arguments`).
 
 Everything is written under a temporary directory and renamed into place, safetensors only, with a model card
 (``README.md``) and ``export.json`` (the call, the timesteps, the run it came from).
@@ -34,7 +39,7 @@ from typing import Any
 import torch
 
 from distill_diffusion.errors import ConfigError
-from distill_diffusion.factory import with_cfg_embedding
+from distill_diffusion.factory import image_size, vae_factor, with_cfg_embedding
 from distill_diffusion.files import replace_dir
 from distill_diffusion.rundir import load_finished_run
 
@@ -82,8 +87,22 @@ def ddim_scheduler(teacher_scheduler_config: dict, timesteps: list[int]) -> Any:
     return scheduler
 
 
+def flow_scheduler(sampler: str) -> Any:
+    """A stock flow-matching scheduler that samples as a flow teacher's student does, on sigmas given in the call:
+    ``FlowMatchLCMScheduler`` (multistep: x0 = x - s u, then fresh noise to the next sigma, as `sampling.multistep`)
+    or ``FlowMatchEulerDiscreteScheduler`` (ddim: the DDIM step on the straight path is the Euler step). No shift:
+    the call's sigmas are the student's own."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler
+
+    cls = FlowMatchEulerDiscreteScheduler if sampler == "ddim" else FlowMatchLCMScheduler
+    return cls(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
+
+
 def student_scheduler(models: Any) -> Any:
-    """The stock scheduler that samples as the student does: LCMScheduler (multistep) or DDIMScheduler (ddim)."""
+    """The stock scheduler that samples as the student does: LCMScheduler (multistep) or DDIMScheduler (ddim); their
+    flow-matching counterparts for a flow teacher (`flow_scheduler`)."""
+    if models.process.kind == "flow":
+        return flow_scheduler(models.student.sampler)
     timesteps = [int(t) for t in models.student.timesteps]
     if models.student.sampler == "ddim":
         return ddim_scheduler(models.pipeline.scheduler.config, timesteps)
@@ -123,6 +142,22 @@ def call_arguments(scheduler: Any, timesteps: list[int], family: str, lora: bool
     return kwargs
 
 
+def flow_call_arguments(models: Any, timesteps: list[float]) -> dict[str, Any]:
+    """The call of a flow-transformer export: the student's sigmas (no stock flow scheduler stores a step list),
+    CFG off (``guidance_scale`` 0 for SD3, whose default 7 would double the batch), Flux.1-dev's embedded guidance
+    value as trained, and the image size where it is not the pipeline's default."""
+    kwargs: dict[str, Any] = {"sigmas": [float(t) / models.process.num_train_timesteps for t in timesteps]}
+    pipe = models.pipeline
+    if models.text.guidance is not None:
+        kwargs["guidance_scale"] = float(models.text.guidance)
+    elif models.family == "sd3":
+        kwargs["guidance_scale"] = 0.0
+    size = int(models.sample_shape[-1]) * vae_factor(pipe)
+    if size != image_size(pipe) or size != pipe.default_sample_size * pipe.vae_scale_factor:
+        kwargs.update(height=size, width=size)
+    return kwargs
+
+
 def export_unet(unet: torch.nn.Module) -> torch.nn.Module:
     """The student's UNet as a plain ``UNet2DConditionModel``: any LoRA adapter folded into the weights, and a
     CFG-scale embedding (``time_cond_proj_dim``, as LCM's UNets have): the student's own when it reads its scale
@@ -138,6 +173,10 @@ def export_unet(unet: torch.nn.Module) -> torch.nn.Module:
         unet = copy.deepcopy(unet)
         unet.fuse_lora()
         unet.unload_lora()
+    if not isinstance(unet, UNet2DConditionModel):  # a flow transformer: a peft-free copy of the same class
+        plain = type(unet).from_config(unet.config)
+        plain.load_state_dict(unet.state_dict())
+        return plain.eval()
     if unet.config.time_cond_proj_dim is None:
         return with_cfg_embedding(unet, CFG_EMBEDDING_DIM).eval()
     plain = UNet2DConditionModel.from_config(unet.config)  # a peft-free copy of the w-conditioned student's UNet
@@ -171,9 +210,11 @@ def export(run_dir: str | Path, out_dir: str | Path, lora: bool = False, overwri
     if lora and not is_lora:
         raise ConfigError("--lora needs a student trained as a LoRA adapter (model.student_lora_rank); this "
                           "run's student has full weights: export it without --lora")
-    timesteps = [int(t) for t in models.student.timesteps]
+    flow = models.process.kind == "flow"
+    timesteps = [t if flow else int(t) for t in models.student.timesteps]
     scheduler = student_scheduler(models)
-    kwargs = call_arguments(scheduler, timesteps, models.family, lora, models.student.cfg_scale)
+    kwargs = (flow_call_arguments(models, timesteps) if flow else
+              call_arguments(scheduler, timesteps, models.family, lora, models.student.cfg_scale))
 
     tmp = out_dir.with_name(f".tmp_{out_dir.name}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -181,8 +222,9 @@ def export(run_dir: str | Path, out_dir: str | Path, lora: bool = False, overwri
     try:
         if lora:
             state, lora_config = lora_state(unet)
-            type(models.pipeline).save_lora_weights(tmp, unet_lora_layers=state,
-                                                    unet_lora_adapter_metadata=lora_config)
+            net = "transformer" if flow else "unet"
+            type(models.pipeline).save_lora_weights(tmp, **{f"{net}_lora_layers": state,
+                                                            f"{net}_lora_adapter_metadata": lora_config})
             scheduler.save_pretrained(tmp / "scheduler")
             pipeline_class = type(models.pipeline).__name__  # the adapter goes on the teacher's own pipeline
         else:
@@ -192,7 +234,10 @@ def export(run_dir: str | Path, out_dir: str | Path, lora: bool = False, overwri
         info = {"pipeline_class": pipeline_class, "teacher_class": type(models.pipeline).__name__,
                 "scheduler_class": type(scheduler).__name__,
                 "teacher": cfg.model.teacher, "method": cfg.method, "timesteps": timesteps, "call": kwargs,
-                "lora": lora, "run": str(run_dir)}
+                "lora": lora, "run": str(run_dir),
+                # the pipeline re-noises from torch's global generator: seed it per image to reproduce a sample
+                "seed_global_rng": models.student.sampler == "multistep" and len(timesteps) > 1
+                and models.student.denoiser.renoise_from_global_rng}
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=1))
         model_card(cfg, info).save(tmp / "README.md")
         _check_no_pickles(tmp)
@@ -226,6 +271,8 @@ def _export_pipeline(models: Any, unet: torch.nn.Module, scheduler: Any) -> Any:
     from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     teacher = models.pipeline
+    if models.process.kind == "flow":  # the teacher's own pipeline class: SD3 / Flux
+        return type(teacher)(**{**teacher.components, "transformer": unet, "scheduler": scheduler})
     if models.family == "sdxl":
         return StableDiffusionXLPipeline(
             vae=teacher.vae, text_encoder=teacher.text_encoder, text_encoder_2=teacher.text_encoder_2,

@@ -10,7 +10,8 @@ from distill_diffusion.config import Config
 
 LICENSE_NOTE = (
     "The student is a derivative of its teacher: it is subject to the teacher's license and use restrictions "
-    "(for Stable Diffusion 1.x/2.x the CreativeML OpenRAIL-M, for SDXL the CreativeML OpenRAIL++-M; the embedded "
+    "(for Stable Diffusion 1.x/2.x the CreativeML OpenRAIL-M, for SDXL the CreativeML OpenRAIL++-M, for SD3 / SD3.5 "
+    "the Stability AI Community License, for Flux.1-dev the FLUX.1 [dev] Non-Commercial License; the embedded "
     "digits teacher is trained by this toolkit on scikit-learn's digits, BSD-3-Clause). The export carries no "
     "safety checker."
 )
@@ -33,6 +34,14 @@ def usage_code(info: dict[str, Any], where: str = "OUT_DIR") -> str:
             f"pipe.load_lora_weights(\"{where}\")\n"
             f"image = pipe({call}).images[0]\n"
         )
+    if info.get("seed_global_rng"):
+        return (
+            "import torch\nfrom diffusers import DiffusionPipeline\n\n"
+            f"pipe = DiffusionPipeline.from_pretrained(\"{where}\")\n"
+            "seed = 0\n"
+            "torch.manual_seed(seed)  # the pipeline re-noises between steps from torch's global generator\n"
+            f"image = pipe({call}, generator=torch.Generator().manual_seed(seed)).images[0]\n"
+        )
     return (
         "from diffusers import DiffusionPipeline\n\n"
         f"pipe = DiffusionPipeline.from_pretrained(\"{where}\")\n"
@@ -41,8 +50,13 @@ def usage_code(info: dict[str, Any], where: str = "OUT_DIR") -> str:
 
 
 def scheduler_note(info: dict[str, Any], steps: int) -> str:
-    if info.get("scheduler_class", "LCMScheduler") == "LCMScheduler":
+    name = info.get("scheduler_class", "LCMScheduler")
+    if name == "LCMScheduler":
         return f"stock `LCMScheduler` with `original_inference_steps={steps}` (x0, then fresh noise, each step)"
+    if name == "FlowMatchLCMScheduler":
+        return "stock `FlowMatchLCMScheduler` without shift, on the call's sigmas (x0, then fresh noise, each step)"
+    if name == "FlowMatchEulerDiscreteScheduler":
+        return "stock `FlowMatchEulerDiscreteScheduler` without shift, on the call's sigmas (deterministic Euler)"
     return "stock `DDIMScheduler` (eta 0, trailing spacing: deterministic DDIM)"
 
 
@@ -83,8 +97,12 @@ def model_card(cfg: Config, info: dict[str, Any], sweep_table: str | None = None
         "",
         ("These are the pipeline's defaults: no argument beyond the prompt is needed." if no_args and not info["lora"]
          else "Pass exactly these arguments: the pipeline's defaults (step count, CFG) do not fit this student."),
-        "Pass `generator=[torch.Generator().manual_seed(s) for s in seeds]` to reproduce "
-        "`distill-diffusion sample` image for image.",
+        ("This pipeline calls `scheduler.step` without the generator, so the noise drawn between steps comes from "
+         "torch's global generator: to reproduce `distill-diffusion sample` image for image, call once per seed as "
+         "above (`torch.manual_seed(seed)`, then `generator=torch.Generator().manual_seed(seed)`)."
+         if info.get("seed_global_rng") else
+         "Pass `generator=[torch.Generator().manual_seed(s) for s in seeds]` to reproduce "
+         "`distill-diffusion sample` image for image."),
         "",
         "## Evaluation",
         "",

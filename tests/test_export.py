@@ -35,13 +35,20 @@ if mode == "lora":
     cls, sched = getattr(diffusers, info["pipeline_class"]), getattr(diffusers, info["scheduler_class"])
     pipe = cls.from_pretrained(teacher_dir, scheduler=sched.from_pretrained(lora_dir, subfolder="scheduler"))
     pipe.load_lora_weights(lora_dir)
-    call = info["call"]
 else:
     export_dir = sys.argv[5]
     pipe = DiffusionPipeline.from_pretrained(export_dir)
-    call = json.load(open(export_dir + "/export.json"))["call"]
+    info = json.load(open(export_dir + "/export.json"))
+call = info["call"]
 pipe.set_progress_bar_config(disable=True)
-images = pipe(prompts, generator=gens, output_type="np", **call).images
+if info.get("seed_global_rng"):  # the model card's call: one image per call, torch's global generator seeded
+    images = []
+    for p, s in zip(prompts, seeds):
+        torch.manual_seed(s)
+        images.append(pipe(p, generator=torch.Generator().manual_seed(s), output_type="np", **call).images)
+    images = np.concatenate(images)
+else:
+    images = pipe(prompts, generator=gens, output_type="np", **call).images
 np.save(out, images)
 assert not any(m.startswith("distill_diffusion") for m in sys.modules), "imported distill_diffusion"
 print(json.dumps({"class": type(pipe).__name__, "call": call, "scheduler": type(pipe.scheduler).__name__}))
@@ -65,7 +72,7 @@ METHOD_ARGS = {"dmd2": {"critic_updates": 1, "lr_student": 1e-3, "teacher_cfg": 
 def distill(run: Path, teacher: str, timesteps: list[int], lora_rank: int | None = None, method: str = "dmd2",
             method_args: dict | None = None, model_args: dict | None = None) -> Path:
     """A few real updates (DMD2 unless told), so the student differs from its teacher."""
-    cfg = make_config(method, teacher, args={**METHOD_ARGS[method], **(method_args or {})},
+    cfg = make_config(method, teacher, args={**METHOD_ARGS.get(method, {}), **(method_args or {})},
                       model={"timesteps": timesteps, "student_lora_rank": lora_rank, **(model_args or {})},
                       data={"real": "digits"} if method != "dmd2" else {},
                       train={"steps": 4, "batch_size": 2, "checkpoint_every": 100})

@@ -1,13 +1,15 @@
-"""Training throughput and peak memory of one training step per method, at SD 1.5 (512 px) and SDXL (1024 px) shapes.
+"""Training throughput and peak memory of one training step per method, at SD 1.5 (512 px), SDXL (1024 px),
+SD3.5-Large (1024 px) and Flux.1-dev (1024 px) shapes.
 
-    python bench/gpu.py [--shapes sd15 sdxl] [--methods dmd2 sid ...] [--roles full lora] [--batch 1] [--steps 6]
-                        [--precision bf16] [--optimizer adamw8bit] [--attention xformers] [--checkpointing]
-                        [--out runs/bench_gpu]
-    python bench/gpu.py --shapes tiny          # on CPU: the tiny SD shapes, so the script stays tested
+    python bench/gpu.py [--shapes sd15 sdxl sd35l flux] [--methods dmd2 sid ...] [--roles full lora] [--batch 1]
+                        [--steps 6] [--precision bf16] [--optimizer adamw8bit] [--attention xformers]
+                        [--checkpointing] [--out runs/bench_gpu]
+    python bench/gpu.py --shapes tiny          # on CPU: the tiny SD, SD3 and Flux shapes, so the script stays tested
 
 Each (shape, method, roles) runs in a fresh process: the real ``Trainer`` on an in-memory pipeline built from config
-with random weights (no download): SD 1.5's UNet (860M) or SDXL's (2.6B) with their VAE configs, one-layer text
-encoders of the right widths (prompts are encoded once, before training, so the encoders do not enter a step). Roles
+with random weights (no download): SD 1.5's UNet (860M), SDXL's (2.6B), SD3.5-Large's transformer (8.1B) or
+Flux.1-dev's (11.9B, built in bf16 on the GPU) with their VAE configs, one-layer text encoders of the right widths
+(prompts are encoded once, before training, so the encoders do not enter a step). Roles
 ``full``: a full-weight student and critic beside the frozen teacher; ``lora``: student and critic as rank-64 adapters
 on the teacher's one frozen base. Every run gets a folder of random images at the model's resolution as real data,
 encoded once into a latent cache (`data encode-images`; the adversarial terms, consistency and progressive train on
@@ -46,6 +48,15 @@ SD_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per
           "block_out_channels": [128, 256, 512, 512],
           "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4}
 METHODS = ["dmd2", "sid", "vsd", "consistency", "progressive", "ladd", "add"]
+# stabilityai/stable-diffusion-3.5-large and black-forest-labs/FLUX.1-dev transformer/config.json
+SD35L_TRANSFORMER = {"sample_size": 128, "patch_size": 2, "in_channels": 16, "num_layers": 38,
+                     "attention_head_dim": 64, "num_attention_heads": 38, "joint_attention_dim": 4096,
+                     "caption_projection_dim": 2432, "pooled_projection_dim": 2048, "out_channels": 16,
+                     "pos_embed_max_size": 192, "qk_norm": "rms_norm"}
+FLUX_TRANSFORMER = {"patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38,
+                    "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
+                    "pooled_projection_dim": 768, "guidance_embeds": True, "axes_dims_rope": (16, 56, 56)}
+FLOW_SHAPES = ("sd35l", "flux")
 
 
 def sd_pipeline(shape: str):  # noqa: ANN201
@@ -80,6 +91,57 @@ def sd_pipeline(shape: str):  # noqa: ANN201
                                          add_watermarker=False)
 
 
+def flow_pipeline(shape: str):  # noqa: ANN201
+    """An SD3.5-Large- or Flux.1-dev-shaped pipeline: the transformer from its hub config with random weights, built
+    in bf16 on the GPU when there is one (12B parameters in fp32 on the host would be 48 GB), one-layer text encoders
+    of the real output widths (CLIP-L 768, CLIP-G 1280, T5-XXL 4096), the 16-channel VAE."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        FluxPipeline,
+        FluxTransformer2DModel,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from distill_diffusion.tiny import tiny_pipeline
+
+    tiny = tiny_pipeline("sd3" if shape == "sd35l" else "flux")
+    tok = tiny.tokenizer
+
+    def clip(width: int, cls):  # noqa: ANN001, ANN202
+        return cls(CLIPTextConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=width,
+                                  projection_dim=width, num_hidden_layers=1, num_attention_heads=width // 64,
+                                  max_position_embeddings=tok.model_max_length, bos_token_id=tok.bos_token_id,
+                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).eval()
+
+    t5_tok = tiny.tokenizer_3 if shape == "sd35l" else tiny.tokenizer_2
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=4096, d_kv=64, d_ff=256, num_layers=1,
+                                 num_heads=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)).eval()
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda else torch.float32
+    with torch.random.fork_rng(), torch.device("cuda" if cuda else "cpu"):
+        torch.manual_seed(0)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            net = (SD3Transformer2DModel(**SD35L_TRANSFORMER) if shape == "sd35l" else
+                   FluxTransformer2DModel(**FLUX_TRANSFORMER)).eval()
+        finally:
+            torch.set_default_dtype(default)
+    scaling, shift = (1.5305, 0.0609) if shape == "sd35l" else (0.3611, 0.1159)
+    vae = AutoencoderKL(**{**SD_VAE, "latent_channels": 16}, sample_size=1024, scaling_factor=scaling,
+                        shift_factor=shift, use_quant_conv=False, use_post_quant_conv=False).eval()
+    if shape == "sd35l":
+        return StableDiffusion3Pipeline(transformer=net, scheduler=tiny.scheduler, vae=vae,
+                                        text_encoder=clip(768, CLIPTextModelWithProjection), tokenizer=tok,
+                                        text_encoder_2=clip(1280, CLIPTextModelWithProjection),
+                                        tokenizer_2=tiny.tokenizer_2, text_encoder_3=t5, tokenizer_3=t5_tok)
+    return FluxPipeline(transformer=net, scheduler=tiny.scheduler, vae=vae, text_encoder=clip(768, CLIPTextModel),
+                        tokenizer=tok, text_encoder_2=t5, tokenizer_2=t5_tok)
+
+
 def random_images(folder: Path, size: int, n: int = 4) -> str:
     import numpy as np
     from PIL import Image
@@ -100,10 +162,14 @@ def one(shape: str, method: str, roles: str, args: argparse.Namespace) -> dict:
 
     cuda = torch.cuda.is_available()
     base = status_kib("VmRSS")
-    pipe = None if shape.startswith("tiny") else sd_pipeline(shape)
+    from distill_diffusion.factory import image_size
+
+    pipe = None if shape.startswith("tiny") else flow_pipeline(shape) if shape in FLOW_SHAPES else sd_pipeline(shape)
     teacher = f"tiny:{shape.split(':')[1]}" if shape.startswith("tiny") else "in-memory"
     lora = 64 if roles == "lora" else None
-    timesteps = {"consistency": [999, 499], "progressive": [999, 499]}.get(method, [999])
+    flow = shape.split(":")[-1] in ("sd3", "flux", *FLOW_SHAPES)
+    two = [1000.0, 500.0] if flow else [999, 499]  # the teacher's trailing 2-step grid
+    timesteps = two if method in ("consistency", "progressive") else two[:1]
     method_args = {"progressive": {"start_steps": 4}}.get(method, {})
     raw = {"method": method, method: method_args,
            "model": {"teacher": teacher, "timesteps": timesteps, "student_lora_rank": lora,
@@ -112,7 +178,7 @@ def one(shape: str, method: str, roles: str, args: argparse.Namespace) -> dict:
                      "mixed_precision": args.precision, "optimizer": args.optimizer, "attention": args.attention,
                      "gradient_checkpointing": args.checkpointing}}
     with tempfile.TemporaryDirectory() as tmp:
-        size = 16 if pipe is None else pipe.unet.config.sample_size * 8
+        size = 16 if pipe is None else image_size(pipe)
         # real images as a latent cache (as a user at scale trains): the VAE does not enter a step
         raw["data"] = {"real": random_images(Path(tmp), size)}
         encode_images(parse_config(raw), Path(tmp) / "latents", device="cuda" if cuda else "cpu", workers=0,
@@ -146,7 +212,7 @@ def one(shape: str, method: str, roles: str, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", nargs="*", default=["sd15", "sdxl"], choices=["tiny", "sd15", "sdxl"])
+    ap.add_argument("--shapes", nargs="*", default=["sd15", "sdxl"], choices=["tiny", "sd15", "sdxl", *FLOW_SHAPES])
     ap.add_argument("--methods", nargs="*", default=METHODS, choices=METHODS)
     ap.add_argument("--roles", nargs="*", default=["full", "lora"], choices=["full", "lora"])
     ap.add_argument("--batch", type=int, default=1)
@@ -166,7 +232,8 @@ def main() -> None:
     if args.one:
         print(json.dumps(one(*args.one, args)))
         return
-    shapes = [s for shape in args.shapes for s in (["tiny:sd15", "tiny:sdxl"] if shape == "tiny" else [shape])]
+    tiny = ["tiny:sd15", "tiny:sdxl", "tiny:sd3", "tiny:flux"]
+    shapes = [s for shape in args.shapes for s in (tiny if shape == "tiny" else [shape])]
     passed = [f"--{k}={v}" for k, v in (("batch", args.batch), ("warmup", args.warmup), ("steps", args.steps),
                                         ("precision", args.precision), ("optimizer", args.optimizer),
                                         ("attention", args.attention))] + ["--checkpointing"] * args.checkpointing

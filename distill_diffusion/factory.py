@@ -148,14 +148,14 @@ def _network_roles(net: Any, student_net: Any, process: NoiseProcess, cfg: Model
     lora_student = cfg.student_lora_rank is not None
     shared = lora_student or critic == "lora"  # the teacher's network carries adapters: each role picks its own
     student = (SharedDenoiser(net, process, adapter="student") if lora_student else
-               Denoiser(student_net.requires_grad_(True).train(), process))
+               Denoiser(student_net.float().requires_grad_(True).train(), process))  # fp32 master weights
     critic_denoiser: Denoiser | None = None
     if critic == "teacher":
         critic_denoiser = SharedDenoiser(net, process, adapter=None) if lora_student else Denoiser(net, process)
     elif critic == "lora":
         critic_denoiser = SharedDenoiser(net, process, adapter="critic")
     elif critic == "copy":
-        critic_denoiser = Denoiser(copy.deepcopy(net).requires_grad_(True).train(), process)
+        critic_denoiser = Denoiser(copy.deepcopy(net).float().requires_grad_(True).train(), process)
     teacher = Teacher(SharedDenoiser(net, process, adapter=None) if shared else Denoiser(net, process))
     if lora_student:  # the teacher froze the base above; the adapters join it now
         add_lora(net, cfg.student_lora_rank, cfg.student_lora_alpha, cfg.lora_targets, seed, name="student")

@@ -48,6 +48,8 @@ def add_lora(unet: Any, rank: int, alpha: float | None, targets: list[str], seed
     for pname, p in unet.named_parameters():  # peft leaves only the newest adapter trainable; re-mark them all
         if any(f".{a}." in pname for a in adapters):
             p.requires_grad_(True)
+            if f".{name}." in pname and p.is_floating_point():
+                p.data = p.data.float()  # peft makes adapters in a bf16 base's dtype; trainable weights stay fp32
     return unet
 
 

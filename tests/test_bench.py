@@ -1,4 +1,5 @@
-"""The GPU benchmark runs on CPU at the tiny SD shapes, so the script that GPU numbers come from stays working."""
+"""The GPU benchmark runs on CPU at the tiny SD, SD3 and Flux shapes, so the script that GPU numbers come from stays
+working."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ def test_bench_gpu_runs_at_tiny_shapes(tmp_path: Path) -> None:
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads((tmp_path / "gpu.json").read_text())
-    assert [(r["shape"], r["method"]) for r in rows] == [("tiny:sd15", "dmd2"), ("tiny:sd15", "consistency"),
-                                                         ("tiny:sdxl", "dmd2"), ("tiny:sdxl", "consistency")]
+    kinds = ("sd15", "sdxl", "sd3", "flux")
+    methods = ("dmd2", "consistency")
+    assert [(r["shape"], r["method"]) for r in rows] == [(f"tiny:{k}", m) for k in kinds for m in methods]
     assert all("failed" not in r and r["images_per_s"] > 0 and r["peak_gib"] > 0 for r in rows), rows
     assert "| tiny:sdxl | consistency | lora | cpu | bf16 | adamw8bit |" in (tmp_path / "gpu.md").read_text()

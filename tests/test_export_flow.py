@@ -64,3 +64,58 @@ def test_flow_export_matches_student_in_plain_diffusers(tmp_path: Path, tiny_dir
     # the student really moved away from its teacher, so parity is not the teacher's own weights agreeing
     logs = [json.loads(line) for line in (run / "logs.jsonl").read_text().splitlines()]
     assert max(r.get("student", 0) for r in logs) >= 1
+
+
+@pytest.mark.parametrize("kind", sorted(FAMILY))
+def test_adapter_reproduces_the_pipelines_own_sampling(tiny_dirs: dict[str, str], kind: str) -> None:
+    """The teacher through `Denoiser` (timestep units, Flux's packing and ids, its guidance embedding, the prompt
+    encoding) walks the pipeline's own Euler schedule (with its shift) to the pipeline's own latents, and the teacher
+    sweep's sampler (`generate`) gives the pipeline's images."""
+    import torch
+    from conftest import make_config
+
+    from distill_diffusion.eval.generate import EvalModel, generate
+    from distill_diffusion.factory import build_models
+    from distill_diffusion.flow_nets import pack
+    from distill_diffusion.latents import decode
+    from distill_diffusion.roles import Needs
+    from distill_diffusion.sampling import ddim
+    from distill_diffusion.teachers import load_pipeline
+
+    pipe = load_pipeline(tiny_dirs[kind])
+    pipe.set_progress_bar_config(disable=True)
+    models = build_models(make_config("dmd2", tiny_dirs[kind]).model, Needs(), pipeline=pipe)
+    prompts, seeds = ["a handwritten digit seven", "a photo of a cat"], [3, 4]
+    noise = torch.cat([torch.randn((1, *models.sample_shape), generator=torch.Generator().manual_seed(s))
+                       for s in seeds])
+    if kind == "flux":  # FluxPipeline's own schedule: sigmas 1 .. 1/N, shifted by mu of the image's token count
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        c = pipe.scheduler.config
+        mu = calculate_shift(16, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
+        pipe.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / 4, 4), mu=mu)
+    else:
+        pipe.scheduler.set_timesteps(4)
+    timesteps = [float(t) for t in pipe.scheduler.timesteps]
+    cond = models.text.encode(prompts)
+    with torch.no_grad():
+        mine = ddim(lambda x, t: models.teacher.x0(x, t, cond), noise, timesteps, models.process)
+    latents = pack(noise) if kind == "flux" else noise
+    extra = {"height": 16, "width": 16} if kind == "flux" else {}
+    theirs = pipe(prompts, latents=latents, guidance_scale=3.5 if kind == "flux" else 1.0, output_type="latent",
+                  num_inference_steps=4, **extra).images
+    if kind == "flux":
+        from distill_diffusion.flow_nets import unpack
+
+        theirs = unpack(theirs, 8, 8)
+    assert (mine - theirs).abs().max() <= 1e-4 * max(1.0, theirs.abs().max().item())
+    images, _ = generate(EvalModel("teacher", pipeline=pipe), prompts, seeds, steps=4, cfg_scale=3.5 if kind == "flux"
+                         else 1.0, solver="euler", progress=False, as_float=True)
+    # the sweep's Euler is the pipeline's own schedule: the same images as the walk above
+    assert np.abs(images - decode(models, mine, as_float=True)).max() <= 1e-4
+    for solver in ("ddim", "dpmpp"):
+        if kind == "flux" and solver == "dpmpp":
+            continue
+        other, _ = generate(EvalModel("teacher", pipeline=pipe), prompts, seeds, steps=4, solver=solver,
+                            progress=False, as_float=True)
+        assert np.isfinite(other).all() and other.shape == images.shape

@@ -159,9 +159,12 @@ def test_w_conditioning_needs_a_full_weight_student() -> None:
     assert "full-weight student" in message, message
 
 
+GPU_FAMILIES = ("sd15_", "sdxl_", "sd35_", "flux_")
+
+
 def test_every_shipped_config_parses_and_every_method_has_gpu_configs() -> None:
     """The GPU configs (hub ids, run elsewhere) are checked here as far as CPU can: they parse with every key known,
-    name a hub id, and exist for each method at both SD 1.5 and SDXL."""
+    name a hub id, and exist for each method at SD 1.5, SDXL, SD3.5-Large and FLUX.1-dev."""
     from distill_diffusion.methods import METHODS
     from distill_diffusion.teachers import HUB_ID
 
@@ -169,13 +172,13 @@ def test_every_shipped_config_parses_and_every_method_has_gpu_configs() -> None:
     for path in sorted(root.glob("*.yaml")):
         cfg = load_config(path)
         assert cfg.method in METHODS, path
-        if path.name.startswith(("sd15_", "sdxl_")):
+        if path.name.startswith(GPU_FAMILIES):
             assert HUB_ID.fullmatch(cfg.model.teacher), (path, cfg.model.teacher)
             # a method that trains on real images names them (the consistency and progressive configs once did not)
             needs = METHODS[cfg.method].needs(cfg.method_args)
             assert needs.real_images is None or cfg.data.real or cfg.data.real_cache, (path, needs.real_images)
     for method in METHODS:
-        for arch in ("sd15", "sdxl"):
+        for arch in (family.rstrip("_") for family in GPU_FAMILIES):
             assert (root / f"{arch}_{method}.yaml").is_file(), (arch, method)
     ddp = yaml.safe_load((root / "accelerate" / "ddp.yaml").read_text())
     assert ddp["distributed_type"] == "MULTI_GPU" and ddp["mixed_precision"] == "no"

@@ -109,7 +109,7 @@ def test_method_config_round_trips_through_yaml(method: str) -> None:
 @pytest.mark.parametrize(("student_rank", "rank"), [(None, 0), (None, 4), (4, 4)])
 @pytest.mark.parametrize("method", sorted(m for m, cls in METHODS.items()
                                           if "critic" in cls.needs(cls.config_class()).roles))
-@pytest.mark.parametrize("kind", ["sd15", "flux"])
+@pytest.mark.parametrize("kind", ["sd15", pytest.param("flux", marks=pytest.mark.slow)])
 def test_contract_with_either_critic(method: str, student_rank: int | None, rank: int, kind: str,
                                      tiny_dirs: dict[str, str]) -> None:
     """Every critic method runs with a full-weight critic (rank 0) and with a LoRA critic on the teacher's own UNet,

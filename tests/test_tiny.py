@@ -1,4 +1,5 @@
-"""Tests for distill_diffusion.tiny: offline tiny Stable Diffusion pipelines (CPU, a few seconds)."""
+"""Tests for distill_diffusion.tiny: offline tiny Stable Diffusion (UNet) and SD3 / Flux (flow-matching transformer)
+pipelines (CPU, a few seconds)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,12 @@ from distill_diffusion.tiny import PROMPT_WORDS, TINY_KINDS, build_tokenizer, ti
 PROMPT = "a handwritten digit seven"
 
 
+UNET_KINDS = ("sd15", "sd21", "sdxl")
+
+
 def _generate(pipe: DiffusionPipeline) -> np.ndarray:
-    out = pipe(PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np")
+    out = pipe(PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np",
+               height=16, width=16)
     return np.asarray(out.images)
 
 
@@ -48,14 +53,14 @@ def test_build_generate_save_reload(kind: str, tmp_path: Path, offline: None) ->
     pipe.save_pretrained(tmp_path)
     reloaded = DiffusionPipeline.from_pretrained(tmp_path)
     assert type(reloaded) is type(pipe)
-    original_unet, reloaded_unet = pipe.unet.state_dict(), reloaded.unet.state_dict()
-    assert original_unet.keys() == reloaded_unet.keys()
-    for key, value in original_unet.items():
-        assert torch.equal(value, reloaded_unet[key]), key
+    original, again = _state(pipe), _state(reloaded)
+    assert original.keys() == again.keys()
+    for key, value in original.items():
+        assert torch.equal(value, again[key]), key
     assert np.abs(_generate(reloaded) - image).max() < 1e-5
 
 
-@pytest.mark.parametrize("kind", TINY_KINDS)
+@pytest.mark.parametrize("kind", UNET_KINDS)
 def test_shapes_and_configs(kind: str) -> None:
     pipe = tiny_pipeline(kind)
     unet, vae, scheduler = pipe.unet.config, pipe.vae.config, pipe.scheduler.config
@@ -83,6 +88,28 @@ def test_shapes_and_configs(kind: str) -> None:
         assert pipe.safety_checker is None and pipe.feature_extractor is None
         assert unet.cross_attention_dim == encoder.hidden_size
         assert unet.use_linear_projection is (kind == "sd21")
+
+
+def test_flow_pipelines_shapes_and_configs() -> None:
+    """tiny:sd3 and tiny:flux: 16x16 images from 8x8x16 latents (SD3's latent scaling and shift), the hub
+    pipelines' component classes, flow-matching schedulers (SD3's shift 3, Flux's resolution-dependent shift), a
+    word-level T5 tokenizer that appends </s> like T5's."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
+
+    sd3, flux = tiny_pipeline("sd3"), tiny_pipeline("flux")
+    assert isinstance(sd3, StableDiffusion3Pipeline) and isinstance(flux, FluxPipeline)
+    for pipe in (sd3, flux):
+        assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
+        assert pipe.vae.config.latent_channels == 16 and pipe.vae_scale_factor == 2
+        assert (pipe.vae.config.scaling_factor, pipe.vae.config.shift_factor) == (1.5305, 0.0609)
+    assert sd3.scheduler.config.shift == 3.0 and not sd3.scheduler.config.use_dynamic_shifting
+    assert flux.scheduler.config.use_dynamic_shifting and flux.transformer.config.guidance_embeds
+    assert sd3.transformer.config.sample_size == 8 and sd3.transformer.config.in_channels == 16
+    assert flux.transformer.config.in_channels == 64  # 16 channels x 2x2 packing
+    t5 = sd3.tokenizer_3
+    ids = t5(PROMPT).input_ids
+    assert len(ids) == len(PROMPT.split()) + 1 and ids[-1] == t5.eos_token_id and t5.unk_token_id not in ids
+    assert t5("XYLOPHONE").input_ids == [t5.unk_token_id, t5.eos_token_id]
 
 
 def test_prompt_words_are_single_tokens() -> None:
@@ -132,5 +159,5 @@ def test_seed_determinism_and_global_rng_untouched() -> None:
 
 def test_unknown_kind() -> None:
     with pytest.raises(ValueError, match="sd15") as info:
-        tiny_pipeline("sd3")
-    assert str(info.value) == "unknown tiny model kind 'sd3'; choose one of: sd15, sd21, sdxl"
+        tiny_pipeline("sd4")
+    assert str(info.value) == "unknown tiny model kind 'sd4'; choose one of: sd15, sd21, sdxl, sd3, flux"

@@ -148,3 +148,15 @@ def test_a_final_directory_that_cannot_be_written(tmp_path: Path) -> None:
     (run / ".tmp_final").unlink()
     assert Trainer(cfg, run, resume=True).train()["step"] == 10
     assert (run / "final" / "student.safetensors").is_file()
+
+
+def test_flow_transformer_misconfigurations(tmp_path: Path, tiny_dirs: dict[str, str]) -> None:
+    """Row 54: a CFG-scale embedding asked of a transformer student, a resolution that is not a multiple of 16, a
+    negative embedded guidance: one line each, nothing written."""
+    cfg = image_run(tmp_path, tiny_dirs["sd3"], "model.timesteps=[1000]", "model.cfg_embedding_dim=256")
+    assert "cfg_embedding_dim" in one_line(ConfigError, Trainer, cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    message = one_line(ConfigError, load_config, CONFIGS / "gmm_dmd2.yaml", ["model.resolution=40"])
+    assert "multiple of 16" in message
+    message = one_line(ConfigError, load_config, CONFIGS / "gmm_dmd2.yaml", ["model.embedded_guidance=-1"])
+    assert "embedded_guidance must be >= 0" in message

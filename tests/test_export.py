@@ -128,6 +128,7 @@ def test_export_matches_student_in_plain_diffusers(tmp_path: Path, tiny_dirs: di
     assert max(r.get("student", 0) for r in logs) >= 2
 
 
+@pytest.mark.slow  # 1 min; the float parity tests above pin the same path
 def test_cli_sample_pngs_match_the_export(tmp_path: Path, tiny_dirs: dict[str, str]) -> None:
     run = distill(tmp_path / "run", tiny_dirs["sd15"], [999, 749, 499, 249])
     out = export(run, tmp_path / "export")

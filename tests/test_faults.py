@@ -78,6 +78,7 @@ def assert_intact(run: Path) -> int:
     return max(steps)
 
 
+@pytest.mark.slow  # 3.5 min; run the slow tier after touching checkpoints or resume
 def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     straight = tmp_path / "straight"
     Trainer(load_config(CONFIG, OVERRIDES), straight).train()

@@ -34,6 +34,7 @@ def optimizer_diff(a: Path, b: Path) -> float:
                for i in sa["state"] for k in sa["state"][i])
 
 
+@pytest.mark.slow  # 2.5 min; run the slow tier after touching sharding
 def test_zero_trains_what_ddp_trains_from_and_to_the_one_process_format(tmp_path: Path) -> None:
     start = tmp_path / "start"
     Trainer(load_config(CONFIG, [*OVERRIDES, "train.steps=3"]), start).train()

@@ -30,6 +30,8 @@ class Cond:
     cfg_scale: (B,) the CFG scale w a student that reads its scale is given (Imagen convention, 1 = none; embedded
         as ``w - 1`` like diffusers' LCM and SD pipelines do); networks without a CFG embedding, the teacher among
         them, ignore it.
+    mask: (B, L) the attention mask of ``embeds`` (1 = a token, 0 = padding) for networks that read one (SANA's
+        ``encoder_attention_mask``); None for networks that attend to every token.
     guidance: (B,) the distilled guidance a network embeds as an input (Flux.1-dev's ``guidance``; the pipeline's
         ``guidance_scale``), given alike to teacher, student and critic; None for networks without one.
     uncond: the same fields for the null prompt / null class, batch-aligned; classifier-free guidance uses it.
@@ -40,6 +42,7 @@ class Cond:
     time_ids: Tensor | None = None
     labels: Tensor | None = None
     cfg_scale: Tensor | None = None
+    mask: Tensor | None = None
     guidance: Tensor | None = None
     uncond: Cond | None = None
 
@@ -131,7 +134,7 @@ class Denoiser(nn.Module):
     def renoise_from_global_rng(self) -> bool:
         """Whether the network's pipeline re-noises from torch's global generator (it calls ``scheduler.step``
         without ``generator``: SD3's and Flux's do)."""
-        return flow_nets.is_flow_transformer(self.net)
+        return type(self.net).__name__ in flow_nets.GLOBAL_RNG_RENOISE
 
     def noise(self, shape: tuple[int, ...], generator: torch.Generator | list[torch.Generator],
               like: Tensor) -> Tensor:

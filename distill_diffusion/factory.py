@@ -103,7 +103,7 @@ def _mixture_models(cfg: ModelConfig, needs: Needs, student_cfg: float | None, c
 
 def vae_factor(pipe: Any) -> int:
     """How many image pixels one latent pixel spans (the VAE's downsampling)."""
-    return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return int(pipe.vae_scale_factor)
 
 
 def image_size(pipe: Any, resolution: int | None = None) -> int:
@@ -213,7 +213,7 @@ def _transformer_models(cfg: ModelConfig, pipe: Any, needs: Needs, student_cfg: 
 
 
 # the flow-matching transformer pipelines -> their family name
-FLOW_BUILDERS = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+FLOW_BUILDERS = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", "SanaPipeline": "sana"}
 # a teacher pipeline's class -> the builder of its roles (a new teacher family adds its builder here)
 BUILDERS = {"StableDiffusionPipeline": _unet_models, "StableDiffusionXLPipeline": _unet_models,
             **{name: _transformer_models for name in FLOW_BUILDERS}}

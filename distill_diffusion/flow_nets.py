@@ -2,8 +2,9 @@
 
 Every role sees latents as the VAE makes them, (B, C, H, W), and timesteps in the process's units (``t = 1000 s``
 on the path ``x_t = (1 - s) x0 + s eps``). Each function here turns that into the network's own call, exactly as its
-diffusers pipeline makes it (checked against diffusers 0.42 ``pipeline_stable_diffusion_3.py`` and
-``pipeline_flux.py``), so a student trained through it samples the same in the exported pipeline:
+diffusers pipeline makes it (checked against diffusers 0.42 ``pipeline_stable_diffusion_3.py``,
+``pipeline_flux.py`` and ``pipeline_sana.py``), so a student trained through it samples the same in the exported
+pipeline:
 
 - SD3 / SD3.5 (``SD3Transformer2DModel``): ``timestep = t`` in [0, 1000]; ``encoder_hidden_states`` the CLIP + T5
   sequence (``cond.embeds``), ``pooled_projections`` the two CLIP pooled outputs (``cond.pooled``).
@@ -11,8 +12,11 @@ diffusers pipeline makes it (checked against diffusers 0.42 ``pipeline_stable_di
   ``img_ids`` the (row, column) position of each patch, ``txt_ids`` zeros; dev's distilled guidance as
   ``guidance = cond.guidance`` (the pipeline's ``guidance_scale``; the network multiplies it by 1000 itself).
 
-The prediction is the flow velocity ``u = eps - x0`` for both. Flux's scheduler draws its fresh noise in the packed
-layout; `fresh_noise` draws it the same way, so a multistep student re-noises as the exported pipeline does.
+- SANA (``SanaTransformer2DModel``): ``timestep = t * timestep_scale``; ``encoder_hidden_states`` the Gemma-2
+  sequence with its ``encoder_attention_mask`` (``cond.mask``); a learned-sigma half of the output is dropped.
+
+The prediction is the flow velocity ``u = eps - x0`` for all three. Flux's scheduler draws its fresh noise in the
+packed layout; `fresh_noise` draws it the same way, so a multistep student re-noises as the exported pipeline does.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from torch import Tensor, nn
 
 from .draws import randn
 
-TRANSFORMERS = ("SD3Transformer2DModel", "FluxTransformer2DModel")
+TRANSFORMERS = ("SD3Transformer2DModel", "FluxTransformer2DModel", "SanaTransformer2DModel")
+# pipelines that call ``scheduler.step`` without the user's generator (re-noising draws from torch's global one)
+GLOBAL_RNG_RENOISE = ("SD3Transformer2DModel", "FluxTransformer2DModel")
 
 
 def is_flow_transformer(net: nn.Module) -> bool:
@@ -54,6 +60,10 @@ def call(net: nn.Module, x: Tensor, t: Tensor, cond: Any, dtype: torch.dtype) ->
     """The network's velocity prediction for latents ``x`` (B, C, H, W) at process timesteps ``t`` (B,)."""
     t = t.to(torch.float32)
     embeds = cond.embeds.to(dtype)
+    if type(net).__name__ == "SanaTransformer2DModel":
+        out = net(x, encoder_hidden_states=embeds, encoder_attention_mask=cond.mask,
+                  timestep=t * net.config.timestep_scale, return_dict=False)[0].float()
+        return out.chunk(2, dim=1)[0] if net.config.out_channels // 2 == x.shape[1] else out  # learned sigma
     pooled = cond.pooled.to(dtype)
     if type(net).__name__ == "SD3Transformer2DModel":
         return net(hidden_states=x, encoder_hidden_states=embeds, pooled_projections=pooled, timestep=t,

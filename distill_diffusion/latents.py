@@ -18,6 +18,12 @@ def _latent_stats(vae: torch.nn.Module, like: Tensor) -> tuple[Tensor | float, T
     return torch.tensor(mean).view(1, -1, 1, 1).to(like), torch.tensor(std).view(1, -1, 1, 1).to(like)
 
 
+def _posterior_mean(encoded: object) -> Tensor:
+    """The latent an encoder output stands for: AutoencoderKL's posterior mean, AutoencoderDC's (SANA) latent."""
+    dist = getattr(encoded, "latent_dist", None)
+    return (dist.mean if dist is not None else encoded.latent).float()
+
+
 @torch.no_grad()
 def decode(models: Models, latents: Tensor, as_float: bool = False) -> np.ndarray:
     """Latents -> images (B, H, W, 3) through the teacher's VAE: uint8, or floats in [0, 1] as a pipeline's
@@ -40,7 +46,7 @@ def encode(models: Models, images: Tensor, batch: int = 64) -> Tensor:
 def encode_vae(vae: torch.nn.Module, images: Tensor, batch: int = 64) -> Tensor:
     """`encode` with a VAE alone (latent caches are built without the rest of the run)."""
     device = next(vae.parameters()).device
-    latents = torch.cat([vae.encode(images[i : i + batch].to(device, vae.dtype)).latent_dist.mean.float()
+    latents = torch.cat([_posterior_mean(vae.encode(images[i : i + batch].to(device, vae.dtype)))
                          for i in range(0, len(images), batch)])
     mean, std = _latent_stats(vae, latents)
     return (latents - mean) * vae.config.scaling_factor / std

@@ -63,7 +63,8 @@ class NoiseProcess:
 
         config = dict(config)
         name = config.get("_class_name", "")
-        if name.startswith("FlowMatch"):
+        if name.startswith("FlowMatch") or config.get("use_flow_sigmas") or \
+                config.get("prediction_type") == "flow_prediction":  # SANA's DPM-Solver on flow sigmas
             # `shift` only respaces the inference sigmas; the training process is the same straight line.
             return cls("flow", "flow", None, config.get("num_train_timesteps", 1000))
         prediction_type = config.get("prediction_type", "epsilon")

@@ -78,6 +78,9 @@ class PipelineTextConditioner:
     the two CLIP pooled projections; the unconditional branch encodes the empty prompt, as the pipeline's CFG does.
     Flux.1: ``embeds`` T5's hidden states, ``pooled`` CLIP's pooled output, and ``guidance`` the distilled guidance
     value (Flux.1-dev's ``guidance_scale``; ``None`` for a transformer without a guidance embedding, schnell).
+    SANA: ``embeds`` Gemma-2's hidden states of the prompt behind the pipeline's default instruction prefix
+    (``complex_human_instruction``, as ``SanaPipeline.__call__`` adds it), ``mask`` their attention mask; the
+    unconditional branch is the pipeline's negative (the empty prompt, no prefix).
     """
 
     sdxl = False  # the prompt-cache identity's flag for SDXL's size conditioning
@@ -91,9 +94,17 @@ class PipelineTextConditioner:
         self.image_size = None
         self._null: tuple[Tensor, Tensor | None] | None = None
 
+    @property
+    def _sana(self) -> bool:
+        return type(self.pipe).__name__ == "SanaPipeline"
+
     @torch.no_grad()
     def _encode(self, prompts: list[str]) -> tuple[Tensor, Tensor | None]:
         device = self.encoders[0].device
+        if self._sana:  # SANA has no pooled embedding: its attention mask rides in that slot (and in prompt caches)
+            embeds, mask, _, _ = self.pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=device,
+                                                         complex_human_instruction=_sana_instruction())
+            return embeds, mask.float()
         if type(self.pipe).__name__ == "FluxPipeline":
             embeds, pooled, _ = self.pipe.encode_prompt(prompts, None, device=device)
             return embeds, pooled
@@ -103,6 +114,10 @@ class PipelineTextConditioner:
 
     def null(self) -> tuple[Tensor, Tensor | None]:
         """The empty prompt's (embeds, pooled), (1, ...) each, computed once."""
+        if self._null is None and self._sana:  # the pipeline's own negative: "" without the instruction prefix
+            _, _, embeds, mask = self.pipe.encode_prompt([""], negative_prompt="", device=self.encoders[0].device,
+                                                         complex_human_instruction=_sana_instruction())
+            self._null = embeds, mask.float()
         if self._null is None:
             self._null = self._encode([""])
         return self._null
@@ -113,7 +128,20 @@ class PipelineTextConditioner:
     def cond(self, embeds: Tensor, pooled: Tensor | None) -> Cond:
         n = len(embeds)
         null, null_pooled = self.null()
+        if self._sana:
+            uncond = Cond(embeds=null.to(embeds).expand(n, -1, -1).clone(), mask=null_pooled.to(pooled).expand(n, -1)
+                          .clone())
+            return Cond(embeds=embeds, mask=pooled, uncond=uncond)
         guidance = None if self.guidance is None else torch.full((n,), float(self.guidance), device=embeds.device)
         uncond = Cond(embeds=null.to(embeds).expand(n, -1, -1).clone(), pooled=null_pooled.to(pooled).expand(n, -1)
                       .clone(), guidance=None if guidance is None else guidance.clone())
         return Cond(embeds=embeds, pooled=pooled, guidance=guidance, uncond=uncond)
+
+
+def _sana_instruction() -> list[str]:
+    """``SanaPipeline.__call__``'s default ``complex_human_instruction``: what an export called with defaults uses."""
+    import inspect
+
+    from diffusers import SanaPipeline
+
+    return list(inspect.signature(SanaPipeline.__call__).parameters["complex_human_instruction"].default)

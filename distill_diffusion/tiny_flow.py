@@ -1,4 +1,5 @@
-"""Tiny, randomly initialised flow-matching transformer pipelines built offline: ``tiny:sd3`` and ``tiny:flux``.
+"""Tiny, randomly initialised flow-matching transformer pipelines built offline: ``tiny:sd3``, ``tiny:flux`` and
+``tiny:sana``.
 
 The component classes and wiring of Stable Diffusion 3 (``StableDiffusion3Pipeline``: an ``SD3Transformer2DModel``,
 two CLIP encoders with projections and a T5 encoder) and Flux.1 (``FluxPipeline``: a ``FluxTransformer2DModel``
@@ -26,25 +27,30 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, PreTrainedT
 
 from .tiny import _TEXT_WIDTH, PROMPT_WORDS, _text_config, build_tokenizer
 
-FLOW_KINDS: tuple[str, ...] = ("sd3", "flux")
+FLOW_KINDS: tuple[str, ...] = ("sd3", "flux", "sana")
 T5_MAX_LENGTH = 32  # the T5 tokenizer's model_max_length; the pipelines pad to their own max_sequence_length
 
 
-def build_t5_tokenizer(words: tuple[str, ...] = PROMPT_WORDS) -> PreTrainedTokenizerFast:
+def build_t5_tokenizer(words: tuple[str, ...] = PROMPT_WORDS, gemma: bool = False) -> PreTrainedTokenizerFast:
     """A word-level T5-style tokenizer: ``<pad>`` 0, ``</s>`` 1 (appended to every sequence, as T5's is), ``<unk>``
-    2, then one id per word; whitespace and punctuation split words; lower-cased."""
+    2, then one id per word; whitespace and punctuation split words; lower-cased. ``gemma``: Gemma's convention
+    instead, ``<bos>`` 3 put in front of every sequence and nothing appended."""
     from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordLevel
 
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, "<bos>": 3}
     for word in words:
         vocab.setdefault(word.lower(), len(vocab))
     tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=T5_MAX_LENGTH, pad_token="<pad>",
-                                   eos_token="</s>", unk_token="<unk>")
+    special = ("<bos>", 3) if gemma else ("</s>", 1)
+    template = "<bos> $A" if gemma else "$A </s>"
+    tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=[special])
+    extra = {"bos_token": "<bos>"} if gemma else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=1024 if gemma else T5_MAX_LENGTH,
+                                   pad_token="<pad>",
+                                   eos_token="</s>", unk_token="<unk>", **extra)
 
 
 def _t5(tokenizer: PreTrainedTokenizerFast) -> T5EncoderModel:
@@ -100,12 +106,41 @@ def _flux() -> FluxPipeline:
     )
 
 
+def _sana() -> Any:
+    """SANA's wiring (``SanaPipeline``): a ``SanaTransformer2DModel`` (linear attention, cross-attention to a Gemma-2
+    encoder's sequence with its attention mask), a deep-compression ``AutoencoderDC`` (here 2x, 8 latent channels) and
+    DPM-Solver++ on flow sigmas with shift 3, as the hub SANA pipelines are configured."""
+    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    tokenizer = build_t5_tokenizer(gemma=True)
+    encoder = Gemma2Model(Gemma2Config(vocab_size=len(tokenizer), hidden_size=_TEXT_WIDTH, intermediate_size=64,
+                                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                       head_dim=16, pad_token_id=0, bos_token_id=3, eos_token_id=1))
+    vae = AutoencoderDC(in_channels=3, latent_channels=8, attention_head_dim=8,
+                        encoder_block_types=("ResBlock",) * 3, decoder_block_types=("ResBlock",) * 3,
+                        encoder_block_out_channels=(16, 32, 32), decoder_block_out_channels=(16, 32, 32),
+                        encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1),
+                        encoder_qkv_multiscales=((), (), ()), decoder_qkv_multiscales=((), (), ()),
+                        scaling_factor=0.41407)
+    transformer = SanaTransformer2DModel(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=16,
+                                         num_layers=2, num_cross_attention_heads=2, cross_attention_head_dim=16,
+                                         cross_attention_dim=32, caption_channels=_TEXT_WIDTH, sample_size=8,
+                                         patch_size=1)
+    scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000, flow_shift=3.0, use_flow_sigmas=True,
+                                            prediction_type="flow_prediction")
+    return SanaPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae, transformer=transformer,
+                        scheduler=scheduler)
+
+
 def tiny_flow_pipeline(kind: str) -> Any:
-    """The tiny pipeline of ``kind`` (``sd3`` or ``flux``); the caller seeds and forks the RNG."""
+    """The tiny pipeline of ``kind`` (``sd3``, ``flux`` or ``sana``); the caller seeds and forks the RNG."""
     if kind == "sd3":
         return _sd3()
     if kind == "flux":
         return _flux()
+    if kind == "sana":
+        return _sana()
     raise ValueError(f"unknown tiny flow model kind {kind!r}; choose one of: {', '.join(FLOW_KINDS)}")
 
 
@@ -114,7 +149,9 @@ def _check() -> None:  # pragma: no cover (a manual smoke run: python -m distill
         with torch.random.fork_rng():
             torch.manual_seed(0)
             pipe = tiny_flow_pipeline(kind)
-        extra = {"height": 16, "width": 16} if kind == "flux" else {}
+        extra = {"flux": {"height": 16, "width": 16}, "sana": {"height": 32, "width": 32}}.get(kind, {})
+        if kind == "sana":
+            extra["use_resolution_binning"] = False
         out = pipe(["a handwritten digit seven"], num_inference_steps=2, output_type="np", **extra).images
         print(kind, out.shape)
 

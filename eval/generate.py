@@ -41,7 +41,8 @@ def make_scheduler(name: str, config: Any) -> Any:
 
     A flow-matching teacher (SD3, Flux) keeps its own ``FlowMatchEulerDiscreteScheduler`` (its shift, and Flux's
     resolution-dependent shift) for ``euler`` and ``ddim`` (DDIM on the straight path is the Euler step), and
-    ``dpmpp`` is DPM-Solver++(2M) on the same flow sigmas (``use_flow_sigmas``, as diffusers configures it for SANA).
+    ``dpmpp`` is DPM-Solver++(2M) on the same flow sigmas (``use_flow_sigmas``, as diffusers configures it for SANA,
+    whose own scheduler that is; its ``euler`` is the flow Euler with SANA's ``flow_shift``).
     """
     from diffusers import (
         DDIMScheduler,
@@ -50,7 +51,14 @@ def make_scheduler(name: str, config: Any) -> Any:
         FlowMatchEulerDiscreteScheduler,
     )
 
-    if str(dict(config).get("_class_name", "")).startswith("FlowMatch") or "shift" in dict(config):
+    config = dict(config)
+    if config.get("use_flow_sigmas"):  # SANA's DPM-Solver on flow sigmas: its shift is `flow_shift`
+        if name in ("euler", "ddim"):
+            return FlowMatchEulerDiscreteScheduler(num_train_timesteps=config["num_train_timesteps"],
+                                                   shift=config["flow_shift"])
+        if name == "dpmpp":
+            return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
+    if str(config.get("_class_name", "")).startswith("FlowMatch") or "shift" in config:
         if name in ("euler", "ddim"):
             return FlowMatchEulerDiscreteScheduler.from_config(config)
         if name == "dpmpp":
@@ -134,6 +142,8 @@ def _teacher_images(pipe: Any, prompts: list[str], seeds: list[int], steps: int 
     extra: dict[str, Any] = {}
     if type(pipe).__name__ == "FluxPipeline":
         noise, extra = pack(noise), {"height": size, "width": size}
+    elif type(pipe).__name__ == "SanaPipeline":  # its default size is 1024 and it snaps sizes to bins
+        extra = {"height": size, "width": size, "use_resolution_binning": False}
     return pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=cfg_scale, latents=noise,
                 output_type="np", **extra).images
 

@@ -150,11 +150,14 @@ def flow_call_arguments(models: Any, timesteps: list[float]) -> dict[str, Any]:
     pipe = models.pipeline
     if models.text.guidance is not None:
         kwargs["guidance_scale"] = float(models.text.guidance)
-    elif models.family == "sd3":
+    elif models.family in ("sd3", "sana"):
         kwargs["guidance_scale"] = 0.0
     size = int(models.sample_shape[-1]) * vae_factor(pipe)
-    if size != image_size(pipe) or size != pipe.default_sample_size * pipe.vae_scale_factor:
+    default = pipe.default_sample_size * pipe.vae_scale_factor if hasattr(pipe, "default_sample_size") else 1024
+    if size != image_size(pipe) or size != default:
         kwargs.update(height=size, width=size)
+        if models.family == "sana":  # SANA snaps sizes to its aspect-ratio bins unless told not to
+            kwargs["use_resolution_binning"] = False
     return kwargs
 
 

@@ -194,7 +194,7 @@ def first_prompts(cfg: DataConfig, k: int) -> list[str]:
 
 def resolution(models: Models) -> int:
     """The teacher's image size (its latent size times the VAE's downsampling): real images are cropped to it."""
-    return int(models.sample_shape[-1]) * 2 ** (len(models.vae.config.block_out_channels) - 1)
+    return int(models.sample_shape[-1]) * int(models.pipeline.vae_scale_factor)
 
 
 def _prompt_feed(models: Models, cfg: DataConfig, device: torch.device | str, seed: int):  # noqa: ANN202

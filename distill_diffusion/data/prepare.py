@@ -102,7 +102,7 @@ def encode_images(cfg: Config, out: str | Path, batch: int = 64, dtype: str = "f
     size = image_size(pipe)
     source = open_image_source(cfg.data.real, size, cfg.data.image_column, cfg.data.caption_column, check=False)
     to = _dtype(dtype)
-    shape = (pipe.vae.config.latent_channels, size // 2 ** (len(pipe.vae.config.block_out_channels) - 1))
+    shape = (pipe.vae.config.latent_channels, size // int(pipe.vae_scale_factor))
     row_bytes = shape[0] * shape[1] ** 2 * to.itemsize
     writer = CacheWriter(Path(out), "images", vae_identity(pipe.vae, size),
                          {"spec": str(cfg.data.real), "count": len(source)},

@@ -1,5 +1,5 @@
 """The contract every entry of METHODS keeps, on the mixture teacher and on tiny SD 1.5 / 2.1 / SDXL / SD3 / Flux
-pipelines (UNet and flow-matching transformer teachers alike: nothing here names a model family).
+/ SANA pipelines (UNet and flow-matching transformer teachers alike: nothing here names a model family).
 
 Losses are finite; a step changes only the role its phase names; the teacher never changes; the method's config
 round-trips through YAML. New methods inherit these tests by being added to METHODS: nothing here names a method.
@@ -87,7 +87,7 @@ def two_steps(teacher: str) -> list[float]:
     return NoiseProcess.from_scheduler(load_pipeline(teacher).scheduler).trailing_timesteps(2)
 
 
-@pytest.mark.parametrize("kind", ["sd15", "sd21", "sdxl", "embedded:digits", "sd3", "flux"])
+@pytest.mark.parametrize("kind", ["sd15", "sd21", "sdxl", "embedded:digits", "sd3", "flux", "sana"])
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_contract_on_tiny_pipelines(method: str, kind: str, tiny_dirs: dict[str, str]) -> None:
     # real images for the methods that noise data (trajectory methods) or judge it (GAN terms); others ignore them

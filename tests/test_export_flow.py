@@ -1,9 +1,11 @@
-"""Export parity for the flow-matching transformer teachers (tiny SD3 and Flux.1): every method distils a few steps,
-its student exports as the teacher's own pipeline class (full weights, and as LoRA weights for a LoRA student), and a
-separate Python process that never imports distill_diffusion reproduces `generate` image for image (<= 1e-4, fp32).
+"""Export parity for the flow-matching transformer teachers (tiny SD3, Flux.1 and SANA): every method distils a few
+steps, its student exports as the teacher's own pipeline class (full weights, and as LoRA weights for a LoRA
+student), and a separate Python process that never imports distill_diffusion reproduces `generate` image for image
+(<= 1e-4, fp32).
 
-The default tier runs a re-noising LoRA student (DMD2 on Flux) and a deterministic full one (progressive on SD3); the
-other cells, whose students export through the same two samplers and two pipeline classes, are in the slow tier."""
+The default tier runs a re-noising LoRA student (DMD2 on Flux), a deterministic full one (progressive on SD3) and a
+full DMD2 student of SANA; the other cells, whose students export through the same two samplers and pipeline
+classes, are in the slow tier."""
 
 from __future__ import annotations
 
@@ -17,9 +19,9 @@ from test_export import distill, plain_diffusers, student_images
 from distill_diffusion.methods import METHODS
 from distill_diffusion.pipelines.export import export
 
-FAMILY = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
+FAMILY = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "sana": "SanaPipeline"}
 ARGS = {"lr_student": 1e-3, "lr_critic": 1e-3, "critic_updates": 1}  # the critic methods: a student step in 4
-DEFAULT_TIER = {("flux", "dmd2", True), ("sd3", "progressive", False)}  # (family, method, LoRA student)
+DEFAULT_TIER = {("flux", "dmd2", True), ("sd3", "progressive", False), ("sana", "dmd2", False)}
 
 
 def cases() -> list:
@@ -45,7 +47,8 @@ def test_flow_export_matches_student_in_plain_diffusers(tmp_path: Path, tiny_dir
     info = json.loads((full / "export.json").read_text())
     assert info["timesteps"] == timesteps and info["pipeline_class"] == FAMILY[kind]
     assert info["call"]["sigmas"] == [t / 1000 for t in timesteps]
-    assert info["seed_global_rng"] == (not ddim)  # SD3 / Flux pipelines re-noise from torch's global generator
+    # SD3 / Flux pipelines re-noise from torch's global generator; SANA's hands the user's generators to the scheduler
+    assert info["seed_global_rng"] == (not ddim and kind != "sana")
     assert not list(full.rglob("*.bin")) and (full / "transformer").is_dir()
     card = (full / "README.md").read_text()
     assert "```python" in card and "sigmas=" in card
@@ -88,6 +91,10 @@ def test_adapter_reproduces_the_pipelines_own_sampling(tiny_dirs: dict[str, str]
     prompts, seeds = ["a handwritten digit seven", "a photo of a cat"], [3, 4]
     noise = torch.cat([torch.randn((1, *models.sample_shape), generator=torch.Generator().manual_seed(s))
                        for s in seeds])
+    if kind == "sana":  # its own DPM-Solver is not a DDIM walk: compare on the flow Euler scheduler with its shift
+        from distill_diffusion.eval.generate import make_scheduler
+
+        pipe.scheduler = make_scheduler("euler", pipe.scheduler.config)
     if kind == "flux":  # FluxPipeline's own schedule: sigmas 1 .. 1/N, shifted by mu of the image's token count
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
@@ -101,7 +108,8 @@ def test_adapter_reproduces_the_pipelines_own_sampling(tiny_dirs: dict[str, str]
     with torch.no_grad():
         mine = ddim(lambda x, t: models.teacher.x0(x, t, cond), noise, timesteps, models.process)
     latents = pack(noise) if kind == "flux" else noise
-    extra = {"height": 16, "width": 16} if kind == "flux" else {}
+    extra = {"flux": {"height": 16, "width": 16}, "sana": {"height": 32, "width": 32,
+                                                           "use_resolution_binning": False}}.get(kind, {})
     theirs = pipe(prompts, latents=latents, guidance_scale=3.5 if kind == "flux" else 1.0, output_type="latent",
                   num_inference_steps=4, **extra).images
     if kind == "flux":

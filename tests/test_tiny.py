@@ -21,8 +21,9 @@ UNET_KINDS = ("sd15", "sd21", "sdxl")
 
 
 def _generate(pipe: DiffusionPipeline) -> np.ndarray:
+    size = {"SanaPipeline": {"height": 32, "width": 32, "use_resolution_binning": False}}
     out = pipe(PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np",
-               height=16, width=16)
+               **size.get(type(pipe).__name__, {"height": 16, "width": 16}))
     return np.asarray(out.images)
 
 
@@ -47,7 +48,7 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_build_generate_save_reload(kind: str, tmp_path: Path, offline: None) -> None:
     pipe = tiny_pipeline(kind)
     image = _generate(pipe)
-    assert image.shape == (1, 16, 16, 3)
+    assert image.shape == ((1, 32, 32, 3) if kind == "sana" else (1, 16, 16, 3))
     assert np.isfinite(image).all()
 
     pipe.save_pretrained(tmp_path)
@@ -110,6 +111,11 @@ def test_flow_pipelines_shapes_and_configs() -> None:
     ids = t5(PROMPT).input_ids
     assert len(ids) == len(PROMPT.split()) + 1 and ids[-1] == t5.eos_token_id and t5.unk_token_id not in ids
     assert t5("XYLOPHONE").input_ids == [t5.unk_token_id, t5.eos_token_id]
+    sana = tiny_pipeline("sana")
+    assert sana.vae_scale_factor == 4 and sana.vae.config.latent_channels == 8
+    assert sana.scheduler.config.use_flow_sigmas and sana.scheduler.config.flow_shift == 3.0
+    gemma = sana.tokenizer
+    assert gemma(PROMPT).input_ids[0] == gemma.bos_token_id and gemma.unk_token_id not in gemma(PROMPT).input_ids
 
 
 def test_prompt_words_are_single_tokens() -> None:
@@ -160,4 +166,4 @@ def test_seed_determinism_and_global_rng_untouched() -> None:
 def test_unknown_kind() -> None:
     with pytest.raises(ValueError, match="sd15") as info:
         tiny_pipeline("sd4")
-    assert str(info.value) == "unknown tiny model kind 'sd4'; choose one of: sd15, sd21, sdxl, sd3, flux"
+    assert str(info.value) == "unknown tiny model kind 'sd4'; choose one of: sd15, sd21, sdxl, sd3, flux, sana"

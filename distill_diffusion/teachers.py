@@ -7,6 +7,7 @@ from the local cache). The exact mixture teacher (``gmm``) is no pipeline; `dist
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -46,8 +47,10 @@ def from_directory(path: Path, what: str) -> Any:
     """A diffusers pipeline saved in ``path``; a damaged one is refused in one line naming it as ``what``."""
     from diffusers import DiffusionPipeline
 
-    try:
-        return DiffusionPipeline.from_pretrained(path, local_files_only=True, safety_checker=None)
+    try:  # a safety checker is never loaded; pipelines without that component are not told about it
+        index = json.loads((Path(path) / "model_index.json").read_text())
+        extra = {"safety_checker": None} if "safety_checker" in index else {}
+        return DiffusionPipeline.from_pretrained(path, local_files_only=True, **extra)
     except Exception as e:  # noqa: BLE001 (a truncated or garbled file: torch, safetensors, json each raise their own)
         raise ConfigError(f"{what} {str(path)!r} could not be loaded ({type(e).__name__}: {first_line(e)[:200]}); "
                           "a file in it is damaged or missing: copy the pipeline again") from None

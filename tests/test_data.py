@@ -341,3 +341,41 @@ def test_image_shards_and_image_tables_read_like_a_folder(tmp_path: Path) -> Non
             assert torch.equal(source[i][0], expected[i][0]) and source[i][1] == expected[i][1] == captions[i], spec
     message = one_line(ConfigError, open_image_source, str(tmp_path / "table"), 16, "nope")
     assert "has no column 'nope'; it has: image, caption" in message
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux", "sana"])
+def test_flow_teachers_train_from_prompt_and_latent_caches(tmp_path: Path, kind: str) -> None:
+    """The caches of the flow-matching transformer teachers: prompt rows (SD3's joint sequence and pooled vector,
+    Flux's T5 sequence and CLIP vector, SANA's Gemma sequence with its attention mask in the pooled slot) give the
+    conditioning fresh encoding gives; latent rows (the 16-channel KL VAE's shifted latents, SANA's AutoencoderDC
+    latents) are the VAE's encoding."""
+    (tmp_path / "p.txt").write_text("\n".join(f"a photo of a cat number {i}" for i in range(5)))
+    folder = image_folder(tmp_path)
+
+    def config(**data) -> object:  # noqa: ANN003
+        return make_config("dmd2", f"tiny:{kind}", args={"critic_updates": 1, "gan_student_weight": 0.01,
+                                                         "gan_critic_weight": 0.01},
+                           model={"timesteps": [1000]}, train={"steps": 1, "batch_size": 2},
+                           data={"workers": 0, **data})
+
+    encode_prompts(config(prompt_file=str(tmp_path / "p.txt")), tmp_path / "prompts", batch=2, dtype="float32")
+    encode_images(config(real=str(folder)), tmp_path / "latents", batch=2, dtype="float32", workers=0)
+    streamed = assemble(config(prompt_file=str(tmp_path / "p.txt"), real=str(folder)), train=True)
+    cached = assemble(config(prompt_cache=str(tmp_path / "prompts"), real_cache=str(tmp_path / "latents")),
+                      train=True)
+    a, b = streamed.data.sample(3, ShardedGenerator("cpu", 0)), cached.data.sample(3, ShardedGenerator("cpu", 0))
+    for field in ("embeds", "pooled", "mask", "guidance"):
+        mine, theirs = getattr(a.cond, field), getattr(b.cond, field)
+        assert (mine is None) == (theirs is None), field
+        if mine is not None:
+            assert torch.allclose(mine, theirs, atol=1e-5), field
+    assert (a.cond.mask is not None) == (kind == "sana") and (a.cond.guidance is not None) == (kind == "flux")
+    assert torch.allclose(a.cond.uncond.embeds, b.cond.uncond.embeds, atol=1e-6)
+    assert b.real.shape == (3, *cached.models.sample_shape)
+    from distill_diffusion.latents import encode
+
+    size = int(cached.models.sample_shape[-1]) * int(cached.models.pipeline.vae_scale_factor)
+    source = open_image_source(str(folder), size)
+    direct = encode(cached.models, torch.stack([source[i][0] for i in range(len(source))]))
+    cache = Cache(tmp_path / "latents", "images", None, "cache")
+    assert torch.allclose(torch.stack([cache.row(i)["latents"] for i in range(len(cache))]), direct, atol=1e-5)

@@ -127,3 +127,26 @@ def test_adapter_reproduces_the_pipelines_own_sampling(tiny_dirs: dict[str, str]
         other, _ = generate(EvalModel("teacher", pipeline=pipe), prompts, seeds, steps=4, solver=solver,
                             progress=False, as_float=True)
         assert np.isfinite(other).all() and other.shape == images.shape
+
+
+@pytest.mark.slow
+def test_a_flux_schnell_like_teacher_without_guidance_embedding(tmp_path: Path, tiny_dirs: dict[str, str]) -> None:
+    """FLUX.1-schnell's transformer has no guidance embedding: conditioning carries no guidance, the export's call
+    names none, and plain diffusers still reproduces the student."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from distill_diffusion.teachers import load_pipeline
+
+    pipe = load_pipeline(tiny_dirs["flux"])
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        pipe.transformer = FluxTransformer2DModel.from_config(dict(pipe.transformer.config, guidance_embeds=False))
+    pipe.register_modules(transformer=pipe.transformer)
+    pipe.save_pretrained(tmp_path / "schnell")
+    run = distill(tmp_path / "run", str(tmp_path / "schnell"), [1000.0, 500.0])
+    out = export(run, tmp_path / "export")
+    info = json.loads((out / "export.json").read_text())
+    assert "guidance_scale" not in info["call"]
+    theirs, _ = plain_diffusers(tmp_path, "full", str(out))
+    assert np.abs(student_images(run) - theirs).max() <= 1e-4

@@ -63,3 +63,30 @@ def test_prompt_dropout_swaps_whole_rows_for_the_null_prompt() -> None:
     assert 0.07 < float((rows == 0).all(1).float().mean()) < 0.13
     assert torch.equal(dropped.uncond.embeds, cond.uncond.embeds)
     assert drop_prompts(cond, 0.0, torch.Generator()) is cond
+
+
+def test_vsd_with_dmd_weighting_steps_the_student_as_dmd2_does() -> None:
+    """``vsd.student_weighting: dmd`` is DMD's per-sample normaliser on VSD's score difference: with both CFG scales 1
+    and the same seeds, the student's gradient is DMD2's exactly; with SwiftBrush's sigma^2 weighting it is not."""
+    def student_grad(method: str, **args) -> torch.Tensor:  # noqa: ANN003
+        common = {"teacher_cfg": 1.0, "t_min": 0.02, "t_max": 0.98, "lr_student": 1e-3}
+        trainer = Trainer(make_config(method, args={**common, **args}, model={"timesteps": [999]},
+                                      train={"batch_size": 16, "steps": 1}))
+        method_obj, models = trainer.method, trainer.models
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # a critic that differs from the teacher (at init the two agree and the gradient is 0)
+            for p in models.critic.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        batch = trainer.data.sample(16, torch.Generator().manual_seed(1))
+        loss, _ = method_obj.student_loss(batch, torch.Generator().manual_seed(2))
+        params = [p for p in models.student.parameters() if p.requires_grad]
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
+
+    dmd2 = student_grad("dmd2")
+    vsd_dmd = student_grad("vsd", critic_cfg=1.0, student_weighting="dmd")
+    vsd = student_grad("vsd", critic_cfg=1.0)
+    assert dmd2.abs().max() > 0
+    assert torch.allclose(vsd_dmd, dmd2, rtol=1e-5, atol=1e-9)
+    assert not torch.allclose(vsd, dmd2, rtol=1e-2)
+    with pytest.raises(ConfigError, match="student_weighting"):
+        make_config("vsd", args={"student_weighting": "snr"})

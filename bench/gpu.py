@@ -59,11 +59,21 @@ FLUX_TRANSFORMER = {"patch_size": 1, "in_channels": 64, "num_layers": 19, "num_s
 FLOW_SHAPES = ("sd35l", "flux")
 
 
+def one_layer_clip(tok, width: int, cls):  # noqa: ANN001, ANN201
+    """A one-layer CLIP text encoder of ``cls`` with the real model's output width, for ``tok``'s vocabulary."""
+    from transformers import CLIPTextConfig
+
+    return cls(CLIPTextConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=width, projection_dim=width,
+                              num_hidden_layers=1, num_attention_heads=width // 64,
+                              max_position_embeddings=tok.model_max_length, bos_token_id=tok.bos_token_id,
+                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).eval()
+
+
 def sd_pipeline(shape: str):  # noqa: ANN201
     """An SD 1.5- or SDXL-shaped pipeline from config, random weights (tiny tokenizers, one-layer text encoders)."""
     import torch
     from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from distill_diffusion.tiny import tiny_pipeline
 
@@ -71,10 +81,7 @@ def sd_pipeline(shape: str):  # noqa: ANN201
     tok = tiny.tokenizer
 
     def text(width: int, cls):  # noqa: ANN001, ANN202
-        return cls(CLIPTextConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=width,
-                                  projection_dim=width, num_hidden_layers=1, num_attention_heads=width // 64,
-                                  max_position_embeddings=tok.model_max_length, bos_token_id=tok.bos_token_id,
-                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).eval()
+        return one_layer_clip(tok, width, cls)
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -103,7 +110,7 @@ def flow_pipeline(shape: str):  # noqa: ANN201
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     from distill_diffusion.tiny import tiny_pipeline
 
@@ -111,10 +118,7 @@ def flow_pipeline(shape: str):  # noqa: ANN201
     tok = tiny.tokenizer
 
     def clip(width: int, cls):  # noqa: ANN001, ANN202
-        return cls(CLIPTextConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=width,
-                                  projection_dim=width, num_hidden_layers=1, num_attention_heads=width // 64,
-                                  max_position_embeddings=tok.model_max_length, bos_token_id=tok.bos_token_id,
-                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).eval()
+        return one_layer_clip(tok, width, cls)
 
     t5_tok = tiny.tokenizer_3 if shape == "sd35l" else tiny.tokenizer_2
     t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=4096, d_kv=64, d_ff=256, num_layers=1,

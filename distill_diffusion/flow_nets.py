@@ -81,6 +81,15 @@ def call(net: nn.Module, x: Tensor, t: Tensor, cond: Any, dtype: torch.dtype) ->
     return unpack(out, h, w)
 
 
+def size_arguments(pipe: Any, size: int) -> dict[str, Any]:
+    """Pipeline call arguments for square images of ``size``: height and width, and for SANA, whose pipeline snaps
+    sizes to its aspect-ratio bins, the switch that turns the binning off."""
+    extra: dict[str, Any] = {"height": size, "width": size}
+    if type(pipe).__name__ == "SanaPipeline":
+        extra["use_resolution_binning"] = False
+    return extra
+
+
 def fresh_noise(net: nn.Module, shape: tuple[int, ...], generator: Any, like: Tensor) -> Tensor:
     """Standard normal noise of ``shape`` (B, C, H, W), drawn in the layout the network's scheduler draws it."""
     if type(net).__name__ != "FluxTransformer2DModel":

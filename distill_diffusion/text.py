@@ -70,7 +70,7 @@ class TextConditioner:
         return Cond(embeds=embeds, pooled=pooled, time_ids=time_ids, uncond=uncond)
 
 
-class PipelineTextConditioner:
+class PipelineTextConditioner(TextConditioner):
     """Prompt -> `Cond` for the flow-matching transformer pipelines, through the pipeline's own ``encode_prompt``
     at its defaults (so an export, called with the same defaults, conditions exactly as training did).
 
@@ -80,19 +80,16 @@ class PipelineTextConditioner:
     value (Flux.1-dev's ``guidance_scale``; ``None`` for a transformer without a guidance embedding, schnell).
     SANA: ``embeds`` Gemma-2's hidden states of the prompt behind the pipeline's default instruction prefix
     (``complex_human_instruction``, as ``SanaPipeline.__call__`` adds it), ``mask`` their attention mask; the
-    unconditional branch is the pipeline's negative (the empty prompt, no prefix).
+    unconditional branch is the pipeline's negative (the empty prompt, no prefix). `TextConditioner` gives
+    ``encode`` and the cached empty prompt; the encoding and the `Cond` layout are the pipeline's.
     """
 
-    sdxl = False  # the prompt-cache identity's flag for SDXL's size conditioning
-
     def __init__(self, pipe: Any, guidance: float | None = None):
-        self.pipe = pipe
         names = [n for n in ("text_encoder", "text_encoder_2", "text_encoder_3") if getattr(pipe, n, None) is not None]
-        self.encoders = [getattr(pipe, n) for n in names]
-        self.tokenizers = [getattr(pipe, n.replace("text_encoder", "tokenizer")) for n in names]
+        super().__init__([getattr(pipe, n.replace("text_encoder", "tokenizer")) for n in names],
+                         [getattr(pipe, n) for n in names])
+        self.pipe = pipe
         self.guidance = guidance
-        self.image_size = None
-        self._null: tuple[Tensor, Tensor | None] | None = None
 
     @property
     def _sana(self) -> bool:
@@ -113,17 +110,11 @@ class PipelineTextConditioner:
         return embeds, pooled
 
     def null(self) -> tuple[Tensor, Tensor | None]:
-        """The empty prompt's (embeds, pooled), (1, ...) each, computed once."""
         if self._null is None and self._sana:  # the pipeline's own negative: "" without the instruction prefix
             _, _, embeds, mask = self.pipe.encode_prompt([""], negative_prompt="", device=self.encoders[0].device,
                                                          complex_human_instruction=_sana_instruction())
             self._null = embeds, mask.float()
-        if self._null is None:
-            self._null = self._encode([""])
-        return self._null
-
-    def encode(self, prompts: list[str]) -> Cond:
-        return self.cond(*self._encode(list(prompts)))
+        return super().null()
 
     def cond(self, embeds: Tensor, pooled: Tensor | None) -> Cond:
         n = len(embeds)

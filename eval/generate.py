@@ -62,7 +62,7 @@ def make_scheduler(name: str, config: Any) -> Any:
         if name in ("euler", "ddim"):
             return FlowMatchEulerDiscreteScheduler.from_config(config)
         if name == "dpmpp":
-            if dict(config).get("use_dynamic_shifting"):
+            if config.get("use_dynamic_shifting"):
                 raise ValueError("dpmpp has no resolution-dependent shift (Flux's scheduler); use euler")
             return DPMSolverMultistepScheduler(num_train_timesteps=config["num_train_timesteps"],
                                                algorithm_type="dpmsolver++", solver_order=2, use_flow_sigmas=True,
@@ -134,16 +134,16 @@ def _teacher_images(pipe: Any, prompts: list[str], seeds: list[int], steps: int 
     branch; Flux's latents go in packed, at the VAE's image size (its pipeline's own default is 1024 whatever the
     model)."""
     from distill_diffusion.factory import image_size, vae_factor
-    from distill_diffusion.flow_nets import pack
+    from distill_diffusion.flow_nets import pack, size_arguments
 
     pipe.scheduler = make_scheduler(solver, pipe.scheduler.config)
     size = image_size(pipe)
     noise = _noise(seeds, (pipe.vae.config.latent_channels, size // vae_factor(pipe), size // vae_factor(pipe)))
     extra: dict[str, Any] = {}
+    if type(pipe).__name__ in ("FluxPipeline", "SanaPipeline"):  # their default sizes do not follow the model's
+        extra = size_arguments(pipe, size)
     if type(pipe).__name__ == "FluxPipeline":
-        noise, extra = pack(noise), {"height": size, "width": size}
-    elif type(pipe).__name__ == "SanaPipeline":  # its default size is 1024 and it snaps sizes to bins
-        extra = {"height": size, "width": size, "use_resolution_binning": False}
+        noise = pack(noise)
     return pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=cfg_scale, latents=noise,
                 output_type="np", **extra).images
 

@@ -39,8 +39,9 @@ from typing import Any
 import torch
 
 from distill_diffusion.errors import ConfigError
-from distill_diffusion.factory import image_size, vae_factor, with_cfg_embedding
+from distill_diffusion.factory import vae_factor, with_cfg_embedding
 from distill_diffusion.files import replace_dir
+from distill_diffusion.flow_nets import size_arguments
 from distill_diffusion.rundir import load_finished_run
 
 from .model_card import model_card
@@ -153,11 +154,10 @@ def flow_call_arguments(models: Any, timesteps: list[float]) -> dict[str, Any]:
     elif models.family in ("sd3", "sana"):
         kwargs["guidance_scale"] = 0.0
     size = int(models.sample_shape[-1]) * vae_factor(pipe)
+    # the size the pipeline samples without being told (SANA's __call__ defaults to 1024 whatever the model)
     default = pipe.default_sample_size * pipe.vae_scale_factor if hasattr(pipe, "default_sample_size") else 1024
-    if size != image_size(pipe) or size != default:
-        kwargs.update(height=size, width=size)
-        if models.family == "sana":  # SANA snaps sizes to its aspect-ratio bins unless told not to
-            kwargs["use_resolution_binning"] = False
+    if size != default:
+        kwargs.update(size_arguments(pipe, size))
     return kwargs
 
 

@@ -24,7 +24,7 @@ from .config import Config
 from .data import first_prompts, read_prompt_file
 from .errors import ConfigError
 from .eval.generate import generate, load_model
-from .eval.sweep import run_sweep, table
+from .eval.sweep import run_sweep, table, verdicts
 from .files import write_text_atomic
 from .pipelines.export import export_run, update_card
 from .pipelines.model_card import usage_code
@@ -104,6 +104,7 @@ def run_job(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bo
 
 
 def _headline(rows: list[dict], steps: int) -> list[str]:
+    """The student, the teacher rows a reader compares it with, and what each feature space says of each pair."""
     student = [r for r in rows if r["solver"] == "student"]
     teacher = [r for r in rows if r["solver"] != "student"]
     if not student:
@@ -113,13 +114,17 @@ def _headline(rows: list[dict], steps: int) -> list[str]:
 
     def fmt(r: dict) -> str:
         extra = f", prompt accuracy {r['prompt_accuracy']:.3f}" if acc else ""
-        return f"FID {r['fid']:.2f}{extra} ({r['solver']}, CFG {r['guidance']:g}, {r['steps']} steps, NFE {r['nfe']})"
+        pca = f"; pixel-PCA FID {r['fid_pca']:.3f}, recall {r['recall_pca']:.3f}" if "fid_pca" in r else ""
+        return f"FID {r['fid']:.2f}, recall {r['recall']:.3f}{pca}{extra} ({r['solver']}, CFG {r['guidance']:g}, " \
+               f"{r['steps']} steps, NFE {r['nfe']})"
 
     lines = [f"- Student, {steps} steps: {fmt(s)}"]
+    pairs = []
     same_nfe = [r for r in teacher if r["nfe"] == s["nfe"]]
     if same_nfe:
         best = min(same_nfe, key=lambda r: r["fid"])
         lines.append(f"- Teacher at the same NFE, best row: {fmt(best)}")
+        pairs.append(best)
     same_steps = [r for r in teacher if r["steps"] == s["steps"]]
     if same_steps:
         best = min(same_steps, key=lambda r: r["fid"])
@@ -128,6 +133,8 @@ def _headline(rows: list[dict], steps: int) -> list[str]:
         top = max(r["nfe"] for r in teacher)
         best = min((r for r in teacher if r["nfe"] == top), key=lambda r: r["fid"])
         lines.append(f"- Teacher at NFE {top}, best row: {fmt(best)}")
+        pairs.append(best)
+    lines += ["", *(f"- {v}" for r in pairs for v in verdicts(s, r))]
     return lines
 
 
@@ -146,7 +153,11 @@ def write_report(cfg: Config, run_dir: Path, rows: list[dict], times: dict[str, 
         *_headline(rows, steps),
         "",
         f"FID against `{ec.ref}` with {ec.num_samples} samples per row (same prompts and seeds for every row); "
-        "the student row is the export loaded with plain diffusers.",
+        "the student row is the export loaded with plain diffusers. Two feature spaces where the reference is a "
+        "set of images: the primary one (the digits classifier's for `digits`, Inception's otherwise) and pixel "
+        "PCA of the reference (trained on nothing). KID is computed on features standardised by the reference, "
+        "with its spread over subsets in brackets; at these sample sizes trust FID and precision / recall over it "
+        "(docs/BENCHMARKS.md, \"KID on the digits features\").",
         "",
         table(rows),
         "",

@@ -53,8 +53,8 @@ def build_t5_tokenizer(words: tuple[str, ...] = PROMPT_WORDS, gemma: bool = Fals
                                    eos_token="</s>", unk_token="<unk>", **extra)
 
 
-def _t5(tokenizer: PreTrainedTokenizerFast) -> T5EncoderModel:
-    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=_TEXT_WIDTH, d_kv=8, d_ff=2 * _TEXT_WIDTH,
+def _t5(tokenizer: PreTrainedTokenizerFast, width: int = _TEXT_WIDTH) -> T5EncoderModel:
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=width, d_kv=8, d_ff=2 * width,
                                    num_layers=2, num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0,
                                    pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
 

@@ -105,10 +105,18 @@ def fid_from_stats(a: FeatureStats, b: FeatureStats) -> float:
     return frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
 
 
-def kid(a: np.ndarray, b: np.ndarray, subsets: int = 100, subset_size: int = 1000,
-        seed: int = 0) -> tuple[float, float]:
-    """Kernel Inception Distance (mean, std over subsets), unbiased MMD^2 with the cubic polynomial kernel."""
+def kid(a: np.ndarray, b: np.ndarray, subsets: int = 100, subset_size: int = 1000, seed: int = 0,
+        standardise: bool = False) -> tuple[float, float]:
+    """Kernel Inception Distance (mean, std over subsets), unbiased MMD^2 with the cubic polynomial kernel.
+
+    The kernel (x.y / d + 1)^3 assumes features of roughly unit scale, as Inception's are; ``standardise`` first maps
+    both sets by ``b``'s (the reference's) per-dimension mean and std, so a feature space of another scale gets the
+    kernel's intended regime (on the digits classifier's features the raw KID is noise at n = 500: docs/BENCHMARKS.md,
+    "KID on the digits features")."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if standardise:
+        mu, sd = b.mean(0), b.std(0) + 1e-8
+        a, b = (a - mu) / sd, (b - mu) / sd
     m = min(len(a), len(b), subset_size)
     d = a.shape[1]
     rng = np.random.default_rng(seed)
@@ -142,6 +150,35 @@ def precision_recall(fake: np.ndarray, real: np.ndarray, k: int = 3, chunk: int 
 
 
 # ------------------------------------------------------------------------------------------------ features
+class PixelPCA(nn.Module):
+    """A second feature space that was trained on nothing: images resized to ``size`` x ``size`` (area average),
+    flattened, centred on the reference's mean and projected onto the reference's top ``k`` principal axes.
+
+    Frechet distance and precision / recall here measure the images' pixel statistics, independent of any
+    classifier's notion of what matters (recent evaluation work asks for a second, differently trained backbone; on
+    the offline digits task this is the one that needs no weights). Built from the reference images themselves, so
+    the same reference always gives the same space."""
+
+    def __init__(self, reference: np.ndarray | Tensor, k: int = 32, size: int = 16):
+        super().__init__()
+        self.size = size
+        x = self._flat(as_float_images(reference))
+        mean = x.mean(0)
+        _, _, vh = torch.linalg.svd(x - mean, full_matrices=False)
+        self.register_buffer("mean", mean)
+        self.register_buffer("axes", vh[: min(k, len(vh))].contiguous())
+
+    def _flat(self, x: Tensor) -> Tensor:
+        x = x.double()
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = torch.nn.functional.adaptive_avg_pool2d(x, self.size) if x.shape[-1] > self.size else \
+                torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        return x.flatten(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (self._flat(x.cpu()) - self.mean) @ self.axes.T
+
+
 def feature_backend(backend: str | nn.Module, device: torch.device | str = "cpu") -> FeatureFn:
     """A function from float images (B, 3, H, W) in [0, 1] to features (B, D)."""
     if isinstance(backend, nn.Module):

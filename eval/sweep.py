@@ -4,8 +4,14 @@ NFE counts network evaluations: with classifier-free guidance (scale > 1) every 
 NFE n runs n // 2 steps. Every row also records latency per image and throughput, measured in the same run, and, on
 the digits teacher, prompt accuracy (share of images the digits classifier reads as the prompted digit).
 
+Every row is measured in two feature spaces where the reference is a set of images: the primary one (the digits
+classifier's for ``--ref digits``, Inception's otherwise) and pixel-space PCA of the reference (`PixelPCA`, trained on
+nothing), each with FID, KID (on features standardised by the reference, with its spread over subsets) and
+precision / recall. One feature space is not enough to tell which of two models is better; `verdicts` says in words
+where the two disagree.
+
 Writes ``sweep.json`` (all rows), ``sweep.md`` (the table) and ``fid_vs_nfe.png`` (log-x, one line per
-model / solver / guidance) into the output directory.
+model / solver / guidance; one panel per feature space) into the output directory.
 """
 
 from __future__ import annotations
@@ -24,7 +30,17 @@ from distill_diffusion.errors import ConfigError
 from distill_diffusion.files import check_out_dir
 from distill_diffusion.zoo.digits_data import PROMPTS, TEACHER_SIZE, digits_split, label_of_prompt
 
-from .fid import FeatureStats, cache_key, cached_stats, extract, feature_backend, fid_from_stats, kid, precision_recall
+from .fid import (
+    FeatureStats,
+    PixelPCA,
+    cache_key,
+    cached_stats,
+    extract,
+    feature_backend,
+    fid_from_stats,
+    kid,
+    precision_recall,
+)
 from .generate import EvalModel, generate, load_model
 
 
@@ -73,6 +89,20 @@ def _settings(model: EvalModel, nfes: list[int], solvers: list[str], teacher_cfg
     return out
 
 
+SECOND = "pca"  # the second feature space's key suffix in rows (fid_pca, precision_pca, ...)
+
+
+def space_metrics(features: np.ndarray | torch.Tensor, reference: FeatureStats, suffix: str = "") -> dict:
+    """FID, KID (standardised features: mean and its std over 20 subsets) and precision / recall of generated
+    ``features`` against ``reference``, keys suffixed ``suffix``."""
+    stats = FeatureStats.from_features(features)
+    precision, recall = precision_recall(stats.features, reference.features)
+    k, k_std = kid(stats.features, reference.features, subsets=20, subset_size=min(500, stats.n, reference.n),
+                   standardise=True)
+    return {f"fid{suffix}": fid_from_stats(stats, reference), f"kid{suffix}": k, f"kid_std{suffix}": k_std,
+            f"precision{suffix}": precision, f"recall{suffix}": recall}
+
+
 def run_sweep(models: list[str], ref: str, nfes: list[int], solvers: list[str], teacher_cfgs: list[float],
               num_samples: int, out_dir: str | Path, features: str = "auto", batch_size: int = 250,
               prompts: list[str] | None = None, cache_dir: str | Path | None = None,
@@ -97,6 +127,10 @@ def run_sweep(models: list[str], ref: str, nfes: list[int], solvers: list[str], 
         key = cache_key(ref, backend, images.shape, hashlib.sha1(images.tobytes()).hexdigest())
         cache = None if cache_dir is None else Path(cache_dir) / f"ref_{key}.npz"
         reference = cached_stats(images, feat, cache)
+    spaces = {"": (feat, reference)}
+    if images is not None:  # pixel PCA needs the reference images themselves (a .npz has only primary features)
+        pca = PixelPCA(images)
+        spaces["_" + SECOND] = (pca, FeatureStats.from_features(extract(images, pca)))
     out_dir.mkdir(parents=True, exist_ok=True)
     if prompts is None:
         prompts = digit_prompts(num_samples)
@@ -107,14 +141,11 @@ def run_sweep(models: list[str], ref: str, nfes: list[int], solvers: list[str], 
         model = load_model(spec)
         for solver, w, steps, nfe in _settings(model, nfes, solvers, teacher_cfgs):
             images, seconds = generate(model, prompts, seeds, steps, w, solver, batch_size, progress)
-            stats = FeatureStats.from_features(extract(images, feat))
-            precision, recall = precision_recall(stats.features, reference.features)
-            row = {"model": spec, "solver": solver, "guidance": w, "steps": steps, "nfe": nfe, "n": num_samples,
-                   "fid": fid_from_stats(stats, reference),
-                   "kid": kid(stats.features, reference.features, subsets=20, subset_size=min(500, num_samples))[0],
-                   "precision": precision, "recall": recall,
-                   "ms_per_image": 1000 * seconds / num_samples, "images_per_s": num_samples / seconds,
-                   "batch_size": batch_size}
+            row = {"model": spec, "solver": solver, "guidance": w, "steps": steps, "nfe": nfe, "n": num_samples}
+            for suffix, (fn, ref_stats) in spaces.items():
+                row.update(space_metrics(extract(images, fn), ref_stats, suffix))
+            row.update({"ms_per_image": 1000 * seconds / num_samples, "images_per_s": num_samples / seconds,
+                        "batch_size": batch_size})
             if classifier is not None:
                 row["prompt_accuracy"] = prompt_accuracy(images, prompts, classifier)
             rows.append(row)
@@ -126,19 +157,41 @@ def run_sweep(models: list[str], ref: str, nfes: list[int], solvers: list[str], 
 
 def table(rows: list[dict]) -> str:
     acc = any("prompt_accuracy" in r for r in rows)
-    head = "| model | solver | CFG | steps | NFE | FID | KID | precision | recall | "
+    second = any(f"fid_{SECOND}" in r for r in rows)
+    head = "| model | solver | CFG | steps | NFE | FID | KID (std) | precision | recall | "
+    head += f"FID {SECOND} | precision {SECOND} | recall {SECOND} | " if second else ""
     head += "prompt acc. | " if acc else ""
     head += "ms / image | images / s |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    nan = float("nan")
     for r in rows:
         cells = [Path(r["model"]).name or r["model"], r["solver"], f"{r['guidance']:g}", str(r["steps"]),
-                 str(r["nfe"]), f"{r['fid']:.3f}", f"{r['kid']:.4f}", f"{r.get('precision', float('nan')):.3f}",
-                 f"{r.get('recall', float('nan')):.3f}"]
+                 str(r["nfe"]), f"{r['fid']:.3f}", f"{r['kid']:.4f} ({r.get('kid_std', nan):.4f})",
+                 f"{r.get('precision', nan):.3f}", f"{r.get('recall', nan):.3f}"]
+        if second:
+            cells += [f"{r.get(f'{k}_{SECOND}', nan):.3f}" for k in ("fid", "precision", "recall")]
         if acc:
-            cells.append(f"{r.get('prompt_accuracy', float('nan')):.3f}")
+            cells.append(f"{r.get('prompt_accuracy', nan):.3f}")
         cells += [f"{r['ms_per_image']:.2f}", f"{r['images_per_s']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def label(r: dict) -> str:
+    return f"{Path(r['model']).name or r['model']} ({r['solver']}, CFG {r['guidance']:g}, {r['steps']} steps, " \
+           f"NFE {r['nfe']})"
+
+
+def verdicts(a: dict, b: dict) -> list[str]:
+    """Which of rows ``a`` and ``b`` each feature space finds better (lower FID), and whether they agree."""
+    names = {"": "the primary space", f"_{SECOND}": f"pixel {SECOND.upper()}"}
+    better = {sfx: a[f"fid{sfx}"] < b[f"fid{sfx}"] for sfx in names if f"fid{sfx}" in a and f"fid{sfx}" in b}
+    parts = [f"{names[sfx]} FID {a[f'fid{sfx}']:.3f} vs {b[f'fid{sfx}']:.3f}" for sfx in better]
+    if len(set(better.values())) == 1:
+        who = label(a) if next(iter(better.values())) else label(b)
+        return [f"{who} is better in every feature space ({'; '.join(parts)})."]
+    return [f"The feature spaces disagree about {label(a)} against {label(b)}: " + "; ".join(
+        f"{p} ({'first' if better[sfx] else 'second'} better)" for p, sfx in zip(parts, better)) + "."]
 
 
 def write_outputs(rows: list[dict], out_dir: Path, reference_n: int) -> None:
@@ -149,19 +202,21 @@ def write_outputs(rows: list[dict], out_dir: Path, reference_n: int) -> None:
 
     (out_dir / "sweep.json").write_text(json.dumps({"reference_n": reference_n, "rows": rows}, indent=1))
     (out_dir / "sweep.md").write_text(table(rows) + "\n")
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    suffixes = [""] + ([f"_{SECOND}"] if any(f"fid_{SECOND}" in r for r in rows) else [])
+    fig, axes = plt.subplots(1, len(suffixes), figsize=(6 * len(suffixes), 4), dpi=120, squeeze=False)
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((Path(r["model"]).name or r["model"], r["solver"], r["guidance"]), []).append(r)
-    for (model, solver, w), rs in groups.items():
-        rs = sorted(rs, key=lambda r: r["nfe"])
-        style = "o" if solver == "student" else ".-"
-        ax.plot([r["nfe"] for r in rs], [r["fid"] for r in rs], style, label=f"{model} {solver} CFG {w:g}")
-    ax.set_xscale("log")
-    ax.set_xlabel("NFE (network evaluations per image)")
-    ax.set_ylabel("FID")
-    ax.legend(fontsize=6)
-    ax.grid(alpha=0.3)
+    for ax, sfx in zip(axes[0], suffixes):
+        for (model, solver, w), rs in groups.items():
+            rs = sorted(rs, key=lambda r: r["nfe"])
+            style = "o" if solver == "student" else ".-"
+            ax.plot([r["nfe"] for r in rs], [r[f"fid{sfx}"] for r in rs], style, label=f"{model} {solver} CFG {w:g}")
+        ax.set_xscale("log")
+        ax.set_xlabel("NFE (network evaluations per image)")
+        ax.set_ylabel("FID, pixel PCA" if sfx else "FID")
+        ax.legend(fontsize=6)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_dir / "fid_vs_nfe.png")
     plt.close(fig)

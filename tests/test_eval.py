@@ -23,6 +23,7 @@ from distill_diffusion.errors import ConfigError
 from distill_diffusion.eval.clip_score import ClipScorer
 from distill_diffusion.eval.fid import (
     FeatureStats,
+    PixelPCA,
     cached_stats,
     extract,
     feature_backend,
@@ -33,7 +34,7 @@ from distill_diffusion.eval.fid import (
     precision_recall,
 )
 from distill_diffusion.eval.generate import SOLVERS, EvalModel, generate, make_scheduler
-from distill_diffusion.eval.sweep import run_sweep
+from distill_diffusion.eval.sweep import run_sweep, verdicts
 
 PROMPTS = ["a photo of a cat", "a red car", "a dog", "a green tree"]
 
@@ -313,14 +314,16 @@ def test_run_sweep_end_to_end(tmp_path: Path, tiny_dirs: dict[str, str]) -> None
     assert [(r["guidance"], r["steps"], r["nfe"]) for r in rows] == [(1.0, 1, 1), (1.0, 2, 2), (2.0, 1, 2)]
     for r in rows:
         assert r["solver"] == "ddim" and r["n"] == 16
-        assert np.isfinite(r["fid"]) and r["fid"] > 0 and np.isfinite(r["kid"])
+        assert np.isfinite(r["fid"]) and r["fid"] > 0 and np.isfinite(r["kid"]) and r["kid_std"] >= 0
         assert 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1
+        # the second feature space: pixel PCA of the reference images
+        assert np.isfinite(r["fid_pca"]) and r["fid_pca"] > 0 and 0 <= r["recall_pca"] <= 1
         assert r["ms_per_image"] > 0
         assert r["images_per_s"] == pytest.approx(1000 / r["ms_per_image"])
     saved = json.loads((out / "sweep.json").read_text())
     assert saved["reference_n"] == 40 and saved["rows"] == rows
     md = (out / "sweep.md").read_text().strip().splitlines()
-    assert len(md) == 2 + len(rows) and "FID" in md[0]
+    assert len(md) == 2 + len(rows) and "FID" in md[0] and "FID pca" in md[0]
     assert (out / "fid_vs_nfe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
 
@@ -358,3 +361,49 @@ def test_frechet_distance_one_dimensional() -> None:
 
     # N(1, 4) vs N(3, 9): (1-3)^2 + (2-3)^2 = 5
     assert frechet_distance(np.array([1.0]), np.array([[4.0]]), np.array([3.0]), np.array([[9.0]])) == pytest.approx(5)
+
+
+def test_pixel_pca_is_built_from_the_reference_and_sees_what_it_holds() -> None:
+    """The second feature space: the reference against itself is 0; a brightness shift and a blur, which a
+    classifier's features may ignore, each move the pixel-PCA FID away from 0; the space is fixed by the reference."""
+    g = torch.Generator().manual_seed(0)
+    ref = torch.rand(200, 3, 8, 8, generator=g) * torch.linspace(0.2, 1, 8)  # a column gradient: structured pixels
+    pca = PixelPCA(ref, k=16, size=8)
+    assert pca.axes.shape == (16, 3 * 8 * 8)
+    torch.testing.assert_close(pca.axes @ pca.axes.T, torch.eye(16, dtype=torch.float64))  # orthonormal axes
+    stats = FeatureStats.from_features(extract(ref, pca))
+    assert abs(fid_from_stats(stats, stats)) < 1e-6
+    other = torch.rand(200, 3, 8, 8, generator=g) * torch.linspace(0.2, 1, 8)
+    same = fid_from_stats(FeatureStats.from_features(extract(other, pca)), stats)
+    brighter = fid_from_stats(FeatureStats.from_features(extract((other + 0.3).clamp(0, 1), pca)), stats)
+    blurred = fid_from_stats(FeatureStats.from_features(extract(
+        torch.nn.functional.avg_pool2d(other, 3, 1, 1, count_include_pad=False), pca)), stats)
+    assert brighter > 3 * same and blurred > 3 * same, (same, brighter, blurred)
+    # uint8 NHWC images of another size are resized into the same space
+    as_uint8 = (ref.permute(0, 2, 3, 1) * 255).round().to(torch.uint8)
+    assert extract(as_uint8, PixelPCA(ref, k=16, size=4)).shape == (200, 16)
+
+
+def test_kid_standardised_is_scale_free_and_the_raw_kernel_is_not() -> None:
+    """The cubic kernel (x.y / d + 1)^3 assumes unit-scale features: scaled by 10, the raw KID of the same two sets
+    changes by orders of magnitude, the standardised one not at all (what the sweep reports)."""
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0.3, 1, (300, 8)), rng.normal(0, 1, (300, 8))
+    raw1, raw10 = kid(a, b, subsets=10, subset_size=200)[0], kid(10 * a, 10 * b, subsets=10, subset_size=200)[0]
+    std1 = kid(a, b, subsets=10, subset_size=200, standardise=True)
+    std10 = kid(10 * a, 10 * b, subsets=10, subset_size=200, standardise=True)
+    assert raw10 > 100 * raw1 > 0
+    assert std1[0] == pytest.approx(std10[0], rel=1e-6) and std1[1] == pytest.approx(std10[1], rel=1e-6)
+    assert std1[0] > 3 * std1[1] > 0  # a 0.3-std shift in every dimension is seen, beyond its spread
+
+
+def test_verdicts_say_when_the_feature_spaces_disagree() -> None:
+    row = {"model": "m", "solver": "student", "guidance": 1.0, "steps": 4, "nfe": 4}
+    a = {**row, "fid": 3.0, "fid_pca": 5.0}
+    b = {**row, "model": "t", "solver": "ddim", "fid": 4.0, "fid_pca": 4.0}
+    (said,) = verdicts(a, b)
+    assert said.startswith("The feature spaces disagree") and "first better" in said and "second better" in said
+    (said,) = verdicts(a, {**b, "fid_pca": 6.0})
+    assert said.startswith("m (student") and "better in every feature space" in said
+    (said,) = verdicts(a, {**b, "fid": 2.0, "fid_pca": 1.0})
+    assert said.startswith("t (ddim")

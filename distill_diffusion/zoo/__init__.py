@@ -2,10 +2,13 @@
 
 - ``digits``: a Stable-Diffusion-shaped text-to-image pipeline trained on scikit-learn's handwritten digits
   (`train_digits.py`; re-create with ``distill-diffusion zoo train-digits OUT_DIR``);
+- ``digits-flow``: the same task in Stable Diffusion 3's shape (an ``SD3Transformer2DModel`` trained with the
+  flow-matching objective, `train_digits_flow.py`; ``distill-diffusion zoo train-digits-flow OUT_DIR``);
 - ``digits_classifier``: the classifier that gives the digits FID feature space and prompt accuracy
   (`classifier.py`; re-create with ``distill-diffusion zoo train-classifier OUT``).
 
-``load("digits")`` returns the diffusers pipeline; ``embedded:digits`` names it anywhere a teacher path is accepted.
+``load("digits")`` returns the diffusers pipeline; ``embedded:digits`` (``embedded:digits-flow``) names it anywhere a
+teacher path is accepted.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from typing import Any
 from .classifier import load_classifier
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
-EMBEDDED = {"digits": WEIGHTS / "digits", "digits_classifier": WEIGHTS / "digits_classifier.safetensors"}
+EMBEDDED = {"digits": WEIGHTS / "digits", "digits-flow": WEIGHTS / "digits_flow",
+            "digits_classifier": WEIGHTS / "digits_classifier.safetensors"}
+TEACHERS = ("digits", "digits-flow")  # the embedded text-to-image pipelines
 PREFIX = "embedded:"
 # the digits teacher's best CFG scale at 50 DDIM steps (lowest digits-FID 5.26, prompt accuracy 0.997;
 # `python bench/digits_teacher.py`, docs/BENCHMARKS.md)
@@ -35,7 +40,8 @@ def path(name: str) -> Path:
 
 
 def load(name: str) -> Any:
-    """``digits`` -> StableDiffusionPipeline; ``digits_classifier`` -> DigitsClassifier (both offline)."""
+    """``digits`` -> StableDiffusionPipeline, ``digits-flow`` -> StableDiffusion3Pipeline; ``digits_classifier`` ->
+    DigitsClassifier (all offline)."""
     name = name.removeprefix(PREFIX)
     if name == "digits_classifier":
         return load_classifier(path(name))

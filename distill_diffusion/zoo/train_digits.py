@@ -47,6 +47,14 @@ def build_unet():  # noqa: ANN201
     )
 
 
+@torch.no_grad()
+def ema_update(ema: dict[str, torch.Tensor], net: torch.nn.Module, step: int) -> None:
+    """The teachers' weight EMA: decay min(0.999, (1 + step) / (10 + step)), integer buffers copied."""
+    decay = min(0.999, (1 + step) / (10 + step))
+    for k, v in net.state_dict().items():
+        ema[k].lerp_(v, 1 - decay) if v.is_floating_point() else ema[k].copy_(v)
+
+
 def train_vae(vae, images: torch.Tensor, steps: int, gen: torch.Generator, progress: bool,  # noqa: ANN001
               max_shift: int = 1) -> None:
     """Reconstruction MSE + 1e-6 KL (SD's autoencoder trades off the same way, without the GAN/LPIPS terms)."""
@@ -145,10 +153,7 @@ def train_digits(out_dir: str | Path, vae_steps: int = 800, unet_steps: int = 65
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
         sched.step()
-        decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for k, v in unet.state_dict().items():
-                ema[k].lerp_(v, 1 - decay) if v.is_floating_point() else ema[k].copy_(v)
+        ema_update(ema, unet, step)
         losses.append(loss.item())
     unet.load_state_dict(ema)
     unet.eval()

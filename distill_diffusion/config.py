@@ -122,6 +122,8 @@ ATTENTION = ("sdpa", "xformers")
 @dataclass
 class TrainConfig:
     steps: int = field(default=1000, metadata={"help": "optimizer steps over all roles"})
+    max_seconds: float = field(default=0.0, metadata={
+        "help": "stop after this many seconds of training (at a step boundary, then write final/); 0 = no limit"})
     batch_size: int = 64
     seed: int = 0
     grad_clip: float = 10.0
@@ -152,7 +154,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
-        for name, meaning in (("seed", "a seed"), ("grad_clip", "0: no clipping"), ("sample_every", "0: at the end")):
+        for name, meaning in (("seed", "a seed"), ("grad_clip", "0: no clipping"), ("sample_every", "0: at the end"),
+                              ("max_seconds", "0: no limit")):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0 ({meaning}), got {getattr(self, name)}")
 

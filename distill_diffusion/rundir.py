@@ -37,8 +37,8 @@ CHECKPOINT_PREFIX = "step_"
 STATE_FILE = "trainer_state.json"  # written last: marks a checkpoint complete
 STUDENT, STUDENT_EMA = "student.safetensors", "student_ema.safetensors"
 # config sections a resumed run may change: how long it runs and how it reports, never what it computes
-RESUMABLE_KEYS = {"steps", "checkpoint_every", "keep_checkpoints", "log_every", "sample_every", "eval_samples",
-                  "progress", "attention"}  # attention kernels compute the same function
+RESUMABLE_KEYS = {"steps", "max_seconds", "checkpoint_every", "keep_checkpoints", "log_every", "sample_every",
+                  "eval_samples", "progress", "attention"}  # attention kernels compute the same function
 
 
 # ------------------------------------------------------------------------------------------------ starting, resuming

@@ -276,6 +276,10 @@ class Trainer:
                 self._log({"step": self.step, **self._preview(self.run_dir / "samples" / f"step_{self.step:08d}")})
             if self.step % tc.checkpoint_every == 0 and self.step < tc.steps:
                 self.save_checkpoint()
+            # a wall-clock budget (the leaderboard's equal budget per method): every process stops at the same step
+            if tc.max_seconds and self.step < tc.steps and not agree(time.time() - t0 < tc.max_seconds, self.world):
+                self._log({"step": self.step, "stopped": f"train.max_seconds {tc.max_seconds:g} reached"})
+                break
         bar.close()
         for params in self.params.values():  # back to the as-built trainable set (phases toggled it)
             for p in params:

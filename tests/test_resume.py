@@ -41,6 +41,25 @@ def test_resume_is_bit_identical(tmp_path: Path) -> None:
         assert all((a[k] == b[k]).all() for k in a), f
 
 
+def test_a_wall_clock_budget_stops_early_writes_final_and_resumes(tmp_path: Path) -> None:
+    """``train.max_seconds`` (the leaderboard's equal budget per method) stops at a step boundary once the budget is
+    spent, writes final/ and logs why; the run resumes to its full length with the budget lifted."""
+    import json
+
+    cfg = config(100000)
+    cfg.train.max_seconds = 2.0
+    run = tmp_path / "run"
+    Trainer(cfg, run).train()
+    logs = [json.loads(line) for line in (run / "logs.jsonl").read_text().splitlines()]
+    stop = [r for r in logs if "stopped" in r]
+    assert len(stop) == 1 and "train.max_seconds 2" in stop[0]["stopped"] and 0 < stop[0]["step"] < 100000
+    assert (run / "final" / "student.safetensors").is_file()
+    assert latest_checkpoint(run).name == f"step_{stop[0]['step']:08d}"
+    more = config(stop[0]["step"] + 3)
+    assert Trainer(more, run, resume=True).train() is not None
+    assert latest_checkpoint(run).name == f"step_{stop[0]['step'] + 3:08d}"
+
+
 def test_resume_refuses_a_different_config(tmp_path: Path) -> None:
     Trainer(config(30), tmp_path / "run").train()
     with pytest.raises(ConfigError, match="model.timesteps"):

@@ -127,6 +127,8 @@ def run_sweep(models: list[str], ref: str, nfes: list[int], solvers: list[str], 
         key = cache_key(ref, backend, images.shape, hashlib.sha1(images.tobytes()).hexdigest())
         cache = None if cache_dir is None else Path(cache_dir) / f"ref_{key}.npz"
         reference = cached_stats(images, feat, cache)
+    space = "digits classifier" if backend is classifier and classifier is not None else \
+        (backend if isinstance(backend, str) else type(backend).__name__)  # the primary space's name
     spaces = {"": (feat, reference)}
     if images is not None:  # pixel PCA needs the reference images themselves (a .npz has only primary features)
         pca = PixelPCA(images)
@@ -141,7 +143,8 @@ def run_sweep(models: list[str], ref: str, nfes: list[int], solvers: list[str], 
         model = load_model(spec)
         for solver, w, steps, nfe in _settings(model, nfes, solvers, teacher_cfgs):
             images, seconds = generate(model, prompts, seeds, steps, w, solver, batch_size, progress)
-            row = {"model": spec, "solver": solver, "guidance": w, "steps": steps, "nfe": nfe, "n": num_samples}
+            row = {"model": spec, "solver": solver, "guidance": w, "steps": steps, "nfe": nfe, "n": num_samples,
+                   "space": space}
             for suffix, (fn, ref_stats) in spaces.items():
                 row.update(space_metrics(extract(images, fn), ref_stats, suffix))
             row.update({"ms_per_image": 1000 * seconds / num_samples, "images_per_s": num_samples / seconds,
@@ -184,9 +187,9 @@ def label(r: dict) -> str:
 
 def verdicts(a: dict, b: dict) -> list[str]:
     """Which of rows ``a`` and ``b`` each feature space finds better (lower FID), and whether they agree."""
-    names = {"": "the primary space", f"_{SECOND}": f"pixel {SECOND.upper()}"}
+    names = {"": f"{a.get('space', 'primary')} FID", f"_{SECOND}": f"pixel-{SECOND.upper()} FID"}
     better = {sfx: a[f"fid{sfx}"] < b[f"fid{sfx}"] for sfx in names if f"fid{sfx}" in a and f"fid{sfx}" in b}
-    parts = [f"{names[sfx]} FID {a[f'fid{sfx}']:.3f} vs {b[f'fid{sfx}']:.3f}" for sfx in better]
+    parts = [f"{names[sfx]} {a[f'fid{sfx}']:.3f} vs {b[f'fid{sfx}']:.3f}" for sfx in better]
     if len(set(better.values())) == 1:
         who = label(a) if next(iter(better.values())) else label(b)
         return [f"{who} is better in every feature space ({'; '.join(parts)})."]

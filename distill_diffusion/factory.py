@@ -19,6 +19,7 @@ from .config import ModelConfig
 from .denoiser import Denoiser
 from .errors import ConfigError
 from .gmm import GaussianMixture, MixtureDenoiserNet, ResidualMLP
+from .latents import latent_channels
 from .lora import SharedDenoiser, add_lora
 from .process import NoiseProcess
 from .roles import Models, Needs, Student, Teacher
@@ -115,7 +116,8 @@ def image_size(pipe: Any, resolution: int | None = None) -> int:
     net = getattr(pipe, "unet", None) or pipe.transformer
     size = getattr(net.config, "sample_size", None)
     if size is None or type(net).__name__ == "FluxTransformer2DModel":
-        return int(pipe.vae.config.sample_size)
+        vae_size = pipe.vae.config.get("sample_size")  # Qwen-Image's VAE has none: the pipeline's own default
+        return int(vae_size or pipe.default_sample_size * vae_factor(pipe))
     return int(size) * vae_factor(pipe)
 
 
@@ -178,7 +180,7 @@ def _image_models(cfg: ModelConfig, pipe: Any, net: Any, student_net: Any, needs
         student=Student(student, cfg.timesteps, needs.student_sampler, student_cfg),
         critic=critic_denoiser,
         family=family,
-        sample_shape=(pipe.vae.config.latent_channels, side, side),
+        sample_shape=(latent_channels(pipe.vae), side, side),
         text=text,
         vae=pipe.vae,
         pipeline=pipe,
@@ -213,7 +215,8 @@ def _transformer_models(cfg: ModelConfig, pipe: Any, needs: Needs, student_cfg: 
 
 
 # the flow-matching transformer pipelines -> their family name
-FLOW_BUILDERS = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", "SanaPipeline": "sana"}
+FLOW_BUILDERS = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", "SanaPipeline": "sana",
+                 "QwenImagePipeline": "qwen"}
 # a teacher pipeline's class -> the builder of its roles (a new teacher family adds its builder here)
 BUILDERS = {"StableDiffusionPipeline": _unet_models, "StableDiffusionXLPipeline": _unet_models,
             **{name: _transformer_models for name in FLOW_BUILDERS}}

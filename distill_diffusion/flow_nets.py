@@ -14,9 +14,13 @@ pipeline:
 
 - SANA (``SanaTransformer2DModel``): ``timestep = t * timestep_scale``; ``encoder_hidden_states`` the Gemma-2
   sequence with its ``encoder_attention_mask`` (``cond.mask``); a learned-sigma half of the output is dropped.
+- Qwen-Image (``QwenImageTransformer2DModel``, ``pipeline_qwenimage.py``): latents packed as Flux's; ``timestep =
+  t / 1000``; ``encoder_hidden_states`` the Qwen2.5-VL sequence with ``encoder_hidden_states_mask`` (``cond.mask``);
+  ``img_shapes`` the (frames, rows, columns) of the packed grid, one frame.
 
-The prediction is the flow velocity ``u = eps - x0`` for all three. Flux's scheduler draws its fresh noise in the
-packed layout; `fresh_noise` draws it the same way, so a multistep student re-noises as the exported pipeline does.
+The prediction is the flow velocity ``u = eps - x0`` for all four. Flux's and Qwen-Image's schedulers draw their
+fresh noise in the packed layout; `fresh_noise` draws it the same way, so a multistep student re-noises as the
+exported pipeline does.
 """
 
 from __future__ import annotations
@@ -28,9 +32,11 @@ from torch import Tensor, nn
 
 from .draws import randn
 
-TRANSFORMERS = ("SD3Transformer2DModel", "FluxTransformer2DModel", "SanaTransformer2DModel")
+TRANSFORMERS = ("SD3Transformer2DModel", "FluxTransformer2DModel", "SanaTransformer2DModel",
+                "QwenImageTransformer2DModel")
 # pipelines that call ``scheduler.step`` without the user's generator (re-noising draws from torch's global one)
-GLOBAL_RNG_RENOISE = ("SD3Transformer2DModel", "FluxTransformer2DModel")
+GLOBAL_RNG_RENOISE = ("SD3Transformer2DModel", "FluxTransformer2DModel", "QwenImageTransformer2DModel")
+PACKED = ("FluxTransformer2DModel", "QwenImageTransformer2DModel")  # 2x2-packed latents
 
 
 def is_flow_transformer(net: nn.Module) -> bool:
@@ -64,11 +70,16 @@ def call(net: nn.Module, x: Tensor, t: Tensor, cond: Any, dtype: torch.dtype) ->
         out = net(x, encoder_hidden_states=embeds, encoder_attention_mask=cond.mask,
                   timestep=t * net.config.timestep_scale, return_dict=False)[0].float()
         return out.chunk(2, dim=1)[0] if net.config.out_channels // 2 == x.shape[1] else out  # learned sigma
+    _, _, h, w = x.shape
+    if type(net).__name__ == "QwenImageTransformer2DModel":
+        out = net(hidden_states=pack(x), timestep=(t / 1000).to(x.dtype), encoder_hidden_states=embeds,
+                  encoder_hidden_states_mask=cond.mask.long(), img_shapes=[[(1, h // 2, w // 2)]] * len(x),
+                  return_dict=False)[0]
+        return unpack(out, h, w)
     pooled = cond.pooled.to(dtype)
     if type(net).__name__ == "SD3Transformer2DModel":
         return net(hidden_states=x, encoder_hidden_states=embeds, pooled_projections=pooled, timestep=t,
                    return_dict=False)[0]
-    _, _, h, w = x.shape
     guidance = None
     if net.config.guidance_embeds:
         if cond.guidance is None:
@@ -92,7 +103,7 @@ def size_arguments(pipe: Any, size: int) -> dict[str, Any]:
 
 def fresh_noise(net: nn.Module, shape: tuple[int, ...], generator: Any, like: Tensor) -> Tensor:
     """Standard normal noise of ``shape`` (B, C, H, W), drawn in the layout the network's scheduler draws it."""
-    if type(net).__name__ != "FluxTransformer2DModel":
+    if type(net).__name__ not in PACKED:
         return randn(shape, generator, like)
     b, c, h, w = shape
     return unpack(randn((b, (h // 2) * (w // 2), 4 * c), generator, like), h, w)

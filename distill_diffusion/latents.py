@@ -18,6 +18,21 @@ def _latent_stats(vae: torch.nn.Module, like: Tensor) -> tuple[Tensor | float, T
     return torch.tensor(mean).view(1, -1, 1, 1).to(like), torch.tensor(std).view(1, -1, 1, 1).to(like)
 
 
+def latent_channels(vae: torch.nn.Module) -> int:
+    """Channels of the VAE's latents (Qwen-Image's video-style VAE calls them ``z_dim``)."""
+    return int(vae.config.get("latent_channels") or vae.config["z_dim"])
+
+
+def scaling_factor(vae: torch.nn.Module) -> float:
+    """The VAE's latent scaling; 1 for VAEs that standardise by per-channel mean / std alone (Qwen-Image's)."""
+    return float(vae.config.get("scaling_factor") or 1.0)
+
+
+def _frames(vae: torch.nn.Module) -> bool:
+    """Whether the VAE is a video one that takes (B, C, frames, H, W) (Qwen-Image's: images are one frame)."""
+    return type(vae).__name__ == "AutoencoderKLQwenImage"
+
+
 def _posterior_mean(encoded: object) -> Tensor:
     """The latent an encoder output stands for: AutoencoderKL's posterior mean, AutoencoderDC's (SANA) latent."""
     dist = getattr(encoded, "latent_dist", None)
@@ -30,8 +45,12 @@ def decode(models: Models, latents: Tensor, as_float: bool = False) -> np.ndarra
     ``output_type="np"`` gives them."""
     vae = models.vae
     mean, std = _latent_stats(vae, latents)
-    latents = latents * std / vae.config.scaling_factor + mean
-    images = (vae.decode(latents.to(vae.dtype)).sample.float() / 2 + 0.5).clamp(0, 1)
+    latents = latents * std / scaling_factor(vae) + mean
+    if _frames(vae):
+        images = vae.decode(latents.to(vae.dtype).unsqueeze(2)).sample[:, :, 0]
+    else:
+        images = vae.decode(latents.to(vae.dtype)).sample
+    images = (images.float() / 2 + 0.5).clamp(0, 1)
     images = images.permute(0, 2, 3, 1).cpu().numpy()
     return images if as_float else (images * 255).round().astype(np.uint8)
 
@@ -46,7 +65,11 @@ def encode(models: Models, images: Tensor, batch: int = 64) -> Tensor:
 def encode_vae(vae: torch.nn.Module, images: Tensor, batch: int = 64) -> Tensor:
     """`encode` with a VAE alone (latent caches are built without the rest of the run)."""
     device = next(vae.parameters()).device
-    latents = torch.cat([_posterior_mean(vae.encode(images[i : i + batch].to(device, vae.dtype)))
-                         for i in range(0, len(images), batch)])
+    if _frames(vae):  # one frame in, one frame out
+        latents = torch.cat([_posterior_mean(vae.encode(images[i : i + batch].to(device, vae.dtype).unsqueeze(2)))
+                             [:, :, 0] for i in range(0, len(images), batch)])
+    else:
+        latents = torch.cat([_posterior_mean(vae.encode(images[i : i + batch].to(device, vae.dtype)))
+                             for i in range(0, len(images), batch)])
     mean, std = _latent_stats(vae, latents)
-    return (latents - mean) * vae.config.scaling_factor / std
+    return (latents - mean) * scaling_factor(vae) / std

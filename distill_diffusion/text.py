@@ -80,8 +80,11 @@ class PipelineTextConditioner(TextConditioner):
     value (Flux.1-dev's ``guidance_scale``; ``None`` for a transformer without a guidance embedding, schnell).
     SANA: ``embeds`` Gemma-2's hidden states of the prompt behind the pipeline's default instruction prefix
     (``complex_human_instruction``, as ``SanaPipeline.__call__`` adds it), ``mask`` their attention mask; the
-    unconditional branch is the pipeline's negative (the empty prompt, no prefix). `TextConditioner` gives
-    ``encode`` and the cached empty prompt; the encoding and the `Cond` layout are the pipeline's.
+    unconditional branch is the pipeline's negative (the empty prompt, no prefix). Qwen-Image: ``embeds`` the
+    Qwen2.5-VL hidden states after the chat template (the pipeline's own ``encode_prompt``), padded to a fixed length
+    with their ``mask``; the unconditional branch the negative prompt " " its docs use for true CFG.
+    `TextConditioner` gives ``encode`` and the cached empty prompt; the encoding and the `Cond` layout are the
+    pipeline's.
     """
 
     def __init__(self, pipe: Any, guidance: float | None = None):
@@ -95,6 +98,11 @@ class PipelineTextConditioner(TextConditioner):
     def _sana(self) -> bool:
         return type(self.pipe).__name__ == "SanaPipeline"
 
+    @property
+    def _masked(self) -> bool:
+        """SANA and Qwen-Image: no pooled embedding, an attention mask instead (it rides in the pooled slot)."""
+        return self._sana or type(self.pipe).__name__ == "QwenImagePipeline"
+
     @torch.no_grad()
     def _encode(self, prompts: list[str]) -> tuple[Tensor, Tensor | None]:
         device = self.encoders[0].device
@@ -105,6 +113,8 @@ class PipelineTextConditioner(TextConditioner):
         if type(self.pipe).__name__ == "FluxPipeline":
             embeds, pooled, _ = self.pipe.encode_prompt(prompts, None, device=device)
             return embeds, pooled
+        if type(self.pipe).__name__ == "QwenImagePipeline":
+            return _qwen_fixed_length(*self.pipe.encode_prompt(prompts, device=device))
         embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, None, None, device=device,
                                                        do_classifier_free_guidance=False)
         return embeds, pooled
@@ -114,12 +124,14 @@ class PipelineTextConditioner(TextConditioner):
             _, _, embeds, mask = self.pipe.encode_prompt([""], negative_prompt="", device=self.encoders[0].device,
                                                          complex_human_instruction=_sana_instruction())
             self._null = embeds, mask.float()
+        if self._null is None and type(self.pipe).__name__ == "QwenImagePipeline":  # the documented negative " "
+            self._null = self._encode([" "])
         return super().null()
 
     def cond(self, embeds: Tensor, pooled: Tensor | None) -> Cond:
         n = len(embeds)
         null, null_pooled = self.null()
-        if self._sana:
+        if self._masked:
             uncond = Cond(embeds=null.to(embeds).expand(n, -1, -1).clone(), mask=null_pooled.to(pooled).expand(n, -1)
                           .clone())
             return Cond(embeds=embeds, mask=pooled, uncond=uncond)
@@ -127,6 +139,22 @@ class PipelineTextConditioner(TextConditioner):
         uncond = Cond(embeds=null.to(embeds).expand(n, -1, -1).clone(), pooled=null_pooled.to(pooled).expand(n, -1)
                       .clone(), guidance=None if guidance is None else guidance.clone())
         return Cond(embeds=embeds, pooled=pooled, guidance=guidance, uncond=uncond)
+
+
+QWEN_TEXT_LENGTH = 512  # QwenImagePipeline's max_sequence_length: every prompt an export accepts fits
+
+
+def _qwen_fixed_length(embeds: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Qwen-Image's prompt embeddings come padded to the longest prompt of the batch (with no mask when none is
+    padded); here every batch is zero-padded to `QWEN_TEXT_LENGTH` with its mask, so batches, the empty prompt and
+    prompt caches share one shape. The transformer reads the mask, so padding changes no output beyond rounding (the
+    export pads to its batch's longest prompt and reproduces training within 1e-4: tests/test_export_flow.py)."""
+    n, length, width = embeds.shape
+    if mask is None:
+        mask = torch.ones(n, length, dtype=torch.long, device=embeds.device)
+    pad = QWEN_TEXT_LENGTH - length
+    embeds = torch.cat([embeds, embeds.new_zeros(n, pad, width)], 1)
+    return embeds, torch.cat([mask, mask.new_zeros(n, pad)], 1).float()
 
 
 def _sana_instruction() -> list[str]:

@@ -29,7 +29,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 __all__ = ["PROMPT_WORDS", "TINY_KINDS", "build_tokenizer", "tiny_pipeline"]
 
-TINY_KINDS: tuple[str, ...] = ("sd15", "sd21", "sdxl", "sd3", "flux", "sana")  # sd3, flux, sana: `tiny_flow`
+TINY_KINDS: tuple[str, ...] = ("sd15", "sd21", "sdxl", "sd3", "flux", "sana", "qwen")  # sd3 .. qwen: `tiny_flow`
 
 _DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 PROMPT_WORDS: tuple[str, ...] = (
@@ -205,7 +205,7 @@ def tiny_pipeline(kind: str = "sd15", seed: int = 0) -> DiffusionPipeline:
     pipe: DiffusionPipeline
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if kind in ("sd3", "flux", "sana"):
+        if kind in ("sd3", "flux", "sana", "qwen"):
             from .tiny_flow import tiny_flow_pipeline
 
             return _ready(tiny_flow_pipeline(kind))

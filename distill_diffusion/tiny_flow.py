@@ -1,5 +1,5 @@
-"""Tiny, randomly initialised flow-matching transformer pipelines built offline: ``tiny:sd3``, ``tiny:flux`` and
-``tiny:sana``.
+"""Tiny, randomly initialised flow-matching transformer pipelines built offline: ``tiny:sd3``, ``tiny:flux``,
+``tiny:sana`` and ``tiny:qwen`` (Qwen-Image).
 
 The component classes and wiring of Stable Diffusion 3 (``StableDiffusion3Pipeline``: an ``SD3Transformer2DModel``,
 two CLIP encoders with projections and a T5 encoder) and Flux.1 (``FluxPipeline``: a ``FluxTransformer2DModel``
@@ -27,7 +27,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, PreTrainedT
 
 from .tiny import _TEXT_WIDTH, PROMPT_WORDS, _text_config, build_tokenizer
 
-FLOW_KINDS: tuple[str, ...] = ("sd3", "flux", "sana")
+FLOW_KINDS: tuple[str, ...] = ("sd3", "flux", "sana", "qwen")
 T5_MAX_LENGTH = 32  # the T5 tokenizer's model_max_length; the pipelines pad to their own max_sequence_length
 
 
@@ -133,14 +133,75 @@ def _sana() -> Any:
                         scheduler=scheduler)
 
 
+# the words and punctuation of QwenImagePipeline's prompt template, lower-cased
+_QWEN_TEMPLATE_WORDS = ("system", "describe", "the", "image", "by", "detailing", "color", ",", "shape", "size",
+                        "texture", "quantity", "text", "spatial", "relationships", "of", "objects", "and",
+                        "background", ":", "user", "assistant")
+
+
+def build_qwen_tokenizer(words: tuple[str, ...] = PROMPT_WORDS) -> PreTrainedTokenizerFast:
+    """A word-level stand-in for Qwen2's tokenizer: no BOS / EOS added, ``<|im_start|>`` / ``<|im_end|>`` special,
+    the newline a token of its own (then the pipeline's fixed template prefix is exactly its
+    ``prompt_template_encode_start_idx`` = 34 tokens, as with the real tokenizer), punctuation split off."""
+    from tokenizers import Regex, Tokenizer, normalizers
+    from tokenizers import pre_tokenizers as pre
+    from tokenizers.models import WordLevel
+
+    vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "<unk>": 3, "\n": 4}
+    for word in _QWEN_TEMPLATE_WORDS + tuple(words):
+        vocab.setdefault(word.lower(), len(vocab))
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre.Sequence([pre.Split(Regex(r"[ \t\r]+"), behavior="removed"),
+                                      pre.Split("\n", behavior="isolated"), pre.Punctuation("isolated")])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=32768, pad_token="<|endoftext|>",
+                                   eos_token="<|im_end|>", unk_token="<unk>",
+                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+
+
+def _qwen() -> Any:
+    """Qwen-Image's wiring (``QwenImagePipeline``): a ``QwenImageTransformer2DModel`` (2x2-packed latents, the text
+    sequence with its attention mask), a Qwen2.5-VL text encoder (the class always builds its vision tower, here a
+    tiny one the pipeline never runs), the 16-channel ``AutoencoderKLQwenImage`` (5-D, one frame, per-channel latent
+    mean / std) and Qwen-Image's dynamically shifted flow Euler scheduler. The VAE's config carries ``sample_size``
+    16 (diffusers warns that the class ignores it) so the tiny samples 16 px images, not the pipeline's 1024."""
+    from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = build_qwen_tokenizer()
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=_TEXT_WIDTH, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         max_position_embeddings=2048, pad_token_id=0, bos_token_id=0, eos_token_id=2,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=_TEXT_WIDTH,
+                           patch_size=2, temporal_patch_size=2, spatial_merge_size=2, window_size=8,
+                           fullatt_block_indexes=[0]))
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2], num_res_blocks=1, attn_scales=[],
+                                 temperal_downsample=[False], latents_mean=[0.0] * 16, latents_std=[1.0] * 16)
+    vae.register_to_config(sample_size=16)
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=2,
+                                              attention_head_dim=16, num_attention_heads=2,
+                                              joint_attention_dim=_TEXT_WIDTH, guidance_embeds=False,
+                                              axes_dims_rope=(4, 6, 6))
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
+                                                max_image_seq_len=8192, shift_terminal=0.02,
+                                                time_shift_type="exponential")
+    return QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=Qwen2_5_VLForConditionalGeneration(config),
+                             tokenizer=tokenizer, transformer=transformer)
+
+
 def tiny_flow_pipeline(kind: str) -> Any:
-    """The tiny pipeline of ``kind`` (``sd3``, ``flux`` or ``sana``); the caller seeds and forks the RNG."""
+    """The tiny pipeline of ``kind`` (``sd3``, ``flux``, ``sana`` or ``qwen``); the caller seeds and forks the RNG."""
     if kind == "sd3":
         return _sd3()
     if kind == "flux":
         return _flux()
     if kind == "sana":
         return _sana()
+    if kind == "qwen":
+        return _qwen()
     raise ValueError(f"unknown tiny flow model kind {kind!r}; choose one of: {', '.join(FLOW_KINDS)}")
 
 
@@ -149,7 +210,8 @@ def _check() -> None:  # pragma: no cover (a manual smoke run: python -m distill
         with torch.random.fork_rng():
             torch.manual_seed(0)
             pipe = tiny_flow_pipeline(kind)
-        extra = {"flux": {"height": 16, "width": 16}, "sana": {"height": 32, "width": 32}}.get(kind, {})
+        extra = {"flux": {"height": 16, "width": 16}, "sana": {"height": 32, "width": 32},
+                 "qwen": {"height": 16, "width": 16}}.get(kind, {})
         if kind == "sana":
             extra["use_resolution_binning"] = False
         out = pipe(["a handwritten digit seven"], num_inference_steps=2, output_type="np", **extra).images

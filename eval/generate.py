@@ -135,15 +135,20 @@ def _teacher_images(pipe: Any, prompts: list[str], seeds: list[int], steps: int 
     model)."""
     from distill_diffusion.factory import image_size, vae_factor
     from distill_diffusion.flow_nets import pack, size_arguments
+    from distill_diffusion.latents import latent_channels
 
     pipe.scheduler = make_scheduler(solver, pipe.scheduler.config)
     size = image_size(pipe)
-    noise = _noise(seeds, (pipe.vae.config.latent_channels, size // vae_factor(pipe), size // vae_factor(pipe)))
+    noise = _noise(seeds, (latent_channels(pipe.vae), size // vae_factor(pipe), size // vae_factor(pipe)))
     extra: dict[str, Any] = {}
-    if type(pipe).__name__ in ("FluxPipeline", "SanaPipeline"):  # their default sizes do not follow the model's
+    name = type(pipe).__name__
+    if name in ("FluxPipeline", "SanaPipeline", "QwenImagePipeline"):  # default sizes that do not follow the model's
         extra = size_arguments(pipe, size)
-    if type(pipe).__name__ == "FluxPipeline":
+    if name in ("FluxPipeline", "QwenImagePipeline"):
         noise = pack(noise)
+    if name == "QwenImagePipeline":  # true CFG: the empty negative prompt, at true_cfg_scale
+        extra.update(true_cfg_scale=cfg_scale, negative_prompt=[" "] * len(prompts) if cfg_scale > 1 else None)
+        return pipe(prompt=prompts, num_inference_steps=steps, latents=noise, output_type="np", **extra).images
     return pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=cfg_scale, latents=noise,
                 output_type="np", **extra).images
 

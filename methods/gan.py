@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from distill_diffusion.denoiser import Cond, Denoiser
 from distill_diffusion.errors import ConfigError
+from distill_diffusion.flow_nets import TRANSFORMERS
 from distill_diffusion.gmm import ResidualMLP
 
 
@@ -35,14 +36,14 @@ def bottleneck(net: nn.Module) -> tuple[nn.Module, int, bool]:
         return net.mid_block, net.config.block_out_channels[-1], True
     if isinstance(net, ResidualMLP):
         return net.body, net.out.in_features, False
-    if type(net).__name__ in ("SD3Transformer2DModel", "FluxTransformer2DModel", "SanaTransformer2DModel"):
+    if type(net).__name__ in TRANSFORMERS:
         # the middle joint block's image tokens (B, N, D): SD3-Turbo's LADD reads transformer-block features; DMD2's
         # choice for a UNet, the bottleneck, has no transformer counterpart, so the middle of the stack stands in
         blocks = net.transformer_blocks
         width = net.config.num_attention_heads * net.config.attention_head_dim
         return blocks[(len(blocks) - 1) // 2], width, False
     raise ConfigError(f"no GAN head for a critic network of type {type(net).__name__}; supported: "
-                      "UNet2DConditionModel, SD3 / Flux / SANA transformers, the mixture's ResidualMLP")
+                      "UNet2DConditionModel, SD3 / Flux / SANA / Qwen-Image transformers, the mixture's ResidualMLP")
 
 
 class GANHead(nn.Module):

@@ -153,6 +153,8 @@ def flow_call_arguments(models: Any, timesteps: list[float]) -> dict[str, Any]:
         kwargs["guidance_scale"] = float(models.text.guidance)
     elif models.family in ("sd3", "sana"):
         kwargs["guidance_scale"] = 0.0
+    elif models.family == "qwen":  # CFG is off without a negative prompt; 1 says so (the default 4 draws a warning)
+        kwargs["true_cfg_scale"] = 1.0
     size = int(models.sample_shape[-1]) * vae_factor(pipe)
     # the size the pipeline samples without being told (SANA's __call__ defaults to 1024 whatever the model)
     default = pipe.default_sample_size * pipe.vae_scale_factor if hasattr(pipe, "default_sample_size") else 1024

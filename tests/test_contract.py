@@ -87,7 +87,7 @@ def two_steps(teacher: str) -> list[float]:
     return NoiseProcess.from_scheduler(load_pipeline(teacher).scheduler).trailing_timesteps(2)
 
 
-@pytest.mark.parametrize("kind", ["sd15", "sd21", "sdxl", "embedded:digits", "sd3", "flux", "sana"])
+@pytest.mark.parametrize("kind", ["sd15", "sd21", "sdxl", "embedded:digits", "sd3", "flux", "sana", "qwen"])
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_contract_on_tiny_pipelines(method: str, kind: str, tiny_dirs: dict[str, str]) -> None:
     # real images for the methods that noise data (trajectory methods) or judge it (GAN terms); others ignore them

@@ -343,12 +343,12 @@ def test_image_shards_and_image_tables_read_like_a_folder(tmp_path: Path) -> Non
     assert "has no column 'nope'; it has: image, caption" in message
 
 
-@pytest.mark.parametrize("kind", ["sd3", "flux", "sana"])
+@pytest.mark.parametrize("kind", ["sd3", "flux", "sana", "qwen"])
 def test_flow_teachers_train_from_prompt_and_latent_caches(tmp_path: Path, kind: str) -> None:
     """The caches of the flow-matching transformer teachers: prompt rows (SD3's joint sequence and pooled vector,
-    Flux's T5 sequence and CLIP vector, SANA's Gemma sequence with its attention mask in the pooled slot) give the
-    conditioning fresh encoding gives; latent rows (the 16-channel KL VAE's shifted latents, SANA's AutoencoderDC
-    latents) are the VAE's encoding."""
+    Flux's T5 sequence and CLIP vector, SANA's Gemma sequence and Qwen-Image's Qwen2.5-VL sequence with their attention
+    masks in the pooled slot) give the conditioning fresh encoding gives; latent rows (the 16-channel KL VAE's shifted
+    latents, SANA's AutoencoderDC latents, Qwen-Image's one-frame video VAE latents) are the VAE's encoding."""
     (tmp_path / "p.txt").write_text("\n".join(f"a photo of a cat number {i}" for i in range(5)))
     folder = image_folder(tmp_path)
 
@@ -369,7 +369,8 @@ def test_flow_teachers_train_from_prompt_and_latent_caches(tmp_path: Path, kind:
         assert (mine is None) == (theirs is None), field
         if mine is not None:
             assert torch.allclose(mine, theirs, atol=1e-5), field
-    assert (a.cond.mask is not None) == (kind == "sana") and (a.cond.guidance is not None) == (kind == "flux")
+    assert (a.cond.mask is not None) == (kind in ("sana", "qwen"))
+    assert (a.cond.guidance is not None) == (kind == "flux")
     assert torch.allclose(a.cond.uncond.embeds, b.cond.uncond.embeds, atol=1e-6)
     assert b.real.shape == (3, *cached.models.sample_shape)
     from distill_diffusion.latents import encode

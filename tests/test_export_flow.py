@@ -1,11 +1,11 @@
-"""Export parity for the flow-matching transformer teachers (tiny SD3, Flux.1 and SANA): every method distils a few
-steps, its student exports as the teacher's own pipeline class (full weights, and as LoRA weights for a LoRA
-student), and a separate Python process that never imports distill_diffusion reproduces `generate` image for image
-(<= 1e-4, fp32).
+"""Export parity for the flow-matching transformer teachers (tiny SD3, Flux.1, SANA and Qwen-Image): every method
+distils a few steps, its student exports as the teacher's own pipeline class (full weights, and as LoRA weights for a
+LoRA student), and a separate Python process that never imports distill_diffusion reproduces `generate` image for
+image (<= 1e-4, fp32).
 
-The default tier runs a re-noising LoRA student (DMD2 on Flux), a deterministic full one (progressive on SD3) and a
-full DMD2 student of SANA; the other cells, whose students export through the same two samplers and pipeline
-classes, are in the slow tier."""
+The default tier runs a re-noising LoRA student (DMD2 on Flux), a deterministic full one (progressive on SD3), a
+full DMD2 student of SANA and a LoRA consistency student of Qwen-Image; the other cells, whose students export through
+the same two samplers and pipeline classes, are in the slow tier."""
 
 from __future__ import annotations
 
@@ -19,9 +19,11 @@ from test_export import distill, plain_diffusers, student_images
 from distill_diffusion.methods import METHODS
 from distill_diffusion.pipelines.export import export
 
-FAMILY = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "sana": "SanaPipeline"}
+FAMILY = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "sana": "SanaPipeline",
+          "qwen": "QwenImagePipeline"}
 ARGS = {"lr_student": 1e-3, "lr_critic": 1e-3, "critic_updates": 1}  # the critic methods: a student step in 4
-DEFAULT_TIER = {("flux", "dmd2", True), ("sd3", "progressive", False), ("sana", "dmd2", False)}
+DEFAULT_TIER = {("flux", "dmd2", True), ("sd3", "progressive", False), ("sana", "dmd2", False),
+                ("qwen", "consistency", True)}
 
 
 def cases() -> list:
@@ -95,7 +97,7 @@ def test_adapter_reproduces_the_pipelines_own_sampling(tiny_dirs: dict[str, str]
         from distill_diffusion.eval.generate import make_scheduler
 
         pipe.scheduler = make_scheduler("euler", pipe.scheduler.config)
-    if kind == "flux":  # FluxPipeline's own schedule: sigmas 1 .. 1/N, shifted by mu of the image's token count
+    if kind in ("flux", "qwen"):  # their pipelines' own schedule: sigmas 1 .. 1/N, shifted by mu of the token count
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
         c = pipe.scheduler.config
@@ -107,12 +109,12 @@ def test_adapter_reproduces_the_pipelines_own_sampling(tiny_dirs: dict[str, str]
     cond = models.text.encode(prompts)
     with torch.no_grad():
         mine = ddim(lambda x, t: models.teacher.x0(x, t, cond), noise, timesteps, models.process)
-    latents = pack(noise) if kind == "flux" else noise
-    extra = {"flux": {"height": 16, "width": 16}, "sana": {"height": 32, "width": 32,
-                                                           "use_resolution_binning": False}}.get(kind, {})
-    theirs = pipe(prompts, latents=latents, guidance_scale=3.5 if kind == "flux" else 1.0, output_type="latent",
-                  num_inference_steps=4, **extra).images
-    if kind == "flux":
+    latents = pack(noise) if kind in ("flux", "qwen") else noise
+    extra = {"flux": {"height": 16, "width": 16, "guidance_scale": 3.5},
+             "sana": {"height": 32, "width": 32, "use_resolution_binning": False, "guidance_scale": 1.0},
+             "qwen": {"height": 16, "width": 16, "true_cfg_scale": 1.0}}.get(kind, {"guidance_scale": 1.0})
+    theirs = pipe(prompts, latents=latents, output_type="latent", num_inference_steps=4, **extra).images
+    if kind in ("flux", "qwen"):
         from distill_diffusion.flow_nets import unpack
 
         theirs = unpack(theirs, 8, 8)
@@ -122,7 +124,7 @@ def test_adapter_reproduces_the_pipelines_own_sampling(tiny_dirs: dict[str, str]
     # the sweep's Euler is the pipeline's own schedule: the same images as the walk above
     assert np.abs(images - decode(models, mine, as_float=True)).max() <= 1e-4
     for solver in ("ddim", "dpmpp"):
-        if kind == "flux" and solver == "dpmpp":
+        if pipe.scheduler.config.get("use_dynamic_shifting") and solver == "dpmpp":  # refused: Flux, Qwen-Image
             continue
         other, _ = generate(EvalModel("teacher", pipeline=pipe), prompts, seeds, steps=4, solver=solver,
                             progress=False, as_float=True)

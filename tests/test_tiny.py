@@ -166,4 +166,4 @@ def test_seed_determinism_and_global_rng_untouched() -> None:
 def test_unknown_kind() -> None:
     with pytest.raises(ValueError, match="sd15") as info:
         tiny_pipeline("sd4")
-    assert str(info.value) == "unknown tiny model kind 'sd4'; choose one of: sd15, sd21, sdxl, sd3, flux, sana"
+    assert str(info.value) == "unknown tiny model kind 'sd4'; choose one of: sd15, sd21, sdxl, sd3, flux, sana, qwen"

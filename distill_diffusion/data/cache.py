@@ -70,7 +70,7 @@ def text_identity(text: Any) -> dict:
 def vae_identity(vae: torch.nn.Module, resolution: int) -> dict:
     """What a latent cache depends on: the VAE, its latent scaling and the image resolution."""
     c = vae.config
-    return {"vae": fingerprint(vae), "scaling_factor": c.scaling_factor,
+    return {"vae": fingerprint(vae), "scaling_factor": c.get("scaling_factor"),
             "shift_factor": getattr(c, "shift_factor", None), "latents_mean": getattr(c, "latents_mean", None),
             "latents_std": getattr(c, "latents_std", None), "resolution": int(resolution)}
 

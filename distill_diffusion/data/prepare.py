@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from ..config import Config
 from ..errors import ConfigError
 from ..factory import image_size, text_conditioner
-from ..latents import encode_vae
+from ..latents import encode_vae, latent_channels
 from ..teachers import load_pipeline
 from .cache import CacheWriter, text_identity, vae_identity
 from .images import open_image_source
@@ -102,7 +102,7 @@ def encode_images(cfg: Config, out: str | Path, batch: int = 64, dtype: str = "f
     size = image_size(pipe)
     source = open_image_source(cfg.data.real, size, cfg.data.image_column, cfg.data.caption_column, check=False)
     to = _dtype(dtype)
-    shape = (pipe.vae.config.latent_channels, size // int(pipe.vae_scale_factor))
+    shape = (latent_channels(pipe.vae), size // int(pipe.vae_scale_factor))
     row_bytes = shape[0] * shape[1] ** 2 * to.itemsize
     writer = CacheWriter(Path(out), "images", vae_identity(pipe.vae, size),
                          {"spec": str(cfg.data.real), "count": len(source)},

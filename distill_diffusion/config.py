@@ -24,8 +24,8 @@ from .methods import METHODS
 @dataclass
 class ModelConfig:
     teacher: str = field(default="gmm", metadata={
-        "help": "gmm | embedded:digits | tiny:sd15 | tiny:sd21 | tiny:sdxl | tiny:sd3 | tiny:flux | tiny:sana | "
-                "a diffusers directory | a hub id"})
+        "help": "gmm | embedded:digits | embedded:digits-flow | tiny:sd15 | tiny:sd21 | tiny:sdxl | tiny:sd3 | "
+                "tiny:flux | tiny:sana | tiny:qwen | a diffusers directory | a hub id"})
     timesteps: list[int] = field(default_factory=lambda: [999], metadata={"help": "student sampling timesteps"})
     # the Gaussian-mixture known answer
     gmm_classes: int = 8

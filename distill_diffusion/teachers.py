@@ -34,8 +34,9 @@ def load_pipeline(spec: str) -> Any:
         return _from_hub(spec)
     if not path.is_dir():
         raise ConfigError(
-            f"teacher {spec!r} is not a directory; give gmm, embedded:digits, tiny:sd15, tiny:sd21, tiny:sdxl, "
-            "tiny:sd3, tiny:flux, tiny:sana, a diffusers pipeline directory or a hub id such as "
+            f"teacher {spec!r} is not a directory; give gmm, embedded:digits, embedded:digits-flow, tiny:sd15, "
+            "tiny:sd21, tiny:sdxl, tiny:sd3, tiny:flux, tiny:sana, tiny:qwen, a diffusers pipeline directory or a "
+            "hub id such as "
             "stable-diffusion-v1-5/stable-diffusion-v1-5"
         )
     if not (path / "model_index.json").is_file():

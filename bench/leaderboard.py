@@ -35,8 +35,9 @@ from distill_diffusion.pipelines.export import export_run
 from distill_diffusion.trainer import Trainer
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-TEACHERS = {"digits": "embedded:digits"}
-GRIDS = {"digits": {1: [999], 4: [999, 749, 499, 249]}}
+TEACHERS = {"digits": "embedded:digits", "digits-flow": "embedded:digits-flow"}
+GRIDS = {"digits": {1: [999], 4: [999, 749, 499, 249]}, "digits-flow": {1: [1000], 4: [1000, 750, 500, 250]}}
+SOLVER = {"digits": "ddim", "digits-flow": "euler"}  # the teacher's own solver for its curve
 # (teacher, method, student steps) -> (config, overrides); the 5-minute recipes: each config's own recipe, its step
 # count left to the budget, and where a schedule is counted in updates, that schedule shortened to fit
 RECIPES: dict[tuple[str, str, int], tuple[str, list[str]]] = {
@@ -47,6 +48,14 @@ RECIPES: dict[tuple[str, str, int], tuple[str, list[str]]] = {
     **{("digits", m, k): (f"digits_{m}.yaml", []) for m in ("sid", "sida", "vsd", "consistency", "ladd", "add")
        for k in (1, 4)},
 }
+# the flow teacher: the same recipes on the flow grid, with the flow mixture's findings (docs/methods.md, "the flow
+# path"): SD3's timestep shift 3 for the score family, and SiD's 1-step student at SiD-LSG's t_init 625
+SCORE = {"dmd2": "dmd2", "sid": "sid", "sida": "sid", "vsd": "vsd"}
+for (t, m, k), (c, o) in list(RECIPES.items()):
+    if t == "digits":
+        extra = [f"{SCORE[m]}.t_shift=3.0"] if m in SCORE else []
+        RECIPES[("digits-flow", m, k)] = (c, [*o, "model.teacher=embedded:digits-flow", *extra])
+GRID_OVERRIDE = {("digits-flow", "sid", 1): [625], ("digits-flow", "sida", 1): [625]}
 NFES = [1, 2, 4, 8, 16, 32, 50]
 
 
@@ -66,7 +75,8 @@ def run_cell(teacher: str, method: str, steps: int, seed: int, minutes: float, n
         return result
     config, overrides = recipe
     shutil.rmtree(cell, ignore_errors=True)  # a cell killed half-way starts again
-    cfg = load_config(CONFIGS / config, [*overrides, f"model.timesteps={GRIDS[teacher][steps]}",
+    grid = GRID_OVERRIDE.get((teacher, method, steps), GRIDS[teacher][steps])
+    cfg = load_config(CONFIGS / config, [*overrides, f"model.timesteps={grid}",
                                          f"train.seed={seed}", f"train.max_seconds={60 * minutes}",
                                          "train.steps=1000000", "train.progress=false",
                                          "train.checkpoint_every=1000000"])
@@ -91,7 +101,7 @@ def teacher_rows(teacher: str, num_samples: int, out: Path) -> list[dict]:
     path = out / "teacher" / "sweep.json"
     if not path.is_file():
         shutil.rmtree(out / "teacher", ignore_errors=True)
-        run_sweep([TEACHERS[teacher]], "digits", NFES, ["ddim"], [1.0, 2.0], num_samples, out / "teacher",
+        run_sweep([TEACHERS[teacher]], "digits", NFES, [SOLVER[teacher]], [1.0, 2.0], num_samples, out / "teacher",
                   cache_dir=out / "cache", progress=False)
     return json.loads(path.read_text())["rows"]
 
@@ -137,7 +147,8 @@ def markdown(lines: list[dict], teacher: list[dict], minutes: float) -> str:
             f"{line['distill_s'] / 60:.1f}" if "distill_s" in line else "-",
             f"{line['updates']:.0f}" if "updates" in line else "-",
             ", ".join(map(str, line["seeds"])) or "-", line["note"] or ""]) + " |")
-    out += ["", f"Teacher (DDIM; same prompts, seeds and reference), budget {minutes:g} min per student cell:", "",
+    out += ["", f"Teacher ({teacher[0]['solver']}; same prompts, seeds and reference), budget {minutes:g} min per "
+            "student cell:", "",
             "| CFG | steps | NFE | FID | recall | FID pca | recall pca | prompt acc. |",
             "|---|---|---|---|---|---|---|---|"]
     for r in teacher:
@@ -159,7 +170,7 @@ def plot(lines: list[dict], teacher: list[dict], path: Path) -> None:
         for w in sorted({r["guidance"] for r in teacher}):
             rs = sorted((r for r in teacher if r["guidance"] == w), key=lambda r: r["nfe"])
             ax.plot([r["nfe"] for r in rs], [r[key] for r in rs], ".-", color="gray" if w == 1 else "black",
-                    label=f"teacher DDIM, CFG {w:g}")
+                    label=f"teacher {rs[0]['solver']}, CFG {w:g}")
         methods = sorted({line["method"] for line in lines})
         for line in lines:
             if key in line:

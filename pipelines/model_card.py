@@ -70,6 +70,15 @@ def cfg_note(cfg: Config, info: dict[str, Any]) -> str:
             f"(trained on `guidance_scale` in [{lo:g}, {hi:g}]; the call below uses {w:g}).")
 
 
+# why a 1-step student's call names its step count (docs/BENCHMARKS.md, "A 1-step student at the pipeline's default
+# 4 steps"; bench/one_step_call.py)
+ONE_STEP_NOTE = (
+    "`LatentConsistencyModelPipeline` defaults to 4 steps, which this 1-step student was not trained for: sampled on "
+    "the 4-step schedule [999, 749, 499, 249] the 1-step DMD2 digits student scores FID 72.3 against 7.2 in one step "
+    "(digits-classifier features, 1000 samples), so the export keeps one step and the call says "
+    "`num_inference_steps=1` (without it diffusers refuses the call).")
+
+
 def model_card(cfg: Config, info: dict[str, Any], sweep_table: str | None = None) -> Any:
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -97,6 +106,7 @@ def model_card(cfg: Config, info: dict[str, Any], sweep_table: str | None = None
         "",
         ("These are the pipeline's defaults: no argument beyond the prompt is needed." if no_args and not info["lora"]
          else "Pass exactly these arguments: the pipeline's defaults (step count, CFG) do not fit this student."),
+        *([ONE_STEP_NOTE] if steps == 1 and info["scheduler_class"] == "LCMScheduler" else []),
         ("This pipeline calls `scheduler.step` without the generator, so the noise drawn between steps comes from "
          "torch's global generator: to reproduce `distill-diffusion sample` image for image, call once per seed as "
          "above (`torch.manual_seed(seed)`, then `generator=torch.Generator().manual_seed(seed)`)."

@@ -116,7 +116,10 @@ def test_export_matches_student_in_plain_diffusers(tmp_path: Path, tiny_dirs: di
     assert info["timesteps"] == timesteps
     assert (info["call"] == {}) == bare
     assert not list(out.rglob("*.bin")) and list(out.rglob("*.safetensors"))
-    assert "```python" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "```python" in card
+    # a 1-step student's card says why its call names the step count (measured: bench/one_step_call.py)
+    assert ("scores FID 72.3 against 7.2 in one step" in card) == (len(timesteps) == 1)
 
     mine = student_images(run)
     theirs, meta = plain_diffusers(tmp_path, "full", str(out))

@@ -90,7 +90,9 @@ def train_digits_flow(out_dir: str | Path, steps: int = 6000, batch_size: int = 
     net = pipe.transformer.train()
     ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    # 5% warm-up; at least two steps of it, which OneCycleLR needs (a few-step smoke run gets half its steps)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
+                                                pct_start=min(0.5, max(0.05, 2 / steps)))
     losses = []
     for step in tqdm(range(steps), desc="transformer", disable=not progress):
         idx = torch.randint(0, len(images), (batch_size,), generator=gen)

@@ -50,11 +50,17 @@ RECIPES: dict[tuple[str, str, int], tuple[str, list[str]]] = {
 }
 # the flow teacher: the same recipes on the flow grid, with the flow mixture's findings (docs/methods.md, "the flow
 # path"): SD3's timestep shift 3 for the score family, and SiD's 1-step student at SiD-LSG's t_init 625
+# path"): SD3's timestep shift 3 for the score family, and SiD's 1-step student at SiD-LSG's t_init 625; the teacher's
+# CFG wherever a recipe guides it is the flow teacher's best, 1.3 (zoo.DIGITS_FLOW_BEST_GUIDANCE), not 2
 SCORE = {"dmd2": "dmd2", "sid": "sid", "sida": "sid", "vsd": "vsd"}
+GUIDED = {**SCORE, "consistency": "consistency", "progressive": "progressive", "add": "add"}
 for (t, m, k), (c, o) in list(RECIPES.items()):
     if t == "digits":
         extra = [f"{SCORE[m]}.t_shift=3.0"] if m in SCORE else []
+        extra += [f"{GUIDED[m]}.teacher_cfg=1.3"] if m in GUIDED else []
+        extra += ["vsd.critic_cfg=1.3"] if m == "vsd" else []
         RECIPES[("digits-flow", m, k)] = (c, [*o, "model.teacher=embedded:digits-flow", *extra])
+TEACHER_CFGS = {"digits": [1.0, 2.0], "digits-flow": [1.0, 1.3]}  # no guidance and the teacher's best
 GRID_OVERRIDE = {("digits-flow", "sid", 1): [625], ("digits-flow", "sida", 1): [625]}
 NFES = [1, 2, 4, 8, 16, 32, 50]
 
@@ -101,7 +107,8 @@ def teacher_rows(teacher: str, num_samples: int, out: Path) -> list[dict]:
     path = out / "teacher" / "sweep.json"
     if not path.is_file():
         shutil.rmtree(out / "teacher", ignore_errors=True)
-        run_sweep([TEACHERS[teacher]], "digits", NFES, [SOLVER[teacher]], [1.0, 2.0], num_samples, out / "teacher",
+        run_sweep([TEACHERS[teacher]], "digits", NFES, [SOLVER[teacher]], TEACHER_CFGS[teacher], num_samples,
+                  out / "teacher",
                   cache_dir=out / "cache", progress=False)
     return json.loads(path.read_text())["rows"]
 

@@ -47,6 +47,19 @@ def build_unet():  # noqa: ANN201
     )
 
 
+def teacher_step(loss: torch.Tensor, net: torch.nn.Module, opt: torch.optim.Optimizer, sched: object,
+                 ema: dict[str, torch.Tensor], step: int) -> float:
+    """One update of an embedded teacher: backward, gradient norm clipped at 1, the optimizer and its one-cycle
+    schedule, the weight EMA; returns the loss."""
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    ema_update(ema, net, step)
+    return loss.item()
+
+
 @torch.no_grad()
 def ema_update(ema: dict[str, torch.Tensor], net: torch.nn.Module, step: int) -> None:
     """The teachers' weight EMA: decay min(0.999, (1 + step) / (10 + step)), integer buffers copied."""
@@ -147,14 +160,7 @@ def train_digits(out_dir: str | Path, vae_steps: int = 800, unet_steps: int = 65
         a = abar[t].sqrt().reshape(-1, 1, 1, 1)
         s = (1 - abar[t]).sqrt().reshape(-1, 1, 1, 1)
         pred = unet(a * x0 + s * eps, t, encoder_hidden_states=embeds[y]).sample
-        loss = F.mse_loss(pred, eps)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        ema_update(ema, unet, step)
-        losses.append(loss.item())
+        losses.append(teacher_step(F.mse_loss(pred, eps), unet, opt, sched, ema, step))
     unet.load_state_dict(ema)
     unet.eval()
 

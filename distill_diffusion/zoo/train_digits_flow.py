@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from ..tiny import _text_config, build_tokenizer
 from .digits_data import PROMPTS, TEACHER_SIZE, digits_split, to_rgb
-from .train_digits import PROMPT_DROPOUT, ema_update
+from .train_digits import PROMPT_DROPOUT, teacher_step
 
 TEXT_WIDTH = 32  # each CLIP's width; SD3 concatenates the two (64), the T5's width, the joint attention width
 
@@ -104,14 +104,7 @@ def train_digits_flow(out_dir: str | Path, steps: int = 6000, batch_size: int = 
         x_s = (1 - s)[:, None, None, None] * x0 + s[:, None, None, None] * eps
         pred = net(hidden_states=x_s, encoder_hidden_states=embeds[y], pooled_projections=pooled[y],
                    timestep=s * 1000).sample
-        loss = F.mse_loss(pred, eps - x0)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        ema_update(ema, net, step)
-        losses.append(loss.item())
+        losses.append(teacher_step(F.mse_loss(pred, eps - x0), net, opt, sched, ema, step))
     net.load_state_dict(ema)
     net.eval()
 

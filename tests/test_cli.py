@@ -97,6 +97,8 @@ def test_errors_are_one_line(tmp_path: Path, args: list[str], message: str) -> N
          "dmd2.lr_student must be a finite number, got nan"),
         (["distill", "configs/gmm_dmd2.yaml", "--out", "x", "train.grad_clip=-1"],
          "train.grad_clip must be >= 0 (0: no clipping), got -1.0"),
+        (["distill", "configs/gmm_dmd2.yaml", "--out", "x", "train.max_seconds=-5"],
+         "train.max_seconds must be >= 0 (0: no limit), got -5.0"),
         (["distill", "configs/gmm_dmd2.yaml", "--out", "x", "data.prompt_file=prompts.txt"],
          "the mixture teacher (gmm) is conditioned on class labels, not prompts"),
         (["eval", "sweep", "embedded:digits", "--ref", "/nonexistent/ref", "--out", "x"],

@@ -186,6 +186,7 @@ def plot(lines: list[dict], teacher: list[dict], path: Path) -> None:
                         label=f"{line['method']} {line['steps']}-step",
                         fillstyle="full" if line["steps"] == 1 else "none")
         ax.set_xscale("log")
+        ax.set_yscale("log")  # a collapsed cell (FID in the hundreds) must not flatten the rest
         ax.set_xlabel("NFE (network evaluations per image)")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)

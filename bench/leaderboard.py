@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from distill_diffusion import zoo
 from distill_diffusion.config import load_config
 from distill_diffusion.eval.sweep import run_sweep
 from distill_diffusion.methods import METHODS
@@ -49,18 +50,18 @@ RECIPES: dict[tuple[str, str, int], tuple[str, list[str]]] = {
        for k in (1, 4)},
 }
 # the flow teacher: the same recipes on the flow grid, with the flow mixture's findings (docs/methods.md, "the flow
-# path"): SD3's timestep shift 3 for the score family, and SiD's 1-step student at SiD-LSG's t_init 625
 # path"): SD3's timestep shift 3 for the score family, and SiD's 1-step student at SiD-LSG's t_init 625; the teacher's
-# CFG wherever a recipe guides it is the flow teacher's best, 1.3 (zoo.DIGITS_FLOW_BEST_GUIDANCE), not 2
+# CFG wherever a recipe guides it is the flow teacher's best (zoo.DIGITS_FLOW_BEST_GUIDANCE, 1.3), not 2
+FLOW_CFG = zoo.DIGITS_FLOW_BEST_GUIDANCE
 SCORE = {"dmd2": "dmd2", "sid": "sid", "sida": "sid", "vsd": "vsd"}
 GUIDED = {**SCORE, "consistency": "consistency", "progressive": "progressive", "add": "add"}
 for (t, m, k), (c, o) in list(RECIPES.items()):
     if t == "digits":
         extra = [f"{SCORE[m]}.t_shift=3.0"] if m in SCORE else []
-        extra += [f"{GUIDED[m]}.teacher_cfg=1.3"] if m in GUIDED else []
-        extra += ["vsd.critic_cfg=1.3"] if m == "vsd" else []
+        extra += [f"{GUIDED[m]}.teacher_cfg={FLOW_CFG}"] if m in GUIDED else []
+        extra += [f"vsd.critic_cfg={FLOW_CFG}"] if m == "vsd" else []
         RECIPES[("digits-flow", m, k)] = (c, [*o, "model.teacher=embedded:digits-flow", *extra])
-TEACHER_CFGS = {"digits": [1.0, 2.0], "digits-flow": [1.0, 1.3]}  # no guidance and the teacher's best
+TEACHER_CFGS = {"digits": [1.0, zoo.DIGITS_BEST_GUIDANCE], "digits-flow": [1.0, FLOW_CFG]}  # none, the best
 GRID_OVERRIDE = {("digits-flow", "sid", 1): [625], ("digits-flow", "sida", 1): [625]}
 NFES = [1, 2, 4, 8, 16, 32, 50]
 
@@ -108,8 +109,7 @@ def teacher_rows(teacher: str, num_samples: int, out: Path) -> list[dict]:
     if not path.is_file():
         shutil.rmtree(out / "teacher", ignore_errors=True)
         run_sweep([TEACHERS[teacher]], "digits", NFES, [SOLVER[teacher]], TEACHER_CFGS[teacher], num_samples,
-                  out / "teacher",
-                  cache_dir=out / "cache", progress=False)
+                  out / "teacher", cache_dir=out / "cache", progress=False)
     return json.loads(path.read_text())["rows"]
 
 

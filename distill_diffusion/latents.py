@@ -65,11 +65,13 @@ def encode(models: Models, images: Tensor, batch: int = 64) -> Tensor:
 def encode_vae(vae: torch.nn.Module, images: Tensor, batch: int = 64) -> Tensor:
     """`encode` with a VAE alone (latent caches are built without the rest of the run)."""
     device = next(vae.parameters()).device
-    if _frames(vae):  # one frame in, one frame out
-        latents = torch.cat([_posterior_mean(vae.encode(images[i : i + batch].to(device, vae.dtype).unsqueeze(2)))
-                             [:, :, 0] for i in range(0, len(images), batch)])
-    else:
-        latents = torch.cat([_posterior_mean(vae.encode(images[i : i + batch].to(device, vae.dtype)))
-                             for i in range(0, len(images), batch)])
+    frames = _frames(vae)  # a video VAE: one frame in, one frame out
+
+    def one(x: Tensor) -> Tensor:
+        if frames:
+            return _posterior_mean(vae.encode(x.unsqueeze(2)))[:, :, 0]
+        return _posterior_mean(vae.encode(x))
+
+    latents = torch.cat([one(images[i : i + batch].to(device, vae.dtype)) for i in range(0, len(images), batch)])
     mean, std = _latent_stats(vae, latents)
     return (latents - mean) * scaling_factor(vae) / std

@@ -134,7 +134,7 @@ def _teacher_images(pipe: Any, prompts: list[str], seeds: list[int], steps: int 
     branch; Flux's latents go in packed, at the VAE's image size (its pipeline's own default is 1024 whatever the
     model)."""
     from distill_diffusion.factory import image_size, vae_factor
-    from distill_diffusion.flow_nets import pack, size_arguments
+    from distill_diffusion.flow_nets import PACKED, pack, size_arguments
     from distill_diffusion.latents import latent_channels
 
     pipe.scheduler = make_scheduler(solver, pipe.scheduler.config)
@@ -144,7 +144,7 @@ def _teacher_images(pipe: Any, prompts: list[str], seeds: list[int], steps: int 
     name = type(pipe).__name__
     if name in ("FluxPipeline", "SanaPipeline", "QwenImagePipeline"):  # default sizes that do not follow the model's
         extra = size_arguments(pipe, size)
-    if name in ("FluxPipeline", "QwenImagePipeline"):
+    if type(getattr(pipe, "transformer", None)).__name__ in PACKED:
         noise = pack(noise)
     if name == "QwenImagePipeline":  # true CFG: the empty negative prompt, at true_cfg_scale
         extra.update(true_cfg_scale=cfg_scale, negative_prompt=[" "] * len(prompts) if cfg_scale > 1 else None)

@@ -127,8 +127,8 @@ def run_sweep(models: list[str], ref: str, nfes: list[int], solvers: list[str], 
         key = cache_key(ref, backend, images.shape, hashlib.sha1(images.tobytes()).hexdigest())
         cache = None if cache_dir is None else Path(cache_dir) / f"ref_{key}.npz"
         reference = cached_stats(images, feat, cache)
-    space = "digits classifier" if backend is classifier and classifier is not None else \
-        (backend if isinstance(backend, str) else type(backend).__name__)  # the primary space's name
+    space = "digits classifier" if digits and features == "auto" else \
+        backend if isinstance(backend, str) else type(backend).__name__  # the primary space's name
     spaces = {"": (feat, reference)}
     if images is not None:  # pixel PCA needs the reference images themselves (a .npz has only primary features)
         pca = PixelPCA(images)

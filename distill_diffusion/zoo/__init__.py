@@ -21,7 +21,6 @@ from .classifier import load_classifier
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 EMBEDDED = {"digits": WEIGHTS / "digits", "digits-flow": WEIGHTS / "digits_flow",
             "digits_classifier": WEIGHTS / "digits_classifier.safetensors"}
-TEACHERS = ("digits", "digits-flow")  # the embedded text-to-image pipelines
 PREFIX = "embedded:"
 # the digits teacher's best CFG scale at 50 DDIM steps (lowest digits-FID 5.26, prompt accuracy 0.997;
 # `python bench/digits_teacher.py`, docs/BENCHMARKS.md)

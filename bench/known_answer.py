@@ -1,7 +1,10 @@
 """Known-answer benchmark: the mixture teacher's DDIM at several step counts vs distilled 1-step students.
 
     python bench/known_answer.py [--config configs/gmm_dmd2.yaml] [--seeds 0 1 2] [--out runs/bench_known_answer]
-                                 [key=value ...]   (config overrides, e.g. dmd2.gan_student_weight=1e-3)
+                                 [--sample-steps 2 4] [key=value ...]   (config overrides, e.g. dmd2.gan_student_weight=1e-3)
+
+``--sample-steps``: the same trained student also sampled at these step counts (its multistep sampler on the
+process's trailing timesteps), as a consistency or flow-map student can be.
 
 Prints a markdown table (energy distance, per-class std ratio, coverage on 4000 class-balanced samples against
 fresh true samples) and writes it with the raw numbers to OUT/known_answer.json. Results go to docs/BENCHMARKS.md.
@@ -20,6 +23,7 @@ from distill_diffusion.assembly import assemble
 from distill_diffusion.config import load_config
 from distill_diffusion.denoiser import Cond
 from distill_diffusion.eval.mixture import mixture_metrics
+from distill_diffusion.preview import student_samples
 from distill_diffusion.sampling import ddim
 from distill_diffusion.trainer import Trainer
 
@@ -46,6 +50,8 @@ def main() -> None:
     ap.add_argument("--config", default="configs/gmm_dmd2.yaml")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", default="runs/bench_known_answer")
+    ap.add_argument("--sample-steps", type=int, nargs="*", default=[],
+                    help="also sample each trained student at these step counts")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     args = ap.parse_args()
     torch.set_num_threads(1)  # tiny MLPs: one thread is faster than two on a 2-core machine
@@ -56,11 +62,19 @@ def main() -> None:
     for seed in args.seeds:
         run_cfg = load_config(args.config, [*args.overrides, f"train.seed={seed}", "train.progress=false"])
         t0 = time.time()
-        m = Trainer(run_cfg, out / f"{cfg.method}_seed{seed}").train()
+        trainer = Trainer(run_cfg, out / f"{cfg.method}_seed{seed}")
+        m = trainer.train()
         steps = len(run_cfg.model.timesteps)
         rows.append({"model": f"{cfg.method} student (seed {seed})", "steps": steps,
                      **{k: m[k] for k in ("energy_distance", "std_ratio", "coverage")},
                      "seconds": round(time.time() - t0, 1)})
+        student, mixture = trainer.models.student, trainer.models.mixture
+        for k in args.sample_steps:
+            student.timesteps = trainer.models.process.trailing_timesteps(k)
+            labels = mixture.balanced_labels(run_cfg.train.eval_samples)
+            x = student_samples(trainer.models, Cond(labels=labels), len(labels))
+            rows.append({"model": f"{cfg.method} student (seed {seed}), sampled at {k}", "steps": k,
+                         **mixture_metrics(x, labels, mixture), "seconds": 0.0})
     lines = ["| model | steps | energy distance | std ratio | coverage | seconds |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['steps']} | {r['energy_distance']:.4f} | {r['std_ratio']:.3f} | "

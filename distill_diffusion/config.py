@@ -36,6 +36,8 @@ class ModelConfig:
         "help": "the mixture teacher's noise path: vp (SD 1.5's schedule) | flow ((1 - s) x0 + s eps, SD3 / Flux)"})
     mlp_hidden: int = 128
     mlp_layers: int = 3
+    mlp_smooth: bool = field(default=False, metadata={
+        "help": "mixture nets smooth in t: correction times sigma(t), noise-angle features (continuous-time methods)"})
     # image teachers
     resolution: int | None = field(default=None, metadata={
         "help": "image size the student is trained and exported at; null = the teacher's own (Flux: 1024)"})

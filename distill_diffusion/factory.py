@@ -85,7 +85,7 @@ def _mixture_models(cfg: ModelConfig, needs: Needs, student_cfg: float | None, c
         with torch.random.fork_rng():
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
             net = ResidualMLP(exact, process, mixture.dim, mixture.classes, cfg.mlp_hidden, cfg.mlp_layers, data_var,
-                              cfg_dim, eps_features)
+                              cfg_dim, eps_features, cfg.mlp_smooth)
         return Denoiser(net, process, "sample")
 
     student = Student(mlp(cfg.cfg_embedding_dim), cfg.timesteps, needs.student_sampler, student_cfg)

@@ -89,11 +89,18 @@ class MixtureDenoiserNet(nn.Module):
 
 
 class ResidualMLP(nn.Module):
-    """``base(x_t, t, cond) + MLP(c_in x_t, log-SNR features, class)``, the MLP's last layer zero at init."""
+    """``base(x_t, t, cond) + MLP(c_in x_t, time features, class)``, the MLP's last layer zero at init."""
 
     def __init__(self, base: nn.Module, process: NoiseProcess, dim: int, classes: int, hidden: int = 128,
-                 layers: int = 3, data_var: float = 1.0, cfg_dim: int | None = None, eps_features: bool = False):
+                 layers: int = 3, data_var: float = 1.0, cfg_dim: int | None = None, eps_features: bool = False,
+                 smooth: bool = False):
         super().__init__()
+        # ``smooth``, for methods that differentiate the network in t (continuous-time consistency): the correction
+        # times sigma(t), as a v- or flow-predicting network's x0 error scales (at low noise x0 stays the exact
+        # teacher's, so TrigFlow's F = (cos(t) x - x0) / (sigma_d sin t) stays bounded), and time features of the
+        # noise angle with bounded derivatives instead of log-SNR octaves (whose t-derivative near pure noise is in
+        # the hundreds: the sCM paper's Sec. 4.1 finds the same with high-frequency time embeddings)
+        self.sigma_scaled = self.smooth_time = smooth
         self.base = base
         self.process = process
         self.data_var = float(data_var)
@@ -117,9 +124,13 @@ class ResidualMLP(nn.Module):
     def forward(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         a, sigma = self.process.alpha_sigma(t, x_t)
         c_in = 1 / (a**2 * self.data_var + sigma**2).sqrt()
-        log_snr = (2 * (a / sigma).log()).clamp(-20, 20).reshape(-1, 1)  # flow: alpha = 0 at t = T (pure noise)
-        freqs = 2 ** torch.arange(8, device=x_t.device, dtype=x_t.dtype) * math.pi / 16
-        feats = torch.cat([torch.sin(log_snr * freqs), torch.cos(log_snr * freqs)], -1)
+        if self.smooth_time:  # the noise angle atan2(sigma, alpha) in [0, pi/2], harmonics 1 .. 8
+            angle = torch.atan2(sigma, a).reshape(-1, 1)
+            feats = torch.arange(1, 9, device=x_t.device, dtype=x_t.dtype) * angle
+        else:  # log-SNR octaves; flow: alpha = 0 at t = T (pure noise)
+            log_snr = (2 * (a / sigma).log()).clamp(-20, 20).reshape(-1, 1)
+            feats = log_snr * 2 ** torch.arange(8, device=x_t.device, dtype=x_t.dtype) * math.pi / 16
+        feats = torch.cat([torch.sin(feats), torch.cos(feats)], -1)
         labels = cond.labels if cond.labels is not None else torch.full((len(x_t),), -1, device=x_t.device)
         labels = torch.where(labels < 0, torch.full_like(labels, self.classes), labels).long()
         base = self.base(x_t, t, cond)
@@ -131,4 +142,4 @@ class ResidualMLP(nn.Module):
             w = cond.cfg_scale if cond.cfg_scale is not None else torch.ones(len(x_t), device=x_t.device)
             h = h + self.cfg_embed(cfg_embedding(w, self.cfg_dim).to(h.dtype))
         h = self.body(h)
-        return base + self.out(h)
+        return base + (sigma if self.sigma_scaled else 1) * self.out(h)

@@ -96,15 +96,35 @@ class NoiseProcess:
         if t.ndim == 0:
             t = t.expand(like.shape[0])
         if self.kind == "vp":
-            index = t.round().long()
-            abar = self.alphas_cumprod.to(like.device)[index.clamp_min(0)]
-            abar = torch.where(index == CLEAN, torch.ones_like(abar), abar)
+            abar = self.alpha_bar(t)
+            abar = torch.where(t == CLEAN, torch.ones_like(abar), abar)
             alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
         else:
             sigma = (t.double() / self.num_train_timesteps).clamp_min(0)
             alpha = 1 - sigma
         shape = (-1,) + (1,) * (like.ndim - 1)
         return alpha.to(dtype).reshape(shape), sigma.to(dtype).reshape(shape)
+
+    def alpha_bar(self, t: Tensor) -> Tensor:
+        """A 'vp' process's alpha_bar at timesteps ``t`` (float64): the table's value at an integer, and between two
+        integers the log-SNR interpolated linearly, so continuous-time methods (sCM's tangent through the network's
+        time input) see a schedule that is continuous and differentiable in t (forward and reverse mode)."""
+        table = self.alphas_cumprod.to(t.device)
+        log_snr = (table / (1 - table)).log()
+        t = t.double()  # past either end the end segment's slope carries on, so a derivative there exists
+        lo = t.detach().floor().clamp(0, len(table) - 2).long()
+        frac = t - lo
+        return torch.sigmoid(log_snr[lo] + frac * (log_snr[lo + 1] - log_snr[lo]))
+
+    def timestep_of_log_snr(self, log_snr: Tensor) -> Tensor:
+        """The inverse of `alpha_bar`'s log-SNR for a 'vp' process: the (fractional) timestep whose interpolated
+        log-SNR is ``log_snr`` (float64); differentiable in ``log_snr``."""
+        table = self.alphas_cumprod.to(log_snr.device)
+        desc = -(table / (1 - table)).log()  # ascending in t
+        target = -log_snr.double()  # past either end: the end segment extended, as `alpha_bar` extends it
+        hi = torch.searchsorted(desc, target.detach()).clamp(1, len(desc) - 1)
+        lo = hi - 1
+        return lo.double() + (target - desc[lo]) / (desc[hi] - desc[lo])
 
     def snr(self, t: Tensor) -> Tensor:
         """alpha(t)^2 / sigma(t)^2 per sample, (B,) in fp32."""

@@ -5,6 +5,8 @@ from .base import Method, MethodConfig
 from .consistency import Consistency, ConsistencyConfig
 from .dmd2 import DMD2, DMD2Config
 from .progressive import Progressive, ProgressiveConfig
+from .rcm import RCM, RCMConfig
+from .scm import SCM, SCMConfig
 from .score import ScoreConfig, ScoreMethod
 from .sid import SiD, SiDConfig
 from .vsd import VSD, VSDConfig
@@ -15,10 +17,13 @@ METHODS: dict[str, type[Method]] = {
     "dmd2": DMD2,
     "ladd": LADD,
     "progressive": Progressive,
+    "rcm": RCM,
+    "scm": SCM,
     "sid": SiD,
     "vsd": VSD,
 }
 
 __all__ = ["METHODS", "Method", "MethodConfig", "ADD", "ADDConfig", "Consistency",
            "ConsistencyConfig", "DMD2", "DMD2Config", "LADD", "LADDConfig", "Progressive", "ProgressiveConfig",
+           "RCM", "RCMConfig", "SCM", "SCMConfig",
            "ScoreConfig", "ScoreMethod", "SiD", "SiDConfig", "VSD", "VSDConfig"]

@@ -217,9 +217,8 @@ class TangentTerm:
             target = self.target
             F_minus, dF = self.tangent_of_F(lambda x_, t_: student_F(x_, t_, target), x, t, dxdt)  # noqa: N806
             shape = (-1,) + (1,) * (x.ndim - 1)
-            cos, sin = t.cos().reshape(shape).to(x.dtype), t.sin().reshape(shape).to(x.dtype)
             r = self.warmup(step)
-            g = -cos**2 * (cfg.sigma_data * F_minus - dxdt) - r * (cos * sin * x + cfg.sigma_data * dF)
+            g = tangent(F_minus, dF, dxdt, x, t, cfg.sigma_data, r)
             g_norm = g.flatten(1).norm(dim=1).reshape(shape)
             if cfg.tangent_norm_c > 0:
                 g = g / (g_norm + cfg.tangent_norm_c)
@@ -230,6 +229,15 @@ class TangentTerm:
         loss = (weight * torch.exp(-logvar) * per_sample + logvar).mean()
         return loss, {"loss_scm": loss.item(), "g_norm": g_norm.mean().item(), "tangent_warmup": r,
                       "logvar": logvar.mean().item()}
+
+
+def tangent(F_minus: Tensor, dF: Tensor, dxdt: Tensor, x: Tensor, t: Tensor, sigma_data: float,  # noqa: N803
+            r: float = 1.0) -> Tensor:
+    """sCM's tangent g = -cos^2 t (sigma_d F^- - dx/dt) - r (cos t sin t x + sigma_d dF), with ``dF`` = cos t sin t
+    dF^-/dt (the JVP's output); at r = 1 it is cos(t) df^-/dt along the ODE."""
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    cos, sin = t.cos().reshape(shape).to(x.dtype), t.sin().reshape(shape).to(x.dtype)
+    return -cos**2 * (sigma_data * F_minus - dxdt) - r * (cos * sin * x + sigma_data * dF)
 
 
 def _same_rng(like: Tensor):  # noqa: ANN202

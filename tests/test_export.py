@@ -66,7 +66,9 @@ def plain_diffusers(tmp_path: Path, mode: str, *paths: str) -> tuple[np.ndarray,
 
 METHOD_ARGS = {"dmd2": {"critic_updates": 1, "lr_student": 1e-3, "teacher_cfg": 1.5},
                "consistency": {"lr_student": 1e-3, "teacher_cfg": 1.5, "grid_steps": 4},
-               "progressive": {"lr_student": 1e-3, "teacher_cfg": 1.5, "steps_per_round": 4}}
+               "progressive": {"lr_student": 1e-3, "teacher_cfg": 1.5, "steps_per_round": 4},
+               "scm": {"lr_student": 1e-3, "teacher_cfg": 1.5, "tangent_warmup": 0},
+               "rcm": {"lr_student": 1e-3, "teacher_cfg": 1.5, "tangent_warmup": 0, "critic_updates": 1}}
 
 
 def distill(run: Path, teacher: str, timesteps: list[int], lora_rank: int | None = None, method: str = "dmd2",
@@ -153,6 +155,27 @@ def test_lora_student_exports_merged_and_as_lora(tmp_path: Path, tiny_dirs: dict
     assert meta["class"] == "StableDiffusionPipeline"
     assert np.abs(mine - merged).max() <= 1e-4
     assert np.abs(mine - applied).max() <= 1e-4
+
+
+@pytest.mark.parametrize("method, lora", [("scm", 4), ("rcm", None)])
+def test_continuous_time_student_exports_like_a_consistency_student(tmp_path: Path, tiny_dirs: dict[str, str],
+                                                                    method: str, lora: int | None) -> None:
+    """An sCM / rCM student of a VP teacher samples as consistency students do (x0, re-noise on the teacher's grid):
+    a stock LCMScheduler export (merged and as LoRA weights) reproduces it in plain diffusers; its learned
+    log-variance w(t) is a training device and stays out of the export."""
+    run = distill(tmp_path / "run", tiny_dirs["sd15"], [999, 499], lora_rank=lora, method=method)
+    full = export(run, tmp_path / "export")
+    mine = student_images(run)
+    merged, meta = plain_diffusers(tmp_path, "full", str(full))
+    assert meta["scheduler"] == "LCMScheduler"
+    assert np.abs(mine - merged).max() <= 1e-4
+    assert not any("scm_logvar" in str(f) for f in full.rglob("*"))
+    if lora:
+        adapter = export(run, tmp_path / "export_lora", lora=True)
+        applied, _ = plain_diffusers(tmp_path, "lora", tiny_dirs["sd15"], str(adapter))
+        assert np.abs(mine - applied).max() <= 1e-4
+    logs = [json.loads(line) for line in (run / "logs.jsonl").read_text().splitlines()]
+    assert max(r.get("student", 0) for r in logs) >= 2 and max(r.get("g_norm", 0) for r in logs) > 0
 
 
 def test_progressive_student_exports_with_ddim(tmp_path: Path, tiny_dirs: dict[str, str]) -> None:

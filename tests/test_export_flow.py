@@ -23,7 +23,9 @@ FAMILY = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "sana": "Sa
           "qwen": "QwenImagePipeline"}
 ARGS = {"lr_student": 1e-3, "lr_critic": 1e-3, "critic_updates": 1}  # the critic methods: a student step in 4
 DEFAULT_TIER = {("flux", "dmd2", True), ("sd3", "progressive", False), ("sana", "dmd2", False),
-                ("qwen", "consistency", True)}
+                ("qwen", "consistency", True), ("sd3", "scm", True)}
+OWN_ARGS = {"dmd2": {"lr_student": 1e-3}, "consistency": {"lr_student": 1e-3}, "progressive": {"lr_student": 1e-3},
+            "scm": {"lr_student": 1e-3, "tangent_warmup": 0}, "rcm": {**ARGS, "tangent_warmup": 0}}
 
 
 def cases() -> list:
@@ -44,7 +46,7 @@ def test_flow_export_matches_student_in_plain_diffusers(tmp_path: Path, tiny_dir
     timesteps = [1000.0, 500.0] if ddim else [1000.0, 750.0, 500.0, 250.0]
     teacher = tiny_dirs[kind]
     run = distill(tmp_path / "run", teacher, timesteps, lora_rank=4 if lora else None, method=method,
-                  method_args=ARGS if method not in ("dmd2", "consistency", "progressive") else {"lr_student": 1e-3})
+                  method_args=OWN_ARGS.get(method, ARGS))
     full = export(run, tmp_path / "export")
     info = json.loads((full / "export.json").read_text())
     assert info["timesteps"] == timesteps and info["pipeline_class"] == FAMILY[kind]

@@ -46,15 +46,16 @@ RECIPES: dict[tuple[str, str, int], tuple[str, list[str]]] = {
     ("digits", "dmd2", 4): ("digits_dmd2.yaml", []),
     ("digits", "progressive", 1): ("digits_progressive.yaml", ["progressive.steps_per_round=200"]),  # 8 > 4 > 2 > 1
     ("digits", "progressive", 4): ("digits_progressive.yaml", ["progressive.steps_per_round=600"]),  # 8 > 4
-    **{("digits", m, k): (f"digits_{m}.yaml", []) for m in ("sid", "sida", "vsd", "consistency", "ladd", "add")
+    **{("digits", m, k): (f"digits_{m}.yaml", []) for m in ("sid", "sida", "vsd", "consistency", "ladd", "add",
+                                                               "scm", "rcm")
        for k in (1, 4)},
 }
 # the flow teacher: the same recipes on the flow grid, with the flow mixture's findings (docs/methods.md, "the flow
 # path"): SD3's timestep shift 3 for the score family, and SiD's 1-step student at SiD-LSG's t_init 625; the teacher's
 # CFG wherever a recipe guides it is the flow teacher's best (zoo.DIGITS_FLOW_BEST_GUIDANCE, 1.3), not 2
 FLOW_CFG = zoo.DIGITS_FLOW_BEST_GUIDANCE
-SCORE = {"dmd2": "dmd2", "sid": "sid", "sida": "sid", "vsd": "vsd"}
-GUIDED = {**SCORE, "consistency": "consistency", "progressive": "progressive", "add": "add"}
+SCORE = {"dmd2": "dmd2", "sid": "sid", "sida": "sid", "vsd": "vsd", "rcm": "rcm"}
+GUIDED = {**SCORE, "consistency": "consistency", "progressive": "progressive", "add": "add", "scm": "scm"}
 for (t, m, k), (c, o) in list(RECIPES.items()):
     if t == "digits":
         extra = [f"{SCORE[m]}.t_shift=3.0"] if m in SCORE else []

@@ -336,7 +336,7 @@ def parse_config(raw: dict[str, Any]) -> Config:
     unknown = sorted(set(raw) - sections)
     if unknown:
         raise ConfigError(f"unknown key {unknown[0]!r}; valid top-level keys: {', '.join(sorted(sections))}")
-    return Config(
+    cfg = Config(
         method=method,
         model=from_dict(ModelConfig, raw.get("model"), "model"),
         data=from_dict(DataConfig, raw.get("data"), "data"),
@@ -344,6 +344,13 @@ def parse_config(raw: dict[str, Any]) -> Config:
         method_args=from_dict(METHODS[method].config_class, raw.get(method), method),
         eval=from_dict(EvalConfig, raw.get("eval"), "eval"),
     )
+    if getattr(cfg.method_args, "jvp", None) == "finite_difference" and (
+            cfg.train.mixed_precision != "no" or cfg.train.half_frozen):
+        raise ConfigError(f"{method}.jvp finite_difference subtracts two network calls a step of "
+                          f"{cfg.method_args.fd_step:g} x t apart, which half precision cannot resolve "
+                          f"(train.mixed_precision {cfg.train.mixed_precision}, train.half_frozen "
+                          f"{cfg.train.half_frozen}): use jvp: autograd, or train in fp32")
+    return cfg
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:

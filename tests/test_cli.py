@@ -99,6 +99,11 @@ def test_errors_are_one_line(tmp_path: Path, args: list[str], message: str) -> N
          "train.grad_clip must be >= 0 (0: no clipping), got -1.0"),
         (["distill", "configs/gmm_dmd2.yaml", "--out", "x", "train.max_seconds=-5"],
          "train.max_seconds must be >= 0 (0: no limit), got -5.0"),
+        (["distill", "configs/gmm_scm.yaml", "--out", "x", "scm.jvp=finite_difference", "train.mixed_precision=bf16"],
+         "scm.jvp finite_difference subtracts two network calls a step of 0.0001 x t apart, which half precision "
+         "cannot resolve"),
+        (["distill", "configs/gmm_scm.yaml", "--out", "x", "scm.jvp=forward"],
+         "unknown scm.jvp 'forward'; choose one of: autograd, finite_difference"),
         (["distill", "configs/gmm_dmd2.yaml", "--out", "x", "data.prompt_file=prompts.txt"],
          "the mixture teacher (gmm) is conditioned on class labels, not prompts"),
         (["eval", "sweep", "embedded:digits", "--ref", "/nonexistent/ref", "--out", "x"],

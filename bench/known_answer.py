@@ -1,7 +1,8 @@
 """Known-answer benchmark: the mixture teacher's DDIM at several step counts vs distilled 1-step students.
 
     python bench/known_answer.py [--config configs/gmm_dmd2.yaml] [--seeds 0 1 2] [--out runs/bench_known_answer]
-                                 [--sample-steps 2 4] [key=value ...]   (config overrides, e.g. dmd2.gan_student_weight=1e-3)
+                                 [--sample-steps 2 4] [key=value ...]
+                                 (key=value: config overrides, e.g. dmd2.gan_student_weight=1e-3)
 
 ``--sample-steps``: the same trained student also sampled at these step counts (its multistep sampler on the
 process's trailing timesteps), as a consistency or flow-map student can be.

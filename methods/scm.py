@@ -46,10 +46,9 @@ from torch import Tensor, nn
 
 from distill_diffusion import draws
 from distill_diffusion.errors import ConfigError
+from distill_diffusion.lora import own_parameters
 from distill_diffusion.roles import Batch, Needs
 from distill_diffusion.trigflow import TrigFlow
-
-from distill_diffusion.lora import own_parameters
 
 from .base import (
     Method,

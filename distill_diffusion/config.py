@@ -344,12 +344,10 @@ def parse_config(raw: dict[str, Any]) -> Config:
         method_args=from_dict(METHODS[method].config_class, raw.get(method), method),
         eval=from_dict(EvalConfig, raw.get("eval"), "eval"),
     )
-    if getattr(cfg.method_args, "jvp", None) == "finite_difference" and (
-            cfg.train.mixed_precision != "no" or cfg.train.half_frozen):
+    if getattr(cfg.method_args, "jvp", None) == "finite_difference" and cfg.train.mixed_precision != "no":
         raise ConfigError(f"{method}.jvp finite_difference subtracts two network calls a step of "
                           f"{cfg.method_args.fd_step:g} x t apart, which half precision cannot resolve "
-                          f"(train.mixed_precision {cfg.train.mixed_precision}, train.half_frozen "
-                          f"{cfg.train.half_frozen}): use jvp: autograd, or train in fp32")
+                          f"(train.mixed_precision {cfg.train.mixed_precision}): use jvp: autograd, or train in fp32")
     return cfg
 
 

@@ -7,6 +7,7 @@ an optimizer, a logger or a file: the trainer owns those.
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 
@@ -16,6 +17,7 @@ from torch import Tensor
 from distill_diffusion import draws
 from distill_diffusion.denoiser import Cond
 from distill_diffusion.errors import ConfigError
+from distill_diffusion.lora import own_parameters
 from distill_diffusion.process import NoiseProcess
 from distill_diffusion.roles import Batch, Models, Needs
 
@@ -171,3 +173,38 @@ def load_param_state(module: torch.nn.Module, names: list[str], prefix: str, sta
     with torch.no_grad():
         for k in names:
             params[k].copy_(state[f"{prefix}{k}"])
+
+
+class EMATarget:
+    """A method's target network theta^-: the online student itself (``decay`` 0) or an EMA copy of it (consistency
+    models' target; LCM 0.95). The copy is made on first use, so it sits wherever the trainer has put the student;
+    `state_dict` / `load_state_dict` carry it through checkpoints under ``target.``."""
+
+    def __init__(self, student: torch.nn.Module, decay: float):
+        self.student, self.decay = student, float(decay)
+        self._names = list(own_parameters(student))
+        self._copy: torch.nn.Module | None = None
+
+    @property
+    def net(self) -> torch.nn.Module:
+        if self.decay == 0:
+            return self.student
+        if self._copy is None:
+            self._copy = copy.deepcopy(self.student).requires_grad_(False).eval()
+        return self._copy
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """One EMA step towards the student's current weights (after a student update)."""
+        if self.decay == 0:
+            return
+        online, target = dict(self.student.named_parameters()), dict(self.net.named_parameters())
+        for name in self._names:
+            target[name].lerp_(online[name].detach().to(target[name].dtype), 1 - self.decay)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {} if self.decay == 0 else param_state(self.net, self._names, "target.")
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if self.decay > 0:
+            load_param_state(self.net, self._names, "target.", state)

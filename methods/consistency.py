@@ -24,7 +24,6 @@ Checked against diffusers ``examples/consistency_distillation/train_lcm_distill_
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -33,18 +32,10 @@ from torch import Tensor
 
 from distill_diffusion import draws
 from distill_diffusion.errors import ConfigError
-from distill_diffusion.lora import SharedDenoiser, own_parameters
+from distill_diffusion.lora import SharedDenoiser
 from distill_diffusion.roles import Batch, Needs
 
-from .base import (
-    Method,
-    MethodConfig,
-    default_student_cfg,
-    draw_cfg_scales,
-    load_param_state,
-    param_state,
-    student_cond,
-)
+from .base import EMATarget, Method, MethodConfig, default_student_cfg, draw_cfg_scales, student_cond
 
 LOSSES = ("huber", "l2")
 
@@ -104,15 +95,7 @@ class Consistency(Method):
         if self.ema > 0 and lora:
             raise ConfigError("a LoRA student is its own consistency target (LCM-LoRA): set consistency.target_ema "
                               "to 0 or leave it null")
-        self._names = list(own_parameters(models.student))
-        self._target = None  # made on first use, so it sits wherever the trainer has put the student
-
-    @property
-    def target(self) -> torch.nn.Module | None:
-        if self.ema > 0 and self._target is None:
-            self._target = copy.deepcopy(self.models.student).requires_grad_(False).eval()
-        return self._target
-
+        self.target = EMATarget(models.student, self.ema)
 
     def scalings(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
         """LCM's boundary scalings (c_skip, c_out), f(x, 0) = x."""
@@ -149,8 +132,7 @@ class Consistency(Method):
         # 3. target: one guided teacher DDIM step, then the target network's consistency function at t_n
         with torch.no_grad():
             x_prev = self.solver_step(x_t, t, t_prev, cond, w)
-            target = self.consistency_fn(self.target if self.target is not None else m.student, x_prev, t_prev,
-                                         cond_w)
+            target = self.consistency_fn(self.target.net, x_prev, t_prev, cond_w)
         pred, target = pred.float(), target.float()
         if cfg.loss == "huber":
             loss = (torch.sqrt((pred - target) ** 2 + cfg.huber_c**2) - cfg.huber_c).mean()
@@ -159,18 +141,11 @@ class Consistency(Method):
         return loss, {"loss_cd": loss.item()}
 
     # ------------------------------------------------------------------------------------------- the EMA target
-    @torch.no_grad()
     def after_update(self, phase: str, step: int) -> None:
-        if self.target is None:
-            return
-        online = dict(self.models.student.named_parameters())
-        target = dict(self.target.named_parameters())
-        for name in self._names:
-            target[name].lerp_(online[name].detach().to(target[name].dtype), 1 - self.ema)
+        self.target.update()
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {} if self.target is None else param_state(self.target, self._names, "target.")
+        return self.target.state_dict()
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        if self.target is not None:
-            load_param_state(self.target, self._names, "target.", state)
+        self.target.load_state_dict(state)

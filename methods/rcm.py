@@ -81,10 +81,10 @@ class RCM(DMD2):
 
     def after_update(self, phase: str, step: int) -> None:
         if phase == "student":
-            self.term.update_target()
+            self.term.target.update()
 
     def state_dict(self) -> dict[str, Tensor]:
-        return self.term.state_dict()
+        return self.term.target.state_dict()
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.term.load_state_dict(state)
+        self.term.target.load_state_dict(state)

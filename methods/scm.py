@@ -37,7 +37,6 @@ network's own time embedding (one for every architecture, exported nowhere).
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 
@@ -46,19 +45,10 @@ from torch import Tensor, nn
 
 from distill_diffusion import draws
 from distill_diffusion.errors import ConfigError
-from distill_diffusion.lora import own_parameters
 from distill_diffusion.roles import Batch, Needs
 from distill_diffusion.trigflow import TrigFlow
 
-from .base import (
-    Method,
-    MethodConfig,
-    default_student_cfg,
-    draw_cfg_scales,
-    load_param_state,
-    param_state,
-    student_cond,
-)
+from .base import EMATarget, Method, MethodConfig, default_student_cfg, draw_cfg_scales, student_cond
 
 JVPS = ("autograd", "finite_difference")
 
@@ -145,32 +135,7 @@ class TangentTerm:
         self.models = models
         self.trig = TrigFlow(models.process, cfg.sigma_data)
         self.logvar = attach_logvar(models.student, seed) if cfg.adaptive_weight else None
-        self._names = list(own_parameters(models.student))
-        self._target = None  # made on first use, so it sits wherever the trainer has put the student
-
-    @property
-    def target(self) -> nn.Module:
-        """theta^-: the online student, or its EMA (``target_ema`` > 0)."""
-        if self.cfg.target_ema == 0:
-            return self.models.student
-        if self._target is None:
-            self._target = copy.deepcopy(self.models.student).requires_grad_(False).eval()
-        return self._target
-
-    @torch.no_grad()
-    def update_target(self) -> None:
-        if self.cfg.target_ema == 0:
-            return
-        online, target = dict(self.models.student.named_parameters()), dict(self.target.named_parameters())
-        for name in self._names:
-            target[name].lerp_(online[name].detach().to(target[name].dtype), 1 - self.cfg.target_ema)
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {} if self.cfg.target_ema == 0 else param_state(self.target, self._names, "target.")
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        if self.cfg.target_ema > 0:
-            load_param_state(self.target, self._names, "target.", state)
+        self.target = EMATarget(models.student, cfg.target_ema)  # theta^-: the online student, or its EMA
 
     def warmup(self, step: int) -> float:
         return 1.0 if self.cfg.tangent_warmup == 0 else min(1.0, step / self.cfg.tangent_warmup)
@@ -213,7 +178,7 @@ class TangentTerm:
 
         with torch.no_grad():
             dxdt = self.teacher_velocity(x, t, cond, w)
-            target = self.target
+            target = self.target.net
             F_minus, dF = self.tangent_of_F(lambda x_, t_: student_F(x_, t_, target), x, t, dxdt)  # noqa: N806
             shape = (-1,) + (1,) * (x.ndim - 1)
             r = self.warmup(step)
@@ -263,10 +228,10 @@ class SCM(Method):
         return self.term.loss(batch.real, batch.real_cond, generator, step)
 
     def after_update(self, phase: str, step: int) -> None:
-        self.term.update_target()
+        self.term.target.update()
 
     def state_dict(self) -> dict[str, Tensor]:
-        return self.term.state_dict()
+        return self.term.target.state_dict()
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.term.load_state_dict(state)
+        self.term.target.load_state_dict(state)

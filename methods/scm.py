@@ -141,7 +141,7 @@ class TangentTerm:
         return 1.0 if self.cfg.tangent_warmup == 0 else min(1.0, step / self.cfg.tangent_warmup)
 
     def teacher_velocity(self, x: Tensor, t: Tensor, cond, w) -> Tensor:  # noqa: ANN001
-        """dx/dt = sigma_d F_teacher(x, t), the teacher guided at ``w`` (the falsification tests swap it)."""
+        """dx/dt = sigma_d F_teacher(x, t), the teacher guided at ``w``."""
         teacher = self.models.teacher
         return self.cfg.sigma_data * self.trig.F(lambda xt, tau: teacher.x0(xt, tau, cond, w), x, t)
 
@@ -154,9 +154,11 @@ class TangentTerm:
 
             with sdpa_kernel(SDPBackend.MATH):
                 return torch.func.jvp(fn, (x, t), (tx, cs))
-        h = self.cfg.fd_step * t.clamp_min(1e-3)  # a step relative to t (FastGen's); the schedule is smooth past
-        hx = h.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)  # its ends (`NoiseProcess.alpha_bar`), so central
-        step = hx * tx / cs.reshape_as(hx).to(x.dtype)  # everywhere: x +- h dx/dt at t +- h
+        # x +- h dx/dt at t +- h, h relative to t (FastGen's); the schedule is smooth past its ends
+        # (`NoiseProcess.alpha_bar`), so the difference is central everywhere
+        h = self.cfg.fd_step * t.clamp_min(1e-3)
+        hx = h.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+        step = hx * dxdt
         with _same_rng(x):
             plus = fn(x + step, t + h)
         with _same_rng(x):

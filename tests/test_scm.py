@@ -139,3 +139,35 @@ def test_jvp_and_finite_difference_agree_on_tiny_networks(kind: str, tiny_dirs: 
     assert torch.isfinite(d_jvp).all() and d_jvp.norm() > 0
     assert rel < 2e-2, rel
     load_pipeline.cache_clear() if hasattr(load_pipeline, "cache_clear") else None
+
+
+def test_the_loss_weights_normalises_and_adapts_as_the_paper_says() -> None:
+    """The loss assembled from its pieces, drawn with the same generator: g / (||g|| + 0.1), the time weight
+    1 / (sigma_d tan t), exp(-w(t)) and + w(t) (w's bias set to 0.5 so a flipped or dropped w shows)."""
+    term, trainer = mixture_term()
+    term.cfg.time_weight, term.cfg.tangent_warmup = "inv_tan", 0
+    assert term.logvar is trainer.models.student.scm_logvar  # the adaptive weight is on by default
+    with torch.no_grad():
+        term.logvar.linear.bias.fill_(0.5)
+    m = trainer.models
+    labels = m.mixture.balanced_labels(64)
+    x0 = m.mixture.sample(labels, torch.Generator().manual_seed(3))
+    cond = Cond(labels=labels)
+    loss, _ = term.loss(x0, cond, torch.Generator().manual_seed(4), step=10)
+    # the same draws, assembled by hand
+    from distill_diffusion import draws
+
+    gen = torch.Generator().manual_seed(4)
+    t = term.trig.sample_times(64, term.cfg.p_mean, term.cfg.p_std, gen)
+    x = term.trig.noised(x0, draws.randn(x0.shape, gen, x0), t)
+
+    def F(x_, t_):  # noqa: N802, ANN001, ANN202
+        return term.trig.F(lambda xt, tau: m.student(xt, tau, cond), x_, t_)
+
+    with torch.no_grad():
+        dxdt = term.teacher_velocity(x, t, cond, 1.0)
+        F_minus, dF = term.tangent_of_F(F, x, t, dxdt)  # noqa: N806
+        g = tangent(F_minus, dF, dxdt, x, t, 2.0)
+        g = g / (g.norm(dim=1, keepdim=True) + 0.1)
+        expected = (1 / (2.0 * t.tan()).float() * math.exp(-0.5) * g.pow(2).mean(1) + 0.5).mean()
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-4, atol=1e-6)

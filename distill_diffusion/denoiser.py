@@ -34,6 +34,9 @@ class Cond:
         ``encoder_attention_mask``); None for networks that attend to every token.
     guidance: (B,) the distilled guidance a network embeds as an input (Flux.1-dev's ``guidance``; the pipeline's
         ``guidance_scale``), given alike to teacher, student and critic; None for networks without one.
+    end_timestep: (B,) for a flow-map student (two times, `with_end_time`): the teacher timestep its step ends at
+        (`process.CLEAN` for clean data); it embeds the interval ``t - end_timestep``. None: the step ends where it
+        starts (the instantaneous velocity, what the teacher predicts); networks without the embedding ignore it.
     uncond: the same fields for the null prompt / null class, batch-aligned; classifier-free guidance uses it.
     """
 
@@ -44,6 +47,7 @@ class Cond:
     cfg_scale: Tensor | None = None
     mask: Tensor | None = None
     guidance: Tensor | None = None
+    end_timestep: Tensor | None = None
     uncond: Cond | None = None
 
     def _tensors(self) -> dict[str, Tensor]:
@@ -122,8 +126,11 @@ class Denoiser(nn.Module):
             w_embed = None
             if cond.cfg_scale is not None and net.config.time_cond_proj_dim is not None:
                 w_embed = cfg_embedding(cond.cfg_scale, net.config.time_cond_proj_dim).to(dtype)
+            interval = None  # a flow-map student's second time, through diffusers' own timestep class embedding
+            if net.config.class_embed_type == "timestep":
+                interval = end_interval(t, cond)
             return net(x_in, t, encoder_hidden_states=cond.embeds.to(dtype), added_cond_kwargs=added,
-                       timestep_cond=w_embed).sample
+                       timestep_cond=w_embed, class_labels=interval).sample
         if isinstance(net, UNet2DModel):
             return net(x_in, t, class_labels=cond.labels).sample
         if flow_nets.is_flow_transformer(net):
@@ -144,6 +151,13 @@ class Denoiser(nn.Module):
     def forward(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         t = _as_batch(t, x_t)
         return self.process.to_x0(self.raw(x_t, t, cond), x_t, t, self.prediction_type)
+
+
+def end_interval(t: Tensor, cond: Cond) -> Tensor:
+    """A flow-map student's interval ``t - end_timestep`` in timesteps (B,), float32; 0 where no end is given."""
+    if cond.end_timestep is None:
+        return torch.zeros(len(t), device=t.device, dtype=torch.float32)
+    return (t - cond.end_timestep.to(t.device)).to(torch.float32)
 
 
 def cfg_embedding(w: Tensor, dim: int) -> Tensor:

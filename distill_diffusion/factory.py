@@ -25,6 +25,7 @@ from .process import NoiseProcess
 from .roles import Models, Needs, Student, Teacher
 from .teachers import load_pipeline
 from .text import PipelineTextConditioner, TextConditioner
+from .two_time import with_end_time
 
 
 def critic_kind(needs: Needs, cfg: ModelConfig) -> tuple[str | None, int]:
@@ -88,7 +89,10 @@ def _mixture_models(cfg: ModelConfig, needs: Needs, student_cfg: float | None, c
                               cfg_dim, eps_features, cfg.mlp_smooth)
         return Denoiser(net, process, "sample")
 
-    student = Student(mlp(cfg.cfg_embedding_dim), cfg.timesteps, needs.student_sampler, student_cfg)
+    student_denoiser = mlp(cfg.cfg_embedding_dim)
+    if needs.student_sampler == "flowmap":
+        with_end_time(student_denoiser.net)
+    student = Student(student_denoiser, cfg.timesteps, needs.student_sampler, student_cfg)
     return Models(
         process=process,
         teacher=Teacher(Denoiser(exact, process, "sample")),  # the mixture networks predict x0 on either path
@@ -169,6 +173,13 @@ def _network_roles(net: Any, student_net: Any, process: NoiseProcess, cfg: Model
 def _image_models(cfg: ModelConfig, pipe: Any, net: Any, student_net: Any, needs: Needs, student_cfg: float | None,
                   critic: str | None, critic_rank: int, seed: int, family: str, text: Any) -> Models:
     process = NoiseProcess.from_scheduler(pipe.scheduler)
+    if needs.student_sampler == "flowmap":  # a flow-map student reads where its step ends
+        if student_net is None:
+            raise ConfigError("a flow-map student (meanflow) needs a full-weight student: its second time embedding "
+                              "is new weights outside the teacher's network; set model.student_lora_rank to null")
+        with torch.random.fork_rng():  # the new embedding's first layer is seeded, the global generator untouched
+            torch.manual_seed(seed + 7)
+            student_net = with_end_time(student_net)
     teacher, student, critic_denoiser = _network_roles(net, student_net, process, cfg, critic, critic_rank, seed)
     side = image_size(pipe, cfg.resolution) // vae_factor(pipe)
     if family in FLOW_BUILDERS.values() and side % 2:

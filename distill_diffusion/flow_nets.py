@@ -63,7 +63,21 @@ def image_ids(h: int, w: int, device: torch.device, dtype: torch.dtype) -> Tenso
 
 
 def call(net: nn.Module, x: Tensor, t: Tensor, cond: Any, dtype: torch.dtype) -> Tensor:
-    """The network's velocity prediction for latents ``x`` (B, C, H, W) at process timesteps ``t`` (B,)."""
+    """The network's velocity prediction for latents ``x`` (B, C, H, W) at process timesteps ``t`` (B,); a flow-map
+    student's (`two_time.with_end_time`) reads the interval to ``cond.end_timestep`` too."""
+    embed = getattr(net, "time_text_embed", None)
+    if not hasattr(embed, "end_time_embed"):
+        return _call(net, x, t, cond, dtype)
+    from .denoiser import end_interval
+
+    embed.interval = end_interval(t, cond)
+    try:
+        return _call(net, x, t, cond, dtype)
+    finally:
+        embed.interval = None
+
+
+def _call(net: nn.Module, x: Tensor, t: Tensor, cond: Any, dtype: torch.dtype) -> Tensor:
     t = t.to(torch.float32)
     embeds = cond.embeds.to(dtype)
     if type(net).__name__ == "SanaTransformer2DModel":

@@ -120,17 +120,30 @@ class ResidualMLP(nn.Module):
         self.cfg_embed = nn.Linear(cfg_dim, hidden) if cfg_dim else None
         for p in self.base.parameters():
             p.requires_grad_(False)
+        self.end_time: nn.Linear | None = None  # a flow-map student's second time (`add_end_time`)
+
+    def add_end_time(self) -> None:
+        """Read ``cond.end_timestep`` too (a flow-map student): its noise-angle harmonics through a layer that starts
+        at zero (the correction's output layer is zero at start as well)."""
+        if self.end_time is None:
+            self.end_time = nn.Linear(16, self.inp.out_features)
+            nn.init.zeros_(self.end_time.weight)
+            nn.init.zeros_(self.end_time.bias)
+
+    def time_features(self, t: Tensor, like: Tensor) -> Tensor:
+        a, sigma = self.process.alpha_sigma(t, like)
+        if self.smooth_time:  # the noise angle atan2(sigma, alpha) in [0, pi/2], harmonics 1 .. 8
+            angle = torch.atan2(sigma, a).reshape(-1, 1)
+            feats = torch.arange(1, 9, device=like.device, dtype=like.dtype) * angle
+        else:  # log-SNR octaves; flow: alpha = 0 at t = T (pure noise)
+            log_snr = (2 * (a / sigma).log()).clamp(-20, 20).reshape(-1, 1)
+            feats = log_snr * 2 ** torch.arange(8, device=like.device, dtype=like.dtype) * math.pi / 16
+        return torch.cat([torch.sin(feats), torch.cos(feats)], -1)
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         a, sigma = self.process.alpha_sigma(t, x_t)
         c_in = 1 / (a**2 * self.data_var + sigma**2).sqrt()
-        if self.smooth_time:  # the noise angle atan2(sigma, alpha) in [0, pi/2], harmonics 1 .. 8
-            angle = torch.atan2(sigma, a).reshape(-1, 1)
-            feats = torch.arange(1, 9, device=x_t.device, dtype=x_t.dtype) * angle
-        else:  # log-SNR octaves; flow: alpha = 0 at t = T (pure noise)
-            log_snr = (2 * (a / sigma).log()).clamp(-20, 20).reshape(-1, 1)
-            feats = log_snr * 2 ** torch.arange(8, device=x_t.device, dtype=x_t.dtype) * math.pi / 16
-        feats = torch.cat([torch.sin(feats), torch.cos(feats)], -1)
+        feats = self.time_features(t, x_t)
         labels = cond.labels if cond.labels is not None else torch.full((len(x_t),), -1, device=x_t.device)
         labels = torch.where(labels < 0, torch.full_like(labels, self.classes), labels).long()
         base = self.base(x_t, t, cond)
@@ -138,6 +151,9 @@ class ResidualMLP(nn.Module):
         if self.eps_features:
             inputs.append((x_t - a * base.to(x_t.dtype)) / sigma)
         h = self.inp(torch.cat(inputs, -1)) + self.label_embed(labels)
+        if self.end_time is not None:
+            end = cond.end_timestep if cond.end_timestep is not None else t
+            h = h + self.end_time(self.time_features(end, x_t))
         if self.cfg_embed is not None:
             w = cond.cfg_scale if cond.cfg_scale is not None else torch.ones(len(x_t), device=x_t.device)
             h = h + self.cfg_embed(cfg_embedding(w, self.cfg_dim).to(h.dtype))

@@ -23,9 +23,9 @@ from torch import Tensor, nn
 from .denoiser import Cond, Denoiser, cfg_x0
 from .gmm import GaussianMixture
 from .process import NoiseProcess
-from .sampling import ddim, multistep, renoised, timestep_batch
+from .sampling import ddim, flow_map, multistep, renoised, timestep_batch
 
-SAMPLERS = ("multistep", "ddim")
+SAMPLERS = ("multistep", "ddim", "flowmap")
 CRITICS = ("copy", "lora", "teacher")
 
 
@@ -36,7 +36,9 @@ class Needs:
     critic: None (no critic), ``copy`` (a trainable full copy of the teacher's network), ``lora`` (a LoRA adapter
         of rank ``critic_lora_rank`` on the teacher's own network) or ``teacher`` (the teacher's frozen network
         itself: heads on its features train). ``model.critic_lora_rank`` overrides the kind: 0 a copy, r a LoRA.
-    student_sampler: how the student samples and exports: ``multistep`` (LCMScheduler) or ``ddim`` (DDIMScheduler).
+    student_sampler: how the student samples and exports: ``multistep`` (LCMScheduler), ``ddim`` (DDIMScheduler) or
+        ``flowmap`` (a flow-map student, whose network reads where each step ends: `distill_diffusion.two_time`;
+        DDIM moves between the timesteps).
     student_reads_cfg: whether the method can train a student that reads its CFG scale (``model.cfg_embedding_dim``);
         ``student_cfg`` is then the scale it samples, evaluates and exports at by default.
     real_images: what real images are for (named in the error when ``data.real`` is missing); None: data-free.
@@ -82,8 +84,9 @@ class Teacher(nn.Module):
 class Student(nn.Module):
     """A K-step generator: ``sample(noise, cond)`` runs the fixed timestep list; ``forward`` is one evaluation.
 
-    ``sampler``: ``multistep`` (predict x0, re-noise with fresh noise: DMD2, LCM; exported with LCMScheduler) or
-    ``ddim`` (deterministic DDIM on the list: progressive distillation; exported with a trailing DDIMScheduler).
+    ``sampler``: ``multistep`` (predict x0, re-noise with fresh noise: DMD2, LCM; exported with LCMScheduler),
+    ``ddim`` (deterministic DDIM on the list: progressive distillation; exported with a trailing DDIMScheduler) or
+    ``flowmap`` (DDIM moves, each prediction told where its step ends: a flow-map student, MeanFlow).
     ``cfg_scale``: for a student that reads its CFG scale (``model.cfg_embedding_dim``), the scale it samples at
     when ``cond.cfg_scale`` gives none; None for a student whose guidance is baked into its weights.
     """
@@ -113,6 +116,11 @@ class Student(nn.Module):
             cond = replace(cond, cfg_scale=torch.full((len(x_t),), float(self.cfg_scale), device=x_t.device))
         return self.denoiser(x_t, t, cond)
 
+    def x0_to(self, x_t: Tensor, t: Tensor, end: Tensor, cond: Cond) -> Tensor:
+        """A flow-map student's x0 prediction for the step from ``t`` to ``end`` (the DDIM move between them is its
+        flow map)."""
+        return self(x_t, t, replace(cond, end_timestep=end))
+
     def sample(self, noise: Tensor, cond: Cond, generator: torch.Generator | list[torch.Generator]) -> Tensor:
         """K steps from ``noise``; the re-noising draws from ``generator`` (one per image, as diffusers takes them).
 
@@ -123,6 +131,8 @@ class Student(nn.Module):
         """
         if self.sampler == "ddim":
             return ddim(lambda x, t: self(x, t, cond), noise, self.timesteps, self.process)
+        if self.sampler == "flowmap":
+            return flow_map(lambda x, t, end: self.x0_to(x, t, end, cond), noise, self.timesteps, self.process)
         if isinstance(generator, list) and self.denoiser.renoise_from_global_rng:
             generator = [torch.Generator(g.device).manual_seed(g.initial_seed()) for g in generator]
         return multistep(lambda x, t: self(x, t, cond), noise, self.timesteps, self.process, generator,
@@ -135,6 +145,9 @@ class Student(nn.Module):
         student out k steps from pure noise so training sees the inputs inference will see. k = 0 is pure noise.
         """
         with torch.no_grad():
+            if self.sampler == "flowmap":
+                x = flow_map(lambda x, t, end: self.x0_to(x, t, end, cond), noise, self.timesteps, self.process, k)
+                return x.detach(), timestep_batch(self.timesteps[k], x)
             x = renoised(lambda x, t: self(x, t, cond), noise, self.timesteps, self.process, generator, k,
                          self.denoiser.noise)
         return x.detach(), timestep_batch(self.timesteps[k], x)

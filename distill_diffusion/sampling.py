@@ -53,3 +53,20 @@ def multistep(
     ``LCMScheduler`` do."""
     x = renoised(x0_fn, noise, timesteps, process, generator, len(timesteps) - 1, noise_fn)
     return x0_fn(x, timestep_batch(timesteps[-1], x))
+
+
+X0EndFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def flow_map(x0_fn: X0EndFn, noise: Tensor, timesteps: Sequence[float], process: NoiseProcess,
+             k: int | None = None) -> Tensor:
+    """A flow-map student's sampler (MeanFlow): at each step the student predicts x0 knowing where the step ends,
+    ``x0_fn(x_t, t, t_next)``, then the deterministic DDIM move to ``t_next``, which on the straight path is MeanFlow's
+    ``x_r = x_t - (t - r) u`` (`distill_diffusion.flowtime`). ``k``: stop after k steps (default: all, ending at the
+    clean sample)."""
+    x = noise
+    for i, t in enumerate(timesteps[: len(timesteps) if k is None else k]):
+        t_now = timestep_batch(t, x)
+        t_next = timestep_batch(timesteps[i + 1] if i + 1 < len(timesteps) else CLEAN, x)
+        x = process.ddim_step(x0_fn(x, t_now, t_next), x, t_now, t_next)
+    return x

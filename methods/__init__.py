@@ -4,6 +4,7 @@ from .adversarial import ADD, LADD, ADDConfig, LADDConfig
 from .base import Method, MethodConfig
 from .consistency import Consistency, ConsistencyConfig
 from .dmd2 import DMD2, DMD2Config
+from .meanflow import MeanFlow, MeanFlowConfig
 from .progressive import Progressive, ProgressiveConfig
 from .rcm import RCM, RCMConfig
 from .scm import SCM, SCMConfig
@@ -16,6 +17,7 @@ METHODS: dict[str, type[Method]] = {
     "consistency": Consistency,
     "dmd2": DMD2,
     "ladd": LADD,
+    "meanflow": MeanFlow,
     "progressive": Progressive,
     "rcm": RCM,
     "scm": SCM,
@@ -24,6 +26,6 @@ METHODS: dict[str, type[Method]] = {
 }
 
 __all__ = ["METHODS", "Method", "MethodConfig", "ADD", "ADDConfig", "Consistency",
-           "ConsistencyConfig", "DMD2", "DMD2Config", "LADD", "LADDConfig", "Progressive", "ProgressiveConfig",
+           "ConsistencyConfig", "DMD2", "DMD2Config", "LADD", "LADDConfig", "MeanFlow", "MeanFlowConfig", "Progressive", "ProgressiveConfig",
            "RCM", "RCMConfig", "SCM", "SCMConfig",
            "ScoreConfig", "ScoreMethod", "SiD", "SiDConfig", "VSD", "VSDConfig"]

@@ -49,8 +49,9 @@ from distill_diffusion.roles import Batch, Needs
 from distill_diffusion.trigflow import TrigFlow
 
 from .base import EMATarget, Method, MethodConfig, default_student_cfg, draw_cfg_scales, student_cond
+from .derivative import MODES, derivative_along
 
-JVPS = ("autograd", "finite_difference")
+JVPS = MODES
 
 
 @dataclass
@@ -147,25 +148,9 @@ class TangentTerm:
 
     def tangent_of_F(self, fn, x: Tensor, t: Tensor, dxdt: Tensor) -> tuple[Tensor, Tensor]:  # noqa: ANN001
         """(F(x, t), cos t sin t dF/dt) along the direction (dx/dt, 1), by forward-mode AD or a central difference."""
-        cs = t.cos() * t.sin()
-        tx = cs.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype) * dxdt
-        if self.cfg.jvp == "autograd":
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            with sdpa_kernel(SDPBackend.MATH):
-                return torch.func.jvp(fn, (x, t), (tx, cs))
-        # x +- h dx/dt at t +- h, h relative to t (FastGen's); the schedule is smooth past its ends
-        # (`NoiseProcess.alpha_bar`), so the difference is central everywhere
-        h = self.cfg.fd_step * t.clamp_min(1e-3)
-        hx = h.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
-        step = hx * dxdt
-        with _same_rng(x):
-            plus = fn(x + step, t + h)
-        with _same_rng(x):
-            minus = fn(x - step, t - h)
-        with _same_rng(x):
-            mid = fn(x, t)
-        return mid, cs.reshape_as(hx).to(x.dtype) * (plus - minus) / (2 * hx)
+        F, dF = derivative_along(fn, x, t, dxdt, self.cfg.jvp, self.cfg.fd_step)  # noqa: N806
+        cs = (t.cos() * t.sin()).reshape(-1, *([1] * (x.ndim - 1))).to(dF.dtype)
+        return F, cs * dF
 
     def loss(self, x0: Tensor, cond, generator: torch.Generator, step: int) -> tuple[Tensor, dict[str, float]]:  # noqa: ANN001
         m, cfg, trig = self.models, self.cfg, self.trig
@@ -204,12 +189,6 @@ def tangent(F_minus: Tensor, dF: Tensor, dxdt: Tensor, x: Tensor, t: Tensor, sig
     shape = (-1,) + (1,) * (x.ndim - 1)
     cos, sin = t.cos().reshape(shape).to(x.dtype), t.sin().reshape(shape).to(x.dtype)
     return -cos**2 * (sigma_data * F_minus - dxdt) - r * (cos * sin * x + sigma_data * dF)
-
-
-def _same_rng(like: Tensor):  # noqa: ANN202
-    """Each finite-difference evaluation sees the same random draws (dropout, where a network has it), as FastGen
-    forks the RNG around each."""
-    return torch.random.fork_rng(devices=[like.device] if like.device.type == "cuda" else [])
 
 
 class SCM(Method):

@@ -26,6 +26,7 @@ METHODS: dict[str, type[Method]] = {
 }
 
 __all__ = ["METHODS", "Method", "MethodConfig", "ADD", "ADDConfig", "Consistency",
-           "ConsistencyConfig", "DMD2", "DMD2Config", "LADD", "LADDConfig", "MeanFlow", "MeanFlowConfig", "Progressive", "ProgressiveConfig",
+           "ConsistencyConfig", "DMD2", "DMD2Config", "LADD", "LADDConfig",
+           "MeanFlow", "MeanFlowConfig", "Progressive", "ProgressiveConfig",
            "RCM", "RCMConfig", "SCM", "SCMConfig",
            "ScoreConfig", "ScoreMethod", "SiD", "SiDConfig", "VSD", "VSDConfig"]

@@ -3,7 +3,8 @@ for One-step Generative Modeling", 2025, arXiv:2505.13447), distilled from the t
 
 On the straight path x_s = (1 - s) x0 + s eps (`distill_diffusion.flowtime`: any teacher's Gaussian path, rescaled)
 the average velocity between times r < s along the teacher's probability-flow ODE,
-u(x_s, r, s) = (x_s - x_r) / (s - r), obeys the MeanFlow identity (differentiate (s - r) u = the integral of v from r to s in s, at fixed r):
+u(x_s, r, s) = (x_s - x_r) / (s - r), obeys the MeanFlow identity (differentiate (s - r) u = the integral of v
+from r to s in s, at fixed r):
 
     u(x_s, r, s) = v(x_s, s) - (s - r) d/ds u(x_s, r, s),      d/ds u = v . grad_x u + du/ds
 

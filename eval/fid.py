@@ -21,6 +21,7 @@ Images everywhere are uint8 arrays (N, H, W, 3), as diffusers pipelines return w
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +68,9 @@ class FeatureStats:
     def save(self, path: str | Path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npz")
+        # one temporary name per process: two jobs filling the same cache (two leaderboard halves started together
+        # on a fresh clone) each write their own and the second rename wins, with the same statistics
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")
         np.savez(tmp, mu=self.mu, sigma=self.sigma, features=self.features)
         tmp.replace(path)
 

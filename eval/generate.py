@@ -114,6 +114,10 @@ def load_model(spec: str) -> EvalModel:
             export = json.loads(info.read_text(encoding="utf-8")) if info.is_file() else None
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ConfigError(f"{str(info)!r} is damaged ({first_line(e)}); export the run again") from None
+        if export is not None and export.get("end_time_hook"):  # a flow-map student: its model card's loading step
+            from distill_diffusion.pipelines.end_time import add_end_time_hook
+
+            add_end_time_hook(pipe)
         return EvalModel(spec, pipeline=pipe, export=export)
     raise ConfigError(f"model {spec!r} is neither embedded:<name>, a diffusers pipeline directory nor a run directory")
 

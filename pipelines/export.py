@@ -95,7 +95,7 @@ def flow_scheduler(sampler: str) -> Any:
     the call's sigmas are the student's own."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler
 
-    cls = FlowMatchEulerDiscreteScheduler if sampler == "ddim" else FlowMatchLCMScheduler
+    cls = FlowMatchEulerDiscreteScheduler if sampler in ("ddim", "flowmap") else FlowMatchLCMScheduler
     return cls(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
 
 
@@ -105,7 +105,7 @@ def student_scheduler(models: Any) -> Any:
     if models.process.kind == "flow":
         return flow_scheduler(models.student.sampler)
     timesteps = [int(t) for t in models.student.timesteps]
-    if models.student.sampler == "ddim":
+    if models.student.sampler in ("ddim", "flowmap"):  # a flow map moves by DDIM between its timesteps
         return ddim_scheduler(models.pipeline.scheduler.config, timesteps)
     return lcm_scheduler(models.pipeline.scheduler.config, timesteps)
 
@@ -216,6 +216,10 @@ def export(run_dir: str | Path, out_dir: str | Path, lora: bool = False, overwri
         raise ConfigError("--lora needs a student trained as a LoRA adapter (model.student_lora_rank); this "
                           "run's student has full weights: export it without --lora")
     flow = models.process.kind == "flow"
+    end_time = models.student.sampler == "flowmap"
+    if end_time and flow:
+        raise ConfigError("a flow-map student of a flow transformer has no diffusers export yet: no stock SD3 / Flux "
+                          "class reads a second time (sample it with `distill-diffusion sample RUN`)")
     timesteps = [t if flow else int(t) for t in models.student.timesteps]
     scheduler = student_scheduler(models)
     kwargs = (flow_call_arguments(models, timesteps) if flow else
@@ -240,6 +244,8 @@ def export(run_dir: str | Path, out_dir: str | Path, lora: bool = False, overwri
                 "scheduler_class": type(scheduler).__name__,
                 "teacher": cfg.model.teacher, "method": cfg.method, "timesteps": timesteps, "call": kwargs,
                 "lora": lora, "run": str(run_dir),
+                # a flow-map student's UNet reads where each step ends: the model card's one loading step
+                "end_time_hook": end_time,
                 # the pipeline re-noises from torch's global generator: seed it per image to reproduce a sample
                 "seed_global_rng": models.student.sampler == "multistep" and len(timesteps) > 1
                 and models.student.denoiser.renoise_from_global_rng}

@@ -34,6 +34,19 @@ def usage_code(info: dict[str, Any], where: str = "OUT_DIR") -> str:
             f"pipe.load_lora_weights(\"{where}\")\n"
             f"image = pipe({call}).images[0]\n"
         )
+    if info.get("end_time_hook"):
+        import inspect
+        import re
+
+        from .end_time import add_end_time_hook
+
+        return (
+            "from diffusers import DiffusionPipeline\n\n\n"
+            + re.sub(r"  # noqa[^\n]*", "", inspect.getsource(add_end_time_hook))
+            + f"\n\npipe = DiffusionPipeline.from_pretrained(\"{where}\")\n"
+            "add_end_time_hook(pipe)  # the UNet reads where each step ends (class_labels)\n"
+            f"image = pipe({call}).images[0]  # any num_inference_steps: one flow map, every step count\n"
+        )
     if info.get("seed_global_rng"):
         return (
             "import torch\nfrom diffusers import DiffusionPipeline\n\n"

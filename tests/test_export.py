@@ -39,7 +39,12 @@ else:
     export_dir = sys.argv[5]
     pipe = DiffusionPipeline.from_pretrained(export_dir)
     info = json.load(open(export_dir + "/export.json"))
-call = info["call"]
+    if info.get("end_time_hook"):  # a flow-map student: the model card's loading step, run as the card prints it
+        card = open(export_dir + "/README.md").read()
+        code = card.split("```python")[1].split("```")[0]
+        exec(code.split("pipe = DiffusionPipeline")[0])
+        add_end_time_hook(pipe)
+call = dict(info["call"], **(json.loads(sys.argv[6]) if len(sys.argv) > 6 else {}))
 pipe.set_progress_bar_config(disable=True)
 if info.get("seed_global_rng"):  # the model card's call: one image per call, torch's global generator seeded
     images = []
@@ -68,7 +73,8 @@ METHOD_ARGS = {"dmd2": {"critic_updates": 1, "lr_student": 1e-3, "teacher_cfg": 
                "consistency": {"lr_student": 1e-3, "teacher_cfg": 1.5, "grid_steps": 4},
                "progressive": {"lr_student": 1e-3, "teacher_cfg": 1.5, "steps_per_round": 4},
                "scm": {"lr_student": 1e-3, "teacher_cfg": 1.5, "tangent_warmup": 0},
-               "rcm": {"lr_student": 1e-3, "teacher_cfg": 1.5, "tangent_warmup": 0, "critic_updates": 1}}
+               "rcm": {"lr_student": 1e-3, "teacher_cfg": 1.5, "tangent_warmup": 0, "critic_updates": 1},
+               "meanflow": {"lr_student": 1e-3, "teacher_cfg": 1.5, "flow_matching_ratio": 0.0}}
 
 
 def distill(run: Path, teacher: str, timesteps: list[int], lora_rank: int | None = None, method: str = "dmd2",
@@ -269,3 +275,32 @@ def test_w_conditioned_student_exports_its_guidance_embedding(tmp_path: Path, ti
     # measured: export parity 4e-7, the w = 2.5 vs w = 1 gap after these 4 updates 2e-4
     gap, parity = np.abs(mine - at_one).max(), np.abs(mine - theirs).max()
     assert gap > 1e-5 and gap > 50 * parity, (gap, parity)
+
+
+def test_flow_map_student_exports_with_one_loading_step_at_any_step_count(tmp_path: Path,
+                                                                         tiny_dirs: dict[str, str]) -> None:
+    """A MeanFlow student of a VP teacher: a stock UNet (diffusers' timestep class embedding) in the teacher's
+    pipeline class with a trailing DDIMScheduler; the model card's hook passes each step's interval. Plain diffusers
+    with that hook reproduces the student at its trained 2 steps and, from the same export, at 1 step."""
+    from distill_diffusion.eval.generate import generate, load_model
+
+    run = distill(tmp_path / "run", tiny_dirs["sd15"], [999, 499], method="meanflow")
+    out = export(run, tmp_path / "export")
+    info = json.loads((out / "export.json").read_text())
+    assert info["end_time_hook"] and info["call"] == {"num_inference_steps": 2}
+    assert "def add_end_time_hook(pipe):" in (out / "README.md").read_text()
+    mine = student_images(run)
+    theirs, meta = plain_diffusers(tmp_path, "full", str(out))
+    assert (meta["class"], meta["scheduler"]) == ("StableDiffusionPipeline", "DDIMScheduler")
+    assert np.abs(mine - theirs).max() <= 1e-4
+    model = load_model(str(run))
+    model.run.models.student.timesteps = [999]
+    mine_1, _ = generate(model, PROMPTS, SEEDS, progress=False, as_float=True)
+    theirs_1, _ = plain_diffusers(tmp_path, "full", str(out), json.dumps({"num_inference_steps": 1}))
+    assert np.abs(mine_1 - theirs_1).max() <= 1e-4
+    assert np.abs(mine_1 - mine).max() > 1e-3  # two different samplers of one student, both reproduced
+    # the exported sweep loads it the same way (`eval.generate.load_model` registers the card's hook)
+    exported, _ = generate(load_model(str(out)), PROMPTS, SEEDS, progress=False, as_float=True)
+    assert np.abs(exported - mine).max() <= 1e-4
+    unet = json.loads((out / "unet" / "config.json").read_text())
+    assert unet["class_embed_type"] == "timestep"

@@ -14,7 +14,8 @@ tangent (v, 0, 1) in (x, r, s) (`methods.derivative`). The loss regresses the st
     L = E [ w * || u_theta(x_s, r, s) - sg(v - (s - r) d/ds u_theta) ||^2 ],    w = sg(1 / (||.||^2 + c)^p)
 
 (MeanFlow's adaptive weight, p = 1, c = 1e-3). (s, r): two logit-normal draws (mean -0.4, std 1.0), s the larger;
-a ``flow_matching_ratio`` share gets r = s (the instantaneous velocity, what the teacher already gives: MeanFlow's 75%)
+a ``start_ratio`` share gets s at the student's first timestep (an addition: where every sampler starts), a
+``flow_matching_ratio`` share r = s (the instantaneous velocity, what the teacher already gives: MeanFlow's 75%)
 and a ``consistency_ratio`` share r = 0 (straight to data, FastGen's bucket). The student is the teacher's network
 with a zero-initialised embedding of the interval t - end_timestep (`distill_diffusion.two_time`), so it starts as
 the teacher: u(x, r, s) = v(x, s) for every r, a one-step Euler sampler. It samples with `sampling.flow_map`: at each
@@ -56,6 +57,9 @@ class MeanFlowConfig(MethodConfig):
     p_std: float = 1.0
     flow_matching_ratio: float = 0.75  # share with r = s (MeanFlow Table 1a: 25% r != s is best from scratch)
     consistency_ratio: float = 0.0  # share with r = 0 (FastGen's consistency bucket)
+    # share with s at the student's first timestep (pure noise on a flow path), where every sampler starts: the
+    # logit-normal proposal almost never draws it, so without this bucket s = s_max is extrapolated (not MeanFlow's)
+    start_ratio: float = 0.0
     adaptive_p: float = 1.0  # w = 1 / (||err||^2 + c)^p; 0: the plain mean squared error
     adaptive_c: float = 1e-3
     tangent_warmup: int = 0  # updates over which the (s - r) du/ds term rises from 0 to 1 (FastGen's option)
@@ -73,6 +77,8 @@ class MeanFlowConfig(MethodConfig):
                 and self.flow_matching_ratio + self.consistency_ratio <= 1):
             raise ConfigError(f"meanflow.flow_matching_ratio and consistency_ratio must be >= 0 with a sum <= 1, got "
                               f"{self.flow_matching_ratio} and {self.consistency_ratio}")
+        if not 0 <= self.start_ratio <= 1:
+            raise ConfigError(f"meanflow.start_ratio must be in [0, 1], got {self.start_ratio}")
         if self.adaptive_p < 0 or self.adaptive_c <= 0 or self.tangent_warmup < 0:
             raise ConfigError("meanflow.adaptive_p and tangent_warmup must be >= 0 and adaptive_c > 0")
         if self.jvp not in MODES:
@@ -100,6 +106,9 @@ class MeanFlow(Method):
         a = self.flow.sample_times(n, cfg.p_mean, cfg.p_std, generator)
         b = self.flow.sample_times(n, cfg.p_mean, cfg.p_std, generator)
         s, r = torch.maximum(a, b), torch.minimum(a, b)
+        if cfg.start_ratio > 0:  # the sampler's start, then r below it as drawn
+            start = draws.rand(n, generator).double() < cfg.start_ratio
+            s = torch.where(start, torch.full_like(s, self.flow.s_max), s)
         u = draws.rand(n, generator).double()
         r = torch.where(u >= 1 - cfg.flow_matching_ratio, s, r)
         return s, torch.where(u < cfg.consistency_ratio, torch.zeros_like(r), r)

@@ -190,7 +190,7 @@ def test_the_loss_is_the_meanflow_regression_with_its_adaptive_weight() -> None:
 
 
 @pytest.mark.parametrize("bad", [{"flow_matching_ratio": 0.8, "consistency_ratio": 0.3}, {"jvp": "forward"},
-                                 {"adaptive_c": 0.0}, {"p_std": -1.0}, {"fd_step": 0.5}])
+                                 {"adaptive_c": 0.0}, {"p_std": -1.0}, {"fd_step": 0.5}, {"start_ratio": 1.5}])
 def test_bad_meanflow_settings_are_refused_in_one_line(bad: dict) -> None:
     with pytest.raises(ConfigError, match="meanflow"):
         make_config("meanflow", args=bad)

@@ -95,11 +95,7 @@ def run_cell(teacher: str, method: str, steps: int, seed: int, minutes: float, n
         trainer.train()
         result.update(distill_s=round(time.time() - t0, 1), updates=trainer.step, config=config,
                       overrides=overrides)
-        if trainer.models.process.kind == "flow" and trainer.models.student.sampler == "flowmap":
-            export = cell / "run"  # no diffusers export of an SD3-shaped flow-map student yet: its own sampler
-            result["note"] = "swept the run (an SD3-shaped flow-map student has no diffusers export yet)"
-        else:
-            export = export_run(cell / "run", lora_student=False)["export"]
+        export = export_run(cell / "run", lora_student=False)["export"]
         rows = run_sweep([str(export)], cfg.eval.ref, NFES, ["ddim"], [1.0], num_samples, cell / "sweep",
                          cache_dir=out / "cache", progress=False)
         result["row"] = rows[0]

@@ -115,9 +115,12 @@ def load_model(spec: str) -> EvalModel:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ConfigError(f"{str(info)!r} is damaged ({first_line(e)}); export the run again") from None
         if export is not None and export.get("end_time_hook"):  # a flow-map student: its model card's loading step
-            from distill_diffusion.pipelines.end_time import add_end_time_hook
+            from distill_diffusion.pipelines import end_time
 
-            add_end_time_hook(pipe)
+            if export["end_time_hook"] == "class_labels":
+                end_time.add_end_time_hook(pipe)
+            else:
+                end_time.add_end_time_embedding(pipe, str(path))
         return EvalModel(spec, pipeline=pipe, export=export)
     raise ConfigError(f"model {spec!r} is neither embedded:<name>, a diffusers pipeline directory nor a run directory")
 

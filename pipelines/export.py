@@ -48,6 +48,8 @@ from .model_card import model_card
 
 EXPORT_INFO = "export.json"
 C_SKIP_MAX = 1e-7  # LCM boundary scaling left in the export's sampler: negligible against the 1e-4 parity bound
+END_TIME_KEY = "time_text_embed.end_time_embed."  # a flow transformer's second-time embedding (`two_time`)
+END_TIME_FILE = "end_time_embed.safetensors"
 CFG_EMBEDDING_DIM = 256  # LCM's w-embedding width; the projection is zero (see `export_unet`)
 
 
@@ -179,14 +181,20 @@ def export_unet(unet: torch.nn.Module) -> torch.nn.Module:
         unet.fuse_lora()
         unet.unload_lora()
     if not isinstance(unet, UNet2DConditionModel):  # a flow transformer: a peft-free copy of the same class
-        plain = type(unet).from_config(unet.config)
-        plain.load_state_dict(unet.state_dict())
+        plain = type(unet).from_config(unet.config)  # (a flow-map student's second time is saved apart)
+        plain.load_state_dict({k: v for k, v in unet.state_dict().items() if END_TIME_KEY not in k})
         return plain.eval()
     if unet.config.time_cond_proj_dim is None:
         return with_cfg_embedding(unet, CFG_EMBEDDING_DIM).eval()
     plain = UNet2DConditionModel.from_config(unet.config)  # a peft-free copy of the w-conditioned student's UNet
     plain.load_state_dict(unet.state_dict())
     return plain.eval()
+
+
+def end_time_state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A flow transformer student's second-time embedding (`two_time`), keyed as a ``TimestepEmbedding``."""
+    return {k.split(END_TIME_KEY, 1)[1]: v.detach().float().cpu().contiguous()
+            for k, v in net.state_dict().items() if END_TIME_KEY in k}
 
 
 def lora_state(unet: torch.nn.Module, adapter: str = "student") -> tuple[dict[str, torch.Tensor], dict]:
@@ -216,10 +224,11 @@ def export(run_dir: str | Path, out_dir: str | Path, lora: bool = False, overwri
         raise ConfigError("--lora needs a student trained as a LoRA adapter (model.student_lora_rank); this "
                           "run's student has full weights: export it without --lora")
     flow = models.process.kind == "flow"
-    end_time = models.student.sampler == "flowmap"
-    if end_time and flow:
-        raise ConfigError("a flow-map student of a flow transformer has no diffusers export yet: no stock SD3 / Flux "
-                          "class reads a second time (sample it with `distill-diffusion sample RUN`)")
+    # a flow-map student reads where each step ends: a UNet through its stock class embedding (`class_labels`), a
+    # flow transformer through an embedding no stock class has, saved beside it; the model card's loading step
+    end_time = None if models.student.sampler != "flowmap" else "embedding" if flow else "class_labels"
+    if end_time and lora:
+        raise ConfigError("a flow-map student has no LoRA export: its second time embedding is outside the adapter")
     timesteps = [t if flow else int(t) for t in models.student.timesteps]
     scheduler = student_scheduler(models)
     kwargs = (flow_call_arguments(models, timesteps) if flow else
@@ -239,6 +248,10 @@ def export(run_dir: str | Path, out_dir: str | Path, lora: bool = False, overwri
         else:
             pipe = _export_pipeline(models, export_unet(unet), scheduler)
             pipe.save_pretrained(tmp, safe_serialization=True)
+            if end_time == "embedding":
+                from safetensors.torch import save_file
+
+                save_file(end_time_state(unet), str(tmp / END_TIME_FILE))
             pipeline_class = type(pipe).__name__
         info = {"pipeline_class": pipeline_class, "teacher_class": type(models.pipeline).__name__,
                 "scheduler_class": type(scheduler).__name__,

@@ -38,14 +38,18 @@ def usage_code(info: dict[str, Any], where: str = "OUT_DIR") -> str:
         import inspect
         import re
 
-        from .end_time import add_end_time_hook
+        from . import end_time
 
+        unet = info["end_time_hook"] == "class_labels"
+        fn = end_time.add_end_time_hook if unet else end_time.add_end_time_embedding
+        load = ("add_end_time_hook(pipe)  # the UNet reads where each step ends (class_labels)" if unet else
+                f"add_end_time_embedding(pipe, \"{where}\")  # the transformer's second time, and each step's end")
+        steps = "num_inference_steps" if unet else "sigmas"
         return (
             "from diffusers import DiffusionPipeline\n\n\n"
-            + re.sub(r"  # noqa[^\n]*", "", inspect.getsource(add_end_time_hook))
-            + f"\n\npipe = DiffusionPipeline.from_pretrained(\"{where}\")\n"
-            "add_end_time_hook(pipe)  # the UNet reads where each step ends (class_labels)\n"
-            f"image = pipe({call}).images[0]  # any num_inference_steps: one flow map, every step count\n"
+            + re.sub(r"  # noqa[^\n]*", "", inspect.getsource(fn))
+            + f"\n\npipe = DiffusionPipeline.from_pretrained(\"{where}\")\n{load}\n"
+            f"image = pipe({call}).images[0]  # any {steps}: one flow map, every step count\n"
         )
     if info.get("seed_global_rng"):
         return (

@@ -43,7 +43,10 @@ else:
         card = open(export_dir + "/README.md").read()
         code = card.split("```python")[1].split("```")[0]
         exec(code.split("pipe = DiffusionPipeline")[0])
-        add_end_time_hook(pipe)
+        if info["end_time_hook"] == "class_labels":
+            add_end_time_hook(pipe)
+        else:
+            add_end_time_embedding(pipe, export_dir)
 call = dict(info["call"], **(json.loads(sys.argv[6]) if len(sys.argv) > 6 else {}))
 pipe.set_progress_bar_config(disable=True)
 if info.get("seed_global_rng"):  # the model card's call: one image per call, torch's global generator seeded
@@ -304,3 +307,30 @@ def test_flow_map_student_exports_with_one_loading_step_at_any_step_count(tmp_pa
     assert np.abs(exported - mine).max() <= 1e-4
     unet = json.loads((out / "unet" / "config.json").read_text())
     assert unet["class_embed_type"] == "timestep"
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_flow_transformer_flow_map_student_exports_with_its_embedding_beside(tmp_path: Path,
+                                                                             tiny_dirs: dict[str, str],
+                                                                             kind: str) -> None:
+    """An SD3 / Flux MeanFlow student: the stock transformer class in the teacher's pipeline with a stock
+    FlowMatchEulerDiscreteScheduler on the call's sigmas, its second-time embedding saved beside it and loaded by the
+    model card's function; plain diffusers reproduces the student at 2 steps and, from the same export, at 1."""
+    from distill_diffusion.eval.generate import generate, load_model
+
+    run = distill(tmp_path / "run", tiny_dirs[kind], [1000, 500], method="meanflow",
+                  method_args={"teacher_cfg": 1.0})
+    out = export(run, tmp_path / "export")
+    info = json.loads((out / "export.json").read_text())
+    assert info["end_time_hook"] == "embedding" and (out / "end_time_embed.safetensors").is_file()
+    mine = student_images(run)
+    theirs, meta = plain_diffusers(tmp_path, "full", str(out))
+    assert meta["scheduler"] == "FlowMatchEulerDiscreteScheduler"
+    assert np.abs(mine - theirs).max() <= 1e-4
+    model = load_model(str(run))
+    model.run.models.student.timesteps = [1000]
+    mine_1, _ = generate(model, PROMPTS, SEEDS, progress=False, as_float=True)
+    theirs_1, _ = plain_diffusers(tmp_path, "full", str(out), json.dumps({"sigmas": [1.0]}))
+    assert np.abs(mine_1 - theirs_1).max() <= 1e-4
+    exported, _ = generate(load_model(str(out)), PROMPTS, SEEDS, progress=False, as_float=True)
+    assert np.abs(exported - mine).max() <= 1e-4

@@ -72,23 +72,33 @@ def cell_name(method: str, steps: int, seed: int) -> str:
     return f"{method}_{steps}step_seed{seed}"
 
 
-def run_cell(teacher: str, method: str, steps: int, seed: int, minutes: float, num_samples: int, out: Path) -> dict:
-    """Distill, export and sweep one cell; its result.json is written last (a cell without one is run again)."""
+def run_cell(teacher: str, method: str, steps: int, seed: int, minutes: float, num_samples: int, out: Path,
+             updates_from: int | None = None) -> dict:
+    """Distill, export and sweep one cell; its result.json is written last (a cell without one is run again).
+    ``updates_from``: train for as many updates as the same cell of that seed got (a budget in updates, for a
+    second seed on another day's machine) instead of ``minutes`` of wall-clock."""
     cell = out / "cells" / cell_name(method, steps, seed)
     if (cell / "result.json").is_file():
         return json.loads((cell / "result.json").read_text())
     recipe = RECIPES.get((teacher, method, steps))
     result: dict = {"method": method, "steps": steps, "seed": seed, "budget_s": 60 * minutes}
+    budget = [f"train.max_seconds={60 * minutes}", "train.steps=1000000"]
+    if updates_from is not None:
+        ref = out / "cells" / cell_name(method, steps, updates_from) / "result.json"
+        updates = json.loads(ref.read_text()).get("updates") if ref.is_file() else None
+        if not updates:
+            result["skipped"] = f"no finished seed-{updates_from} cell to take the update budget from"
+            return result
+        result.update(budget_s=None, budget_updates=updates, updates_from_seed=updates_from)
+        budget = ["train.max_seconds=0", f"train.steps={updates}"]
     if recipe is None:
         result["skipped"] = f"no {steps}-step recipe for {method} on {teacher} yet"
         return result
     config, overrides = recipe
     shutil.rmtree(cell, ignore_errors=True)  # a cell killed half-way starts again
     grid = GRID_OVERRIDE.get((teacher, method, steps), GRIDS[teacher][steps])
-    cfg = load_config(CONFIGS / config, [*overrides, f"model.timesteps={grid}",
-                                         f"train.seed={seed}", f"train.max_seconds={60 * minutes}",
-                                         "train.steps=1000000", "train.progress=false",
-                                         "train.checkpoint_every=1000000"])
+    cfg = load_config(CONFIGS / config, [*overrides, f"model.timesteps={grid}", f"train.seed={seed}", *budget,
+                                         "train.progress=false", "train.checkpoint_every=1000000"])
     t0 = time.time()
     try:
         trainer = Trainer(cfg, cell / "run")
@@ -208,6 +218,9 @@ def main() -> None:
     ap.add_argument("--num-samples", type=int, default=1000)
     ap.add_argument("--out", default=None)
     ap.add_argument("--table-only", action="store_true", help="only rewrite the table and plot from finished cells")
+    ap.add_argument("--updates-from", type=int, default=None, metavar="SEED",
+                    help="give each cell the update count of the same cell at seed SEED instead of --minutes of "
+                         "wall-clock (a like-for-like second seed on a machine of another speed)")
     args = ap.parse_args()
     out = Path(args.out or f"docs/results/leaderboard/{args.teacher}")
     out.mkdir(parents=True, exist_ok=True)
@@ -218,7 +231,8 @@ def main() -> None:
                 done = out / "cells" / cell_name(method, steps, seed) / "result.json"
                 if args.table_only and not done.is_file():
                     continue
-                r = run_cell(args.teacher, method, steps, seed, args.minutes, args.num_samples, out)
+                r = run_cell(args.teacher, method, steps, seed, args.minutes, args.num_samples, out,
+                             args.updates_from)
                 results.append(r)
                 print(json.dumps({k: v for k, v in r.items() if k != "row"} |
                                  ({"fid": round(r["row"]["fid"], 3)} if "row" in r else {})), flush=True)

@@ -43,3 +43,13 @@ def test_leaderboard_runs_a_cell_skips_it_when_done_and_says_why_a_cell_has_no_r
     stamp = cell.stat().st_mtime_ns
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and cell.stat().st_mtime_ns == stamp, again.stderr[-2000:]
+    # a second seed with the first seed's update count (a budget in updates: another day's machine runs at another
+    # speed), and a seed whose reference cell is missing says so
+    second = [*cmd[:cmd.index("--seeds") + 1], "1", *cmd[cmd.index("--seeds") + 2:], "--updates-from", "0"]
+    done = subprocess.run(second, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    seed1 = json.loads((tmp_path / "cells" / "dmd2_1step_seed1" / "result.json").read_text())
+    assert seed1["updates"] == seed1["budget_updates"] == result["updates"] and "row" in seed1
+    missing = [*cmd[:cmd.index("--seeds") + 1], "2", *cmd[cmd.index("--seeds") + 2:], "--updates-from", "7"]
+    done = subprocess.run(missing, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0 and "no finished seed-7 cell" in (tmp_path / "leaderboard.md").read_text()

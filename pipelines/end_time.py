@@ -42,7 +42,7 @@ def add_end_time_embedding(pipe, path):  # noqa: ANN001, ANN201 (printed into mo
     embed = TimestepEmbedding(state["linear_1.weight"].shape[1], state["linear_1.weight"].shape[0])
     embed.load_state_dict(state)
     embed.to(net.device, net.dtype)
-    scale = 1000.0 if type(net).__name__.startswith("Flux") else 1.0  # Flux's pipeline passes timesteps / 1000
+    scale = 1000.0 if type(net).__name__.startswith(("Flux", "QwenImage")) else 1.0  # they are passed t / 1000
     interval = {}
 
     def before(module, args, kwargs):  # noqa: ANN001, ANN202

@@ -140,7 +140,8 @@ def test_file_errors(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("config", "overrides", "words"), [
-    ("gmm_dmd2.yaml", ["model.cfg_embedding_dim=64"], ["cfg_embedding_dim", "consistency and progressive"]),
+    ("gmm_dmd2.yaml", ["model.cfg_embedding_dim=64"],
+     ["cfg_embedding_dim", "consistency and meanflow and progressive"]),
     ("gmm_progressive.yaml", ["progressive.teacher_cfg_max=3"], ["teacher_cfg_max", "model.cfg_embedding_dim"]),
 ])
 def test_w_conditioning_where_it_does_not_apply(tmp_path: Path, config: str, overrides: list[str],

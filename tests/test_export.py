@@ -47,7 +47,7 @@ else:
             add_end_time_hook(pipe)
         else:
             add_end_time_embedding(pipe, export_dir)
-call = dict(info["call"], **(json.loads(sys.argv[6]) if len(sys.argv) > 6 else {}))
+call = dict(info["call"], **(json.loads(sys.argv[6]) if mode == "full" and len(sys.argv) > 6 else {}))
 pipe.set_progress_bar_config(disable=True)
 if info.get("seed_global_rng"):  # the model card's call: one image per call, torch's global generator seeded
     images = []
@@ -309,7 +309,7 @@ def test_flow_map_student_exports_with_one_loading_step_at_any_step_count(tmp_pa
     assert unet["class_embed_type"] == "timestep"
 
 
-@pytest.mark.parametrize("kind", ["sd3", "flux"])
+@pytest.mark.parametrize("kind", ["sd3", "flux", pytest.param("qwen", marks=pytest.mark.slow)])
 def test_flow_transformer_flow_map_student_exports_with_its_embedding_beside(tmp_path: Path,
                                                                              tiny_dirs: dict[str, str],
                                                                              kind: str) -> None:

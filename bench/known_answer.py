@@ -23,7 +23,7 @@ import torch
 from distill_diffusion.assembly import assemble
 from distill_diffusion.config import load_config
 from distill_diffusion.denoiser import Cond
-from distill_diffusion.eval.mixture import mixture_metrics
+from distill_diffusion.eval.mixture import mixture_metrics, per_step_metrics
 from distill_diffusion.preview import student_samples
 from distill_diffusion.sampling import ddim
 from distill_diffusion.trainer import Trainer
@@ -53,6 +53,8 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench_known_answer")
     ap.add_argument("--sample-steps", type=int, nargs="*", default=[],
                     help="also sample each trained student at these step counts")
+    ap.add_argument("--per-step", action="store_true",
+                    help="also measure each step's output of a multi-step student (its x0 at every step)")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     args = ap.parse_args()
     torch.set_num_threads(1)  # tiny MLPs: one thread is faster than two on a 2-core machine
@@ -70,6 +72,10 @@ def main() -> None:
                      **{k: m[k] for k in ("energy_distance", "std_ratio", "coverage")},
                      "seconds": round(time.time() - t0, 1)})
         student, mixture = trainer.models.student, trainer.models.mixture
+        if args.per_step:
+            for i, pm in enumerate(per_step_metrics(trainer.models, run_cfg.train.eval_samples)):
+                rows.append({"model": f"{cfg.method} student (seed {seed}), output of step {i + 1}", "steps": steps,
+                             **pm, "seconds": 0.0})
         for k in args.sample_steps:
             student.timesteps = trainer.models.process.trailing_timesteps(k)
             labels = mixture.balanced_labels(run_cfg.train.eval_samples)

@@ -32,6 +32,10 @@ class ModelConfig:
     gmm_radius: float = 4.0
     gmm_std: float = 0.3
     gmm_dim: int = 2
+    gmm_weights: list[float] | None = field(default=None, metadata={
+        "help": "class weights of the mixture (normalised; null = equal)"})
+    gmm_unconditional: bool = field(default=False, metadata={
+        "help": "train and evaluate without the class (the null class): the student must find every mode itself"})
     gmm_process: str = field(default="vp", metadata={
         "help": "the mixture teacher's noise path: vp (SD 1.5's schedule) | flow ((1 - s) x0 + s eps, SD3 / Flux)"})
     mlp_hidden: int = 128
@@ -59,6 +63,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.gmm_process not in ("vp", "flow"):
             raise ConfigError(f"model.gmm_process must be vp or flow, got {self.gmm_process!r}")
+        if self.gmm_weights is not None and (len(self.gmm_weights) != self.gmm_classes
+                                             or not all(w > 0 for w in self.gmm_weights)):
+            raise ConfigError(f"model.gmm_weights must be {self.gmm_classes} positive numbers (model.gmm_classes), "
+                              f"got {self.gmm_weights}")
         if self.cfg_embedding_dim is not None and self.cfg_embedding_dim < 2:
             raise ConfigError(f"model.cfg_embedding_dim must be >= 2 (LCM uses 256) or null, got "
                               f"{self.cfg_embedding_dim}")

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import flow_nets
+from . import flow_nets, step_aware
 from .process import NoiseProcess
 
 
@@ -37,6 +37,8 @@ class Cond:
     end_timestep: (B,) for a flow-map student (two times, `with_end_time`): the teacher timestep its step ends at
         (`process.CLEAN` for clean data); it embeds the interval ``t - end_timestep``. None: the step ends where it
         starts (the instantaneous velocity, what the teacher predicts); networks without the embedding ignore it.
+    student_step: (B,) for a step-aware critic (`distill_diffusion.step_aware`): the index of the student step that
+        produced each sample; denoisers without a step embedding ignore it.
     uncond: the same fields for the null prompt / null class, batch-aligned; classifier-free guidance uses it.
     """
 
@@ -48,6 +50,7 @@ class Cond:
     mask: Tensor | None = None
     guidance: Tensor | None = None
     end_timestep: Tensor | None = None
+    student_step: Tensor | None = None
     uncond: Cond | None = None
 
     def _tensors(self) -> dict[str, Tensor]:
@@ -150,7 +153,8 @@ class Denoiser(nn.Module):
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         t = _as_batch(t, x_t)
-        return self.process.to_x0(self.raw(x_t, t, cond), x_t, t, self.prediction_type)
+        with step_aware.reading_step(self, cond):
+            return self.process.to_x0(self.raw(x_t, t, cond), x_t, t, self.prediction_type)
 
 
 def end_interval(t: Tensor, cond: Cond) -> Tensor:

@@ -77,7 +77,8 @@ def _mixture_models(cfg: ModelConfig, needs: Needs, student_cfg: float | None, c
         scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                   clip_sample=False)
         process = NoiseProcess.from_scheduler_config(dict(scheduler.config, prediction_type="sample"))
-    mixture = GaussianMixture.ring(cfg.gmm_classes, cfg.gmm_radius, cfg.gmm_std, cfg.gmm_dim)
+    mixture = GaussianMixture.ring(cfg.gmm_classes, cfg.gmm_radius, cfg.gmm_std, cfg.gmm_dim, cfg.gmm_weights)
+    mixture.conditional = not cfg.gmm_unconditional
     exact = MixtureDenoiserNet(mixture, process)
     data_var = float((mixture.means**2).sum(1).mean() / mixture.dim + mixture.std**2)
     gen = torch.Generator().manual_seed(seed)

@@ -1,12 +1,12 @@
 """The known-answer teacher: the exact denoiser of a class-conditional Gaussian mixture.
 
-Data: class k has x0 ~ N(mu_k, s^2 I) in any dimension d, classes equally likely. Under x_t = a x0 + sigma eps,
+Data: class k has x0 ~ N(mu_k, s^2 I) in any dimension d, class k drawn with probability w_k (equal by default). Under x_t = a x0 + sigma eps,
 x_t | k ~ N(a mu_k, v I) with v = a^2 s^2 + sigma^2, so the posterior mean (Tweedie) is
 
     E[x0 | x_t, k] = mu_k + (a s^2 / v) (x_t - a mu_k)
 
 and without a class, E[x0 | x_t] = sum_k p(k | x_t) E[x0 | x_t, k] with p(k | x_t) a softmax of
--|x_t - a mu_k|^2 / (2 v). This is the exact score of the data under the same `NoiseProcess` a real teacher uses, so a
+log w_k - |x_t - a mu_k|^2 / (2 v). This is the exact score of the data under the same `NoiseProcess` a real teacher uses, so a
 distilled student can be compared with true samples: the one place where the right answer is known.
 
 Students and critics are this teacher plus a small MLP correction whose last layer starts at zero, so both start equal
@@ -26,24 +26,44 @@ from .process import NoiseProcess
 
 
 class GaussianMixture:
-    """Equal-weight isotropic mixture; ``ring`` places the means on a circle (first two coordinates)."""
+    """Isotropic mixture, classes weighted by ``weights`` (normalised; None: equal); ``ring`` places the means on a
+    circle (first two coordinates)."""
 
-    def __init__(self, means: Tensor, std: float):
+    def __init__(self, means: Tensor, std: float, weights: list[float] | Tensor | None = None):
         if means.ndim != 2:
             raise ValueError("means must be (classes, dim)")
         if std <= 0:
             raise ValueError(f"mixture std must be > 0, got {std}")
         self.means = means.float()
         self.std = float(std)
+        self.weighted = weights is not None
+        w = torch.ones(len(means), dtype=torch.float64) if weights is None else torch.as_tensor(weights).double()
+        if w.shape != (len(means),) or not bool((w > 0).all()):
+            raise ValueError(f"mixture weights must be {len(means)} positive numbers, got {w.tolist()}")
+        self.weights = (w / w.sum()).float()
+        self.conditional = True  # whether students are trained and evaluated on the class (False: the null class)
 
     @classmethod
-    def ring(cls, classes: int = 8, radius: float = 4.0, std: float = 0.3, dim: int = 2) -> GaussianMixture:
+    def ring(cls, classes: int = 8, radius: float = 4.0, std: float = 0.3, dim: int = 2,
+             weights: list[float] | None = None) -> GaussianMixture:
         if classes < 1 or dim < 2:
             raise ValueError(f"a ring mixture needs classes >= 1 and dim >= 2, got classes={classes}, dim={dim}")
         angle = torch.arange(classes, dtype=torch.float64) * 2 * math.pi / classes
         means = torch.zeros(classes, dim, dtype=torch.float64)
         means[:, 0], means[:, 1] = radius * angle.cos(), radius * angle.sin()
-        return cls(means.float(), std)
+        return cls(means.float(), std, weights)
+
+    def draw_labels(self, n: int, generator: torch.Generator) -> Tensor:
+        """n classes drawn with the mixture's weights (uniformly, as before weights existed, when they are equal)."""
+        if not self.weighted:
+            return draws.randint(0, self.classes, n, generator)
+        u = draws.rand(n, generator)
+        edges = self.weights.to(u.device).cumsum(0)
+        return torch.searchsorted(edges, u.clamp(max=float(edges[-1]) - 1e-7), right=True)
+
+    def nearest(self, samples: Tensor) -> Tensor:
+        """The class whose mean is nearest to each sample."""
+        return torch.cdist(samples.float(), self.means.to(samples.device)).argmin(1)
 
     @property
     def classes(self) -> int:
@@ -67,6 +87,8 @@ class MixtureDenoiserNet(nn.Module):
     def __init__(self, mixture: GaussianMixture, process: NoiseProcess):
         super().__init__()
         self.register_buffer("means", mixture.means.clone())
+        log_w = mixture.weights.double().log() if mixture.weighted else torch.zeros(mixture.classes, dtype=torch.float64)
+        self.register_buffer("log_weights", log_w, persistent=False)  # equal weights: exactly the unweighted form
         self.std = mixture.std
         self.process = process
 
@@ -78,7 +100,7 @@ class MixtureDenoiserNet(nn.Module):
         gain = a * self.std**2 / v  # (B, 1)
         # per-class posterior means: (B, K, d)
         per_class = mu[None] + gain[:, :, None] * (x_t[:, None, :] - a[:, :, None] * mu[None])
-        logits = -((x_t[:, None, :] - a[:, :, None] * mu[None]) ** 2).sum(-1) / (2 * v)  # (B, K)
+        logits = self.log_weights[None] - ((x_t[:, None, :] - a[:, :, None] * mu[None]) ** 2).sum(-1) / (2 * v)
         weights = logits.softmax(-1)
         labels = cond.labels if cond.labels is not None else torch.full((len(x_t),), -1, device=x_t.device)
         known = labels >= 0

@@ -15,7 +15,7 @@ from torch import Tensor
 from .config import Config
 from .data import first_prompts
 from .denoiser import Cond
-from .eval.mixture import mixture_metrics
+from .eval.mixture import mixture_metrics, unconditional_metrics
 from .latents import decode
 from .roles import Models
 
@@ -65,6 +65,13 @@ def preview(models: Models, cfg: Config, out_dir: Path) -> dict[str, float]:
         if models.family == "gmm":
             mixture = models.mixture
             labels = mixture.balanced_labels(cfg.train.eval_samples)
+            if not mixture.conditional:  # drawn with the null class; scored by nearest class and class shares
+                x = student_samples(models, Cond(labels=torch.full_like(labels, -1)), len(labels))
+                metrics = unconditional_metrics(x, mixture)
+                labels = mixture.nearest(x)
+                scatter(x, labels, out_dir / "samples.png", f"ED={metrics['energy_distance']:.4f} "
+                        f"share_error={metrics['share_error']:.3f}")
+                return metrics
             x = student_samples(models, Cond(labels=labels), len(labels))
             metrics = mixture_metrics(x, labels, mixture)
             scatter(x, labels, out_dir / "samples.png",

@@ -56,3 +56,47 @@ def mixture_metrics(samples: Tensor, labels: Tensor, mixture: GaussianMixture, s
         "std_ratio": std_ratio(samples, labels, mixture),
         "coverage": coverage(samples, labels, mixture),
     }
+
+
+def per_step_metrics(models, n: int, seed: int = 5) -> list[dict[str, float]]:  # noqa: ANN001
+    """`mixture_metrics` of each step's output of a multi-step student (its x0 prediction at every step of its
+    re-noising sampler, `distill_diffusion.sampling.multistep`), on n class-balanced samples from fixed noise. Each
+    step's input follows the forward marginal when the rollout is right, so each step's output should be data."""
+    from distill_diffusion.denoiser import Cond
+    from distill_diffusion.sampling import timestep_batch
+
+    student, process, mixture = models.student, models.process, models.mixture
+    labels = mixture.balanced_labels(n)
+    cond = Cond(labels=labels)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, mixture.dim, generator=g)
+    out = []
+    with torch.no_grad():
+        for i, t in enumerate(student.timesteps):
+            x0 = student(x, timestep_batch(t, x), cond)
+            out.append(mixture_metrics(x0, labels, mixture))
+            if i + 1 < len(student.timesteps):
+                t_next = timestep_batch(student.timesteps[i + 1], x)
+                x = process.add_noise(x0, torch.randn(x0.shape, generator=g), t_next)
+    return out
+
+
+def unconditional_metrics(samples: Tensor, mixture: GaussianMixture, seed: int = 12345) -> dict[str, float]:
+    """Metrics of samples drawn without a class: ED against as many fresh true samples (classes by the mixture's
+    weights), std ratio and coverage with each sample assigned to its nearest class, each class's share of the samples
+    (``share_<k>``: the share nearest to its mean), and ``share_error``: the total-variation distance between those
+    shares and the same shares of the true samples (which differ from the weights where classes overlap)."""
+    samples = samples.detach().float().cpu()
+    g = torch.Generator().manual_seed(seed)
+    true = mixture.sample(mixture.draw_labels(len(samples), g), g)
+    labels = mixture.nearest(samples)
+    shares = torch.bincount(labels, minlength=mixture.classes).float() / len(samples)
+    true_shares = torch.bincount(mixture.nearest(true), minlength=mixture.classes).float() / len(true)
+    return {
+        "energy_distance": energy_distance(samples, true),
+        "std_ratio": std_ratio(samples, labels, mixture),
+        "coverage": coverage(samples, labels, mixture),
+        "share_error": 0.5 * (shares - true_shares).abs().sum().item(),
+        **{f"share_{k}": shares[k].item() for k in range(mixture.classes)},
+        **{f"true_share_{k}": true_shares[k].item() for k in range(mixture.classes)},
+    }

@@ -10,6 +10,7 @@ from .rcm import RCM, RCMConfig
 from .scm import SCM, SCMConfig
 from .score import ScoreConfig, ScoreMethod
 from .sid import SiD, SiDConfig
+from .tdm import TDM, TDMConfig
 from .vsd import VSD, VSDConfig
 
 METHODS: dict[str, type[Method]] = {
@@ -22,6 +23,7 @@ METHODS: dict[str, type[Method]] = {
     "rcm": RCM,
     "scm": SCM,
     "sid": SiD,
+    "tdm": TDM,
     "vsd": VSD,
 }
 
@@ -29,4 +31,4 @@ __all__ = ["METHODS", "Method", "MethodConfig", "ADD", "ADDConfig", "Consistency
            "ConsistencyConfig", "DMD2", "DMD2Config", "LADD", "LADDConfig",
            "MeanFlow", "MeanFlowConfig", "Progressive", "ProgressiveConfig",
            "RCM", "RCMConfig", "SCM", "SCMConfig",
-           "ScoreConfig", "ScoreMethod", "SiD", "SiDConfig", "VSD", "VSDConfig"]
+           "ScoreConfig", "ScoreMethod", "SiD", "SiDConfig", "TDM", "TDMConfig", "VSD", "VSDConfig"]

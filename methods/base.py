@@ -149,13 +149,18 @@ class AlternatingMethod(Method):
     def student_sample(self, batch: Batch, generator: torch.Generator, grad: bool) -> Tensor:
         """x = G(input): at a random step of the student's sampler when it has several (backward simulation,
         tianweiy/DMD2 ``main/sd_unified_model.py`` ``sample_backward``), so training sees the inputs inference sees."""
+        return self.sample_step(batch, generator, grad)[0]
+
+    def sample_step(self, batch: Batch, generator: torch.Generator, grad: bool) -> tuple[Tensor, int]:
+        """`student_sample` and the index k of the student step that produced it (0 for a 1-step student, and for
+        every sample without backward simulation)."""
         student = self.models.student
         k = 0
         if len(student.timesteps) > 1 and self.cfg.backward_simulation:
             k = int(torch.randint(0, len(student.timesteps), (1,), generator=generator, device=generator.device))
         x_in, t_in = student.rollout(batch.noise, batch.cond, k, generator)
         with torch.set_grad_enabled(grad):
-            return student(x_in, t_in, batch.cond)
+            return student(x_in, t_in, batch.cond), k
 
 
 def param_state(module: torch.nn.Module, names: list[str], prefix: str) -> dict[str, Tensor]:

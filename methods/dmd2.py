@@ -30,12 +30,13 @@ nan_to_num, eps-MSE critic loss, cls weights 1e-3 / 1e-2) and ``main/sd_unified_
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from distill_diffusion.denoiser import Cond
 from distill_diffusion.errors import ConfigError
 from distill_diffusion.roles import Batch
 
@@ -71,19 +72,54 @@ class DMD2(ScoreMethod):
     def student_loss(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         m, cfg = self.models, self.cfg
         # 1. the student's sample, with gradient
-        x = self.student_sample(batch, generator, grad=True)
+        x, critic_cond, k = self.score_sample(batch, generator, grad=True)
         # 2. noise it at t ~ U{t_min T .. t_max T}
-        x_t, t, _ = noised(m.process, x.detach(), cfg.t_min, cfg.t_max, generator, cfg.t_shift)
+        x_t, t, _ = self.noised_at(x.detach(), k, generator)
         # 3. real (guided teacher) and fake (critic, unguided) denoised estimates; no gradient through either. The
         # critic runs in full precision, outside any autocast, as the reference's fake UNet does here
         with torch.no_grad():
-            x0_real = self.real_x0(x_t, t, batch.cond).double()
+            decoupled = cfg.cfg_times == "decoupled" and cfg.teacher_cfg != 1
+            if decoupled:  # the unguided teacher here; guidance's own term below, at its own noise level
+                x0_u, x0_cond = self.teacher_pair(x_t, t, batch)
+                x0_real = x0_u + cfg.teacher_cfg * (x0_cond - x0_u)  # for the normaliser only, as DMD2's
+            else:
+                x0_real = x0_cond = self.real_x0(x_t, t, batch.cond).double()
             with torch.autocast(x_t.device.type, enabled=False):
-                x0_fake = m.critic(x_t.float(), t, batch.cond).double()
+                x0_fake = m.critic(x_t.float(), t, critic_cond).double()
             # 4. DMD Eq. 8: score difference, normalised per sample by the mean distance to the real estimate
             p_real = x.detach().double() - x0_real
-            grad = torch.nan_to_num((x0_fake - x0_real) / per_sample_mean_abs(p_real)).to(x.dtype)
+            grad = torch.nan_to_num((x0_fake - x0_cond) / per_sample_mean_abs(p_real))
+            h = self.f_weight(x_t, t, batch.cond)  # f-distill's density-ratio weight; None for reverse KL
+            grad = grad if h is None else grad * h.double().reshape(-1, *([1] * (grad.ndim - 1)))
+            if decoupled:
+                grad = grad + self.guidance_term(x.detach(), k, batch, generator)
+            grad = grad.to(x.dtype)
         # 5. a surrogate whose gradient with respect to x is `grad`
         loss = 0.5 * F.mse_loss(x.float(), (x - grad).detach().float())
         logs = {"loss_dm": loss.item(), "dm_grad_norm": grad.flatten(1).norm(dim=1).mean().item()}
         return self.add_gan_student(loss, logs, x, batch, generator), logs  # 6. the GAN head, when on
+
+    def teacher_pair(self, x_t: Tensor, t: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
+        """The teacher's unconditional and conditional x0 at (x_t, t), float64, in one batch."""
+        cond = batch.cond
+        if cond.uncond is None:
+            raise ConfigError("dmd2.cfg_times decoupled needs the null prompt (cond.uncond) for guidance")
+        plain = {"uncond": None, "cfg_scale": None}
+        both = Cond.cat([replace(cond.uncond, **plain), replace(cond, **plain)])
+        x0 = self.models.teacher.x0(torch.cat([x_t, x_t]), torch.cat([t, t]), both).double()
+        return x0.chunk(2)
+
+    def guidance_term(self, x: Tensor, k: int, batch: Batch, generator: torch.Generator) -> Tensor:
+        """Decoupled DMD's CFG-augmentation term (Liu et al. 2025, arXiv:2511.22677, Eq. 8 and Algorithm 1): the
+        guided teacher's pull -(w - 1)(x0_c - x0_u) at its own noise level tau ~ U[t_min, t_k] (never noisier than
+        the student step's own input t_k; the whole range for a 1-step student), normalised like DMD's term by the
+        mean distance to the guided estimate there. At tau = the DM term's t this plus that term is DMD2's gradient."""
+        m, cfg = self.models, self.cfg
+        top = float(m.student.timesteps[k]) / m.process.num_train_timesteps
+        s = cfg.t_shift
+        top = top / (s - (s - 1) * top)  # back through a flow path's shift, as `step_range`
+        x_t, t, _ = noised(m.process, x, cfg.t_min, max(cfg.t_min, min(cfg.t_max, top)), generator, s)
+        x0_u, x0_c = self.teacher_pair(x_t, t, batch)
+        x0_guided = x0_u + cfg.teacher_cfg * (x0_c - x0_u)
+        norm = per_sample_mean_abs(x.double() - x0_guided)
+        return torch.nan_to_num(-(cfg.teacher_cfg - 1) * (x0_c - x0_u) / norm)

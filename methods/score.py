@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill_diffusion import draws
+from distill_diffusion import draws, step_aware
 from distill_diffusion.denoiser import Cond, cfg_x0
 from distill_diffusion.errors import ConfigError
 from distill_diffusion.roles import Batch, Needs
@@ -55,6 +55,25 @@ class ScoreConfig(MethodConfig):
     gan_student_weight: float = 0.0  # student's GAN weight (DMD2: 1e-3 SD 1.5 stage 2, 5e-3 SDXL; SiDA: 1)
     gan_critic_weight: float = 0.0  # critic's GAN weight beside its per-element denoising loss (DMD2: 1e-2); 0 = off
     gan_start: int = 0  # student updates before the GAN terms switch on (stage 2 of DMD2's SD 1.5 schedule)
+    # multi-step students (issue 27): what the critic knows of the step that produced its sample. shared: nothing
+    # (DMD2: one critic fits the mixture of every step's outputs); conditioned: it reads the step (a zero-initialised
+    # step embedding, `distill_diffusion.step_aware`)
+    critic_steps: str = "shared"
+    # the noise levels a step-k sample is drawn at, in the student's and the critic's losses: full (the ranges
+    # above, DMD2) | own (only inside that step's own interval [t_{k+1}, t_k], t_K = 0, within those ranges: TDM's
+    # --use_separate, which makes even a shared critic step-aware through time)
+    step_times: str = "full"
+    # f-distill (Xu et al. 2025, arXiv:2502.15681): the distribution-matching gradient of each sample weighted by
+    # h(r), r = p_data / q_student at its noised sample estimated by the GAN head (r = exp(logit)): reverse_kl (h = 1,
+    # DMD) | forward_kl (r) | js (r / (1 + r)) | hellinger (sqrt r, squared Hellinger). Needs the GAN head trained on
+    # real images (gan_critic_weight > 0); until gan_start the weight is 1
+    # decoupled: DMD's two terms re-noised apart (Decoupled DMD, Liu et al. 2025): the distribution-matching term at
+    # the ranges above, the CFG-augmentation term (w - 1)(x0_c - x0_u) at its own tau ~ U[t_min, t_k], never noisier
+    # than the student step's input (`DMD2.guidance_term`); shared: one noised sample for both (DMD2). dmd2 / rcm only
+    cfg_times: str = "shared"
+    f_divergence: str = "reverse_kl"
+    f_ratio_clip: tuple[float, float] = (0.1, 20.0)  # r clipped to this range (NVlabs/FastGen's ratio_lower / upper)
+    f_ratio_bins: int = 10  # r divided by its batch mean within this many bins of t (FastGen's ratio_normalization)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -80,6 +99,35 @@ class ScoreConfig(MethodConfig):
                               "uniform, alpha2")
         if self.gan_student_weight < 0 or self.gan_critic_weight < 0 or self.gan_start < 0:
             raise ConfigError(f"{name}.gan_student_weight, gan_critic_weight and gan_start must be >= 0")
+        if self.critic_steps not in ("shared", "conditioned"):
+            raise ConfigError(f"unknown {name}.critic_steps {self.critic_steps!r}; choose one of: shared, conditioned")
+        if self.step_times not in ("full", "own"):
+            raise ConfigError(f"unknown {name}.step_times {self.step_times!r}; choose one of: full, own")
+        if self.cfg_times not in ("shared", "decoupled"):
+            raise ConfigError(f"unknown {name}.cfg_times {self.cfg_times!r}; choose one of: shared, decoupled")
+        if self.cfg_times == "decoupled" and name in ("sid", "vsd"):
+            raise ConfigError(f"{name}.cfg_times decoupled splits DMD's gradient into its guidance and matching "
+                              f"terms; {name}'s loss is not that sum: use dmd2 (or rcm)")
+        if self.f_divergence not in F_WEIGHTS:
+            raise ConfigError(f"unknown {name}.f_divergence {self.f_divergence!r}; choose one of: "
+                              f"{', '.join(F_WEIGHTS)}")
+        if self.f_divergence != "reverse_kl" and self.gan_critic_weight <= 0:
+            raise ConfigError(f"{name}.f_divergence {self.f_divergence} weights by the density ratio the GAN head "
+                              f"estimates: set {name}.gan_critic_weight > 0 (the head then trains on real images)")
+        lo, hi = self.f_ratio_clip
+        if not 0 < lo <= 1 <= hi or self.f_ratio_bins < 0:
+            raise ConfigError(f"{name}.f_ratio_clip must be (lo, hi) with 0 < lo <= 1 <= hi and f_ratio_bins >= 0 "
+                              f"(0: no binning), got {list(self.f_ratio_clip)}, {self.f_ratio_bins}")
+
+
+# h(r) = f''(r) r^2 up to a constant for each f (f-distill Table 1; NVlabs/FastGen
+# ``fastgen/methods/distribution_matching/f_distill.py``): the weight of the reverse-KL (DMD) gradient
+F_WEIGHTS = {
+    "reverse_kl": lambda r: torch.ones_like(r),
+    "forward_kl": lambda r: r,
+    "js": lambda r: r / (1 + r),
+    "hellinger": lambda r: r.sqrt(),
+}
 
 
 def drop_prompts(cond: Cond, p: float, generator: torch.Generator) -> Cond:
@@ -112,6 +160,20 @@ class ScoreMethod(AlternatingMethod):
         self._gan_now = False
         if self.use_gan:
             gan.attach_head(models.critic, seed=models.seed + 2)
+        steps = models.student.timesteps
+        if (cfg.critic_steps != "shared" or cfg.step_times != "full") and len(steps) > 1:
+            name = type(cfg).__name__.removesuffix("Config").lower()
+            if not cfg.backward_simulation:
+                raise ConfigError(f"{name}.critic_steps / step_times tell the critic which student step made its "
+                                  "sample; without backward_simulation every sample comes from step 0")
+            if cfg.critic_steps == "conditioned":
+                step_aware.attach(models.critic, len(steps))
+            for k in range(len(steps)):  # every step's interval must meet both ranges
+                for critic in (False, True):
+                    lo, hi = self.step_range(k, critic)
+                    if lo > hi:
+                        raise ConfigError(f"{name}.step_times own: student step {k} (t = {steps[k]}) leaves no "
+                                          f"timesteps inside its {'critic_' if critic else ''}t_min .. t_max range")
 
     def student_updates(self, step: int) -> int:
         """How many student updates come before train step ``step``."""
@@ -141,6 +203,57 @@ class ScoreMethod(AlternatingMethod):
         logs["loss_gan_student"] = loss_gan.item()
         return loss + self.cfg.gan_student_weight * loss_gan
 
+    def score_sample(self, batch: Batch, generator: torch.Generator, grad: bool) -> tuple[Tensor, Cond, int]:
+        """(x = G(input) at a random student step k, the conditioning the critic reads for it, k): with
+        ``critic_steps: conditioned`` that conditioning carries k (`step_aware.with_student_step`)."""
+        x, k = self.sample_step(batch, generator, grad)
+        cond = batch.cond
+        if self.cfg.critic_steps == "conditioned" and len(self.models.student.timesteps) > 1:
+            cond = step_aware.with_student_step(cond, k, len(x))
+        return x, cond, k
+
+    def step_range(self, k: int, critic: bool = False) -> tuple[float, float]:
+        """The fractions of T a step-k sample is noised at: the student loss's [t_min, t_max] (the critic's
+        [critic_t_min, critic_t_max] with ``critic``), narrowed with ``step_times: own`` to the step's own interval
+        [t_{k+1}, t_k] (t_K = 0; TDM ``train_tdm_demo.py``, ``--use_separate``). On a shifted flow path the interval
+        is mapped back through the shift, so the drawn timesteps themselves fall inside it."""
+        cfg = self.cfg
+        lo, hi = (cfg.critic_t_min, cfg.critic_t_max) if critic else (cfg.t_min, cfg.t_max)
+        steps = self.models.student.timesteps
+        if cfg.step_times == "full" or len(steps) == 1:
+            return lo, hi
+        T, s = self.models.process.num_train_timesteps, cfg.t_shift
+        end = [float(steps[k]) / T, float(steps[k + 1]) / T if k + 1 < len(steps) else 0.0]
+        top, bottom = (f / (s - (s - 1) * f) for f in end)  # the inverse of s u / (1 + (s - 1) u)
+        return max(lo, bottom), min(hi, top)
+
+    def noised_at(self, x: Tensor, k: int, generator: torch.Generator, critic: bool = False
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+        """(x_t, t, eps) for a sample of student step ``k``, t over `step_range`."""
+        lo, hi = self.step_range(k, critic)
+        return noised(self.models.process, x, lo, hi, generator, self.cfg.t_shift)
+
+    def f_weight(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor | None:
+        """f-distill's per-sample weight h(r) / mean h(r) at the noised student samples ``x_t`` (B,), or None (h = 1:
+        reverse KL, or the GAN head not yet on). r = exp(logit) of the head (logit clamped to [-10, 10]), clipped to
+        ``f_ratio_clip``, divided by its batch mean within each of ``f_ratio_bins`` bins of t (FastGen's
+        ``ratio_normalization`` with its EMA rate 0: the batch's own means); no gradient."""
+        cfg = self.cfg
+        if cfg.f_divergence == "reverse_kl" or not self._gan_now:
+            return None
+        with torch.no_grad():
+            r = gan.logits(self.models.critic, x_t, t, cond).float().clamp(-10, 10).exp()
+            r = r.clamp(*cfg.f_ratio_clip)
+            if cfg.f_ratio_bins > 1:
+                frac = t.float() / self.models.process.num_train_timesteps
+                width = max(cfg.t_max - cfg.t_min, 1e-8)  # the bins split the student loss's range, as FastGen's
+                bins = ((frac - cfg.t_min) / width * cfg.f_ratio_bins).long().clamp(0, cfg.f_ratio_bins - 1)
+                total = torch.zeros(cfg.f_ratio_bins, device=r.device).index_add_(0, bins, r)
+                count = torch.zeros(cfg.f_ratio_bins, device=r.device).index_add_(0, bins, torch.ones_like(r))
+                r = r / (total / count.clamp_min(1))[bins]
+            h = F_WEIGHTS[cfg.f_divergence](r)
+            return h / h.mean().clamp_min(1e-6)
+
     def real_x0(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         return self.models.teacher.x0(x_t, t, cond, self.cfg.teacher_cfg)
 
@@ -148,8 +261,8 @@ class ScoreMethod(AlternatingMethod):
         return cfg_x0(self.models.critic, x_t, t, cond, self.cfg.critic_cfg)
 
     def critic_loss(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
-        x = self.student_sample(batch, generator, grad=False).detach()
-        loss, logs = self.critic_denoising_loss(x, batch.cond, generator)
+        x, cond, k = self.score_sample(batch, generator, grad=False)
+        loss, logs = self.critic_denoising_loss(x.detach(), cond, generator, k)
         if self._gan_now and self.cfg.gan_critic_weight > 0:  # the head tells noised real from noised student images
             m = self.models
             fake_t, t_f, _ = noised(m.process, x, 0.0, 1.0, generator)
@@ -161,12 +274,12 @@ class ScoreMethod(AlternatingMethod):
             logs.update(loss_gan_critic=loss_gan.item(), d_real=d_real.mean().item(), d_fake=d_fake.mean().item())
         return loss, logs
 
-    def critic_denoising_loss(self, x: Tensor, cond: Cond, generator: torch.Generator
+    def critic_denoising_loss(self, x: Tensor, cond: Cond, generator: torch.Generator, k: int = 0
                               ) -> tuple[Tensor, dict[str, float]]:
-        """The critic's denoising loss on the (detached) student samples ``x``, t uniform over the fractions
-        [critic_t_min, critic_t_max] of T (all of [0, T) by default)."""
+        """The critic's denoising loss on the (detached) student samples ``x`` of step ``k``, t uniform over the
+        fractions [critic_t_min, critic_t_max] of T (all of [0, T) by default; `step_range`)."""
         m, cfg = self.models, self.cfg
-        x_t, t, _ = noised(m.process, x, cfg.critic_t_min, cfg.critic_t_max, generator, cfg.t_shift)
+        x_t, t, _ = self.noised_at(x, k, generator, critic=True)
         cond = drop_prompts(cond, cfg.critic_dropout, generator)
         x0_hat = cfg_x0(m.critic, x_t, t, cond, cfg.critic_train_cfg)
         target = m.critic.prediction_type if cfg.critic_target == "native" else cfg.critic_target

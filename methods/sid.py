@@ -54,7 +54,6 @@ from distill_diffusion.errors import ConfigError
 from distill_diffusion.roles import Batch
 
 from . import gan
-from .base import noised
 from .score import ScoreConfig, ScoreMethod, per_sample_mean_abs
 
 
@@ -78,11 +77,11 @@ class SiD(ScoreMethod):
     def student_loss(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         cfg = self.cfg
         # 1. the student's sample and its noised version, both keeping the graph back to the student
-        x = self.student_sample(batch, generator, grad=True)
-        x_t, t, _ = noised(self.models.process, x, cfg.t_min, cfg.t_max, generator, cfg.t_shift)
+        x, critic_cond, k = self.score_sample(batch, generator, grad=True)
+        x_t, t, _ = self.noised_at(x, k, generator)
         # 2. teacher and critic estimates with gradients through both networks (their weights do not update here)
         y_real = self.real_x0(x_t, t, batch.cond).float()
-        y_fake = self.fake_x0(x_t, t, batch.cond).float()
+        y_fake = self.fake_x0(x_t, t, critic_cond).float()
         d = gan.logits(self.models.critic, x_t, t, batch.cond).float() if self.gan_student_now() else None
         x = x.float()
         # 3. drop samples with a NaN anywhere (the reference's per-sample mask)
@@ -93,6 +92,9 @@ class SiD(ScoreMethod):
             w = per_sample_mean_abs(x - y_real)
         diff = y_real - y_fake
         per_sample = (diff * ((y_real - x) - cfg.alpha * diff) / w).flatten(1).sum(1)
+        h = self.f_weight(x_t, t, batch.cond)  # f-distill's density-ratio weight; None for reverse KL
+        if h is not None:
+            per_sample = per_sample * h[ok]
         logs = {"loss_sid": per_sample.mean().item() if len(per_sample) else 0.0, "sid_dropped": float((~ok).sum()),
                 "score_gap": diff.flatten(1).norm(dim=1).mean().item() if len(diff) else 0.0}
         if d is not None:  # 5. SiDA: fool the head at the same x_t, in SiD's per-sample units

@@ -36,7 +36,6 @@ from torch import Tensor
 from distill_diffusion.errors import ConfigError
 from distill_diffusion.roles import Batch, Needs
 
-from .base import noised
 from .score import ScoreConfig, ScoreMethod, per_sample_mean_abs, uses_gan
 
 
@@ -71,10 +70,10 @@ class VSD(ScoreMethod):
 
     def student_loss(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         m, cfg = self.models, self.cfg
-        x = self.student_sample(batch, generator, grad=True)
-        x_t, t, _ = noised(m.process, x.detach(), cfg.t_min, cfg.t_max, generator, cfg.t_shift)
+        x, critic_cond, k = self.score_sample(batch, generator, grad=True)
+        x_t, t, _ = self.noised_at(x.detach(), k, generator)
         with torch.no_grad():
-            x0_real, x0_fake = self.real_x0(x_t, t, batch.cond), self.fake_x0(x_t, t, batch.cond)
+            x0_real, x0_fake = self.real_x0(x_t, t, batch.cond), self.fake_x0(x_t, t, critic_cond)
             if cfg.student_weighting == "dmd":  # DMD Eq. 8's normaliser on the same score difference
                 grad = torch.nan_to_num((x0_fake - x0_real) / per_sample_mean_abs(x.detach() - x0_real)).to(x.dtype)
             else:
@@ -82,6 +81,8 @@ class VSD(ScoreMethod):
                 eps_fake = m.process.x0_to_eps(x0_fake, x_t, t)
                 _, sigma = m.process.alpha_sigma(t, eps_real)
                 grad = torch.nan_to_num(sigma.pow(2) * (eps_real - eps_fake)).to(x.dtype)
+            h = self.f_weight(x_t, t, batch.cond)  # f-distill's density-ratio weight; None for reverse KL
+            grad = grad if h is None else grad * h.to(grad.dtype).reshape(-1, *([1] * (grad.ndim - 1)))
         loss = 0.5 * F.mse_loss(x.float(), (x - grad).detach().float())
         logs = {"loss_vsd": loss.item(), "vsd_grad_norm": grad.flatten(1).norm(dim=1).mean().item()}
         return self.add_gan_student(loss, logs, x, batch, generator), logs  # 6. the GAN head, when on

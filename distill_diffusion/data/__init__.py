@@ -38,7 +38,8 @@ __all__ = ["MixtureData", "PromptData", "build_data", "first_prompts", "image_fi
 
 
 class MixtureData:
-    """Uniform random classes of the mixture; ``real`` holds true mixture samples of those classes."""
+    """Random classes of the mixture (by its weights); ``real`` holds true mixture samples of those classes. An
+    unconditional mixture task gives every role the null class instead."""
 
     has_real = True
 
@@ -46,10 +47,13 @@ class MixtureData:
         self.mixture = models.mixture
 
     def sample(self, n: int, generator: torch.Generator) -> Batch:
-        labels = draws.randint(0, self.mixture.classes, n, generator)
+        labels = self.mixture.draw_labels(n, generator)
         noise = draws.randn((n, self.mixture.dim), generator)
         real = self.mixture.sample(labels, generator)
-        cond = Cond(labels=labels, uncond=Cond(labels=torch.full_like(labels, -1)))
+        null = torch.full_like(labels, -1)
+        if not self.mixture.conditional:  # every role sees the null class; the real samples keep the weights
+            labels = null
+        cond = Cond(labels=labels, uncond=Cond(labels=null))
         return Batch(cond, noise, real, cond)
 
     def state_dict(self) -> dict:

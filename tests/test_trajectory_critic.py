@@ -1,0 +1,204 @@
+"""Issue 27's pieces, each pinned so a wrong sign, weight or range fails:
+
+- the step-aware critic: on every network it supports (tiny SD 1.5, SDXL, SD3, Flux, the mixture MLP) it starts as
+  exactly the network it was copied from, reads the step once its embedding is non-zero, leaves a LoRA critic's
+  shared teacher untouched, and the score family hands it the step of each sample;
+- ``step_times: own``: each step's noise levels lie in its own interval [t_{k+1}, t_k] (through a flow shift too);
+- f-distill: each h(r) is f''(r) r^2 of its divergence, up to a constant; the weight DMD2's gradient takes;
+- decoupled guidance: at one shared noise level the two terms add up to DMD2's gradient exactly; the guidance
+  term's sign and its (w - 1) weight are checked against the teacher's own guided estimate.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_config
+
+from distill_diffusion import step_aware
+from distill_diffusion.denoiser import Cond
+from distill_diffusion.errors import ConfigError
+from distill_diffusion.methods import score
+from distill_diffusion.trainer import Trainer
+
+FOUR = [999, 749, 499, 249]
+
+
+def mixture_trainer(method: str = "dmd2", timesteps: list[int] = FOUR, **args: object) -> Trainer:
+    return Trainer(make_config(method, args={"critic_updates": 1, **args}, model={"timesteps": timesteps}))
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl", "sd3", "flux", "sd15-lora"])
+def test_a_step_aware_critic_starts_as_its_network_and_reads_the_step(kind: str, tiny_dirs: dict[str, str]) -> None:
+    base = kind.removesuffix("-lora")
+    vp = base in ("sd15", "sdxl")
+    model = {"timesteps": FOUR if vp else [1000, 750, 500, 250]}
+    if kind.endswith("lora"):
+        model["critic_lora_rank"] = 4
+    cfg = make_config("dmd2", tiny_dirs[base], args={"critic_steps": "conditioned"}, model=model,
+                      data={"prompts": ["a red car"]})
+    trainer = Trainer(cfg)
+    models = trainer.models
+    critic = models.critic
+    assert isinstance(critic.step_embed, step_aware.StepEmbedding) and critic.step_embed.table.num_embeddings == 4
+    assert "step_embed.table.weight" in dict(critic.named_parameters())
+    cond = models.text.encode(["a red car", "a blue bird"])
+    x = torch.randn(2, *models.sample_shape, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([800.0, 300.0])
+    stepped = [step_aware.with_student_step(cond, k, 2) for k in (0, 3)]
+    with torch.no_grad():
+        plain = critic(x, t, cond)
+        for c in stepped:  # zero rows: exactly the critic without the step
+            torch.testing.assert_close(critic(x, t, c), plain, atol=1e-6, rtol=1e-6)
+        torch.nn.init.normal_(critic.step_embed.table.weight, 0, 0.5, generator=torch.Generator().manual_seed(1))
+        a, b = (critic(x, t, c) for c in stepped)
+        teacher = models.teacher.x0(x, t, stepped[1])  # the teacher ignores the step, shared network or not
+        torch.testing.assert_close(critic(x, t, cond), plain, atol=1e-6, rtol=1e-6)
+    assert (a - b).abs().max() > 1e-3
+    assert (teacher - models.teacher.x0(x, t, cond)).abs().max() == 0
+
+
+def test_the_score_family_gives_the_critic_the_step_of_each_sample(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The critic's loss and the student's loss both read the step that made the sample (checked on what the critic
+    network is called with), for every step the rollout draws."""
+    trainer = mixture_trainer(critic_steps="conditioned")
+    method, critic = trainer.method, trainer.models.critic
+    seen: list[tuple[int, int]] = []
+    forward = type(critic).forward
+
+    def spy(self, x_t, t, cond):  # noqa: ANN001, ANN202
+        if self is critic:
+            seen.append((int(cond.student_step.unique().item()), int(t.min()), int(t.max())))
+        return forward(self, x_t, t, cond)
+
+    monkeypatch.setattr(type(critic), "forward", spy)
+    drawn: list[int] = []
+    sample_step = type(method).sample_step
+
+    def record(self, batch, generator, grad):  # noqa: ANN001, ANN202
+        x, k = sample_step(self, batch, generator, grad)
+        drawn.append(k)
+        return x, k
+
+    monkeypatch.setattr(type(method), "sample_step", record)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(16):
+        batch = trainer.data.sample(64, gen)
+        method.loss(method.phase(step), batch, gen, step)
+    assert [s for s, _, _ in seen] == drawn and len(set(drawn)) > 1
+
+
+@pytest.mark.parametrize(("kind", "shift"), [("vp", 1.0), ("flow", 1.0), ("flow", 3.0)])
+def test_own_step_times_stay_inside_each_steps_interval(kind: str, shift: float) -> None:
+    timesteps = FOUR if kind == "vp" else [1000, 750, 500, 250]
+    trainer = Trainer(make_config("dmd2", args={"step_times": "own", "t_shift": shift},
+                                  model={"timesteps": timesteps, "gmm_process": kind}))
+    method, gen = trainer.method, torch.Generator().manual_seed(0)
+    x = torch.zeros(4000, 2)
+    ends = [*timesteps, 0]
+
+    def shifted(u: float) -> float:  # the loss ranges are fractions before the flow shift, as without step_times
+        return 1000 * shift * u / (1 + (shift - 1) * u)
+
+    for k in range(4):
+        for critic in (False, True):
+            _, t, _ = method.noised_at(x, k, gen, critic=critic)
+            lo = max(ends[k + 1], shifted(0.0 if critic else 0.02))
+            hi = min(ends[k], shifted(1.0 if critic else 0.98))
+            assert t.min() >= lo - 1e-3 and t.max() <= hi + 1e-3, (k, critic, t.min(), t.max())
+            assert t.min() < lo + 0.05 * (hi - lo) and t.max() > hi - 0.05 * (hi - lo)  # and fill it
+    full = Trainer(make_config("dmd2", model={"timesteps": timesteps, "gmm_process": kind}))
+    _, t, _ = full.method.noised_at(x, 3, gen)
+    assert t.max() > 900  # step_times full: every step over the whole range (DMD2)
+
+
+@pytest.mark.parametrize("name", ["reverse_kl", "forward_kl", "js", "hellinger"])
+def test_each_f_weight_is_f_second_derivative_times_r_squared(name: str) -> None:
+    """h(r) = f''(r) r^2 up to a constant (f-distill, Table 1): f of each divergence, differentiated twice here."""
+    fs = {
+        "reverse_kl": lambda r: -r.log(),
+        "forward_kl": lambda r: r * r.log(),
+        "js": lambda r: r * r.log() - (r + 1) * ((r + 1) / 2).log(),
+        "hellinger": lambda r: (r.sqrt() - 1) ** 2,
+    }
+    r = torch.linspace(0.1, 20, 50, dtype=torch.float64, requires_grad=True)
+    (d1,) = torch.autograd.grad(fs[name](r).sum(), r, create_graph=True)
+    (d2,) = torch.autograd.grad(d1.sum(), r)
+    want = d2 * r.detach() ** 2
+    got = score.F_WEIGHTS[name](r.detach())
+    ratio = got / want
+    torch.testing.assert_close(ratio, ratio[0].expand_as(ratio))
+
+
+def test_f_weight_reads_the_gan_heads_ratio_normalised(monkeypatch: pytest.MonkeyPatch) -> None:
+    """forward KL weights each sample by r = exp(logit), clipped, divided by its t-bin's mean, then by the batch mean:
+    built by hand from the logits the head returns."""
+    trainer = mixture_trainer(timesteps=[999], f_divergence="forward_kl", gan_critic_weight=1e-2, f_ratio_bins=2)
+    method = trainer.method
+    method._gan_now = True
+    logits = torch.tensor([0.0, 1.0, -1.0, 4.0, -4.0, 0.5])
+    monkeypatch.setattr(score.gan, "logits", lambda *a: logits)
+    t = torch.tensor([100, 200, 300, 700, 800, 900])  # bins: [20, 500) and [500, 980]
+    h = method.f_weight(torch.zeros(6, 2), t, Cond(labels=torch.zeros(6)))
+    r = logits.exp().clamp(0.1, 20)
+    r = torch.cat([r[:3] / r[:3].mean(), r[3:] / r[3:].mean()])
+    torch.testing.assert_close(h, r / r.mean())
+    method._gan_now = False  # before the head trains (gan_start): DMD's weight
+    assert method.f_weight(torch.zeros(6, 2), t, Cond(labels=torch.zeros(6))) is None
+
+
+def test_decoupled_guidance_at_one_noise_level_is_dmd2(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both terms at the same (x_t, t): the decoupled gradient equals DMD2's with the guided teacher, to 1e-10. The
+    guidance term alone is -(w - 1)(x0_c - x0_u) / norm (its sign and weight), checked against the teacher."""
+    from distill_diffusion.methods import dmd2 as dmd2_module
+
+    grads = {}
+    for times in ("shared", "decoupled"):
+        trainer = mixture_trainer(timesteps=[999], teacher_cfg=2.5, cfg_times=times, critic_updates=1)
+        method = trainer.method
+        with torch.no_grad():  # a critic away from the teacher
+            weight = trainer.models.critic.net.out.weight
+            torch.nn.init.normal_(weight, 0, 0.3, generator=torch.Generator().manual_seed(2))
+        gen = torch.Generator().manual_seed(0)
+        batch = trainer.data.sample(32, gen)
+        x_t = torch.randn(32, 2, generator=torch.Generator().manual_seed(3))
+        t = torch.full((32,), 600)
+        fixed = (x_t, t, x_t)
+        monkeypatch.setattr(type(method), "noised_at", lambda self, x, k, g, critic=False, fixed=fixed: fixed)
+        monkeypatch.setattr(dmd2_module, "noised", lambda *a, fixed=fixed: fixed)
+        x = trainer.models.student(batch.noise, torch.full((32,), 999), batch.cond).detach().requires_grad_(True)
+        monkeypatch.setattr(type(method), "score_sample", lambda self, b, g, grad, x=x: (x, b.cond, 0))
+        loss, _ = method.student_loss(batch, gen)
+        (grads[times],) = torch.autograd.grad(loss, x)
+        if times == "decoupled":
+            term = method.guidance_term(x.detach(), 0, batch, gen)
+            c, u = batch.cond, Cond(labels=torch.full((32,), -1))
+            x0_c, x0_u = (trainer.models.teacher.x0(x_t, t, cond).double() for cond in (c, u))
+            guided = trainer.models.teacher.x0(x_t, t, c, 2.5).double()
+            norm = (x.detach().double() - guided).abs().mean(1, keepdim=True)
+            torch.testing.assert_close(term, -(2.5 - 1) * (x0_c - x0_u) / norm, atol=1e-5, rtol=1e-5)
+        monkeypatch.undo()
+    torch.testing.assert_close(grads["decoupled"], grads["shared"], atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [
+    {"critic_steps": "per_step"},
+    {"step_times": "mine"},
+    {"cfg_times": "apart"},
+    {"f_divergence": "tv"},
+    {"f_divergence": "js"},  # no GAN head to estimate r
+    {"f_ratio_clip": [2.0, 20.0], "f_divergence": "js", "gan_critic_weight": 1e-2},
+])
+def test_bad_trajectory_settings_are_refused_in_one_line(bad: dict) -> None:
+    with pytest.raises(ConfigError) as e:
+        make_config("dmd2", args=bad)
+    assert "\n" not in str(e.value)
+
+
+def test_step_settings_a_student_cannot_use_are_refused() -> None:
+    with pytest.raises(ConfigError, match="backward_simulation"):
+        mixture_trainer(critic_steps="conditioned", backward_simulation=False)
+    with pytest.raises(ConfigError, match="decoupled"):
+        make_config("sid", args={"cfg_times": "decoupled"})
+    with pytest.raises(ConfigError, match="no timesteps"):  # the last step's interval lies below t_min
+        mixture_trainer(timesteps=[999, 10], step_times="own", t_min=0.05)

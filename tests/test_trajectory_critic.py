@@ -202,3 +202,28 @@ def test_step_settings_a_student_cannot_use_are_refused() -> None:
         make_config("sid", args={"cfg_times": "decoupled"})
     with pytest.raises(ConfigError, match="no timesteps"):  # the last step's interval lies below t_min
         mixture_trainer(timesteps=[999, 10], step_times="own", t_min=0.05)
+
+
+@pytest.mark.parametrize("method", ["dmd2", "sid", "vsd"])
+def test_each_student_loss_takes_the_f_weight_per_sample(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the head's logits fixed, the forward-KL student gradient of each sample is h(r) times its reverse-KL
+    gradient (the same draws), for every member of the family."""
+    logits = torch.linspace(-2, 2, 16)
+    monkeypatch.setattr(score.gan, "logits", lambda *a: logits)
+    grads = {}
+    for f in ("reverse_kl", "forward_kl"):
+        trainer = mixture_trainer(method, timesteps=[999], f_divergence=f, gan_critic_weight=1e-2, f_ratio_bins=0)
+        with torch.no_grad():  # a critic away from the teacher, the same in both runs
+            weight = trainer.models.critic.net.out.weight
+            torch.nn.init.normal_(weight, 0, 0.3, generator=torch.Generator().manual_seed(2))
+        gen = torch.Generator().manual_seed(0)
+        batch = trainer.data.sample(16, gen)
+        x = trainer.models.student(batch.noise, torch.full((16,), 999), batch.cond).detach().requires_grad_(True)
+        monkeypatch.setattr(type(trainer.method), "score_sample", lambda self, b, g, grad, x=x: (x, b.cond, 0))
+        trainer.method._gan_now = True
+        loss, _ = trainer.method.student_loss(batch, gen)
+        (grads[f],) = torch.autograd.grad(loss, x)
+        monkeypatch.setattr(type(trainer.method), "score_sample", score.ScoreMethod.score_sample)
+    h = logits.exp().clamp(0.1, 20)
+    h = h / h.mean()
+    torch.testing.assert_close(grads["forward_kl"], grads["reverse_kl"] * h[:, None], atol=1e-7, rtol=1e-5)

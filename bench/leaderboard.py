@@ -49,12 +49,15 @@ RECIPES: dict[tuple[str, str, int], tuple[str, list[str]]] = {
     **{("digits", m, k): (f"digits_{m}.yaml", []) for m in ("sid", "sida", "vsd", "consistency", "ladd", "add",
                                                                "scm", "rcm", "meanflow")
        for k in (1, 4)},
+    ("digits", "tdm", 4): ("digits_tdm.yaml", []),
 }
+# cells a method cannot be, with the reason its row gives
+NOT_A_CELL = {("tdm", 1): "a 1-step student has no trajectory: TDM at one step is DMD2 (its row)"}
 # the flow teacher: the same recipes on the flow grid, with the flow mixture's findings (docs/methods.md, "the flow
 # path"): SD3's timestep shift 3 for the score family, and SiD's 1-step student at SiD-LSG's t_init 625; the teacher's
 # CFG wherever a recipe guides it is the flow teacher's best (zoo.DIGITS_FLOW_BEST_GUIDANCE, 1.3), not 2
 FLOW_CFG = zoo.DIGITS_FLOW_BEST_GUIDANCE
-SCORE = {"dmd2": "dmd2", "sid": "sid", "sida": "sid", "vsd": "vsd", "rcm": "rcm"}
+SCORE = {"dmd2": "dmd2", "sid": "sid", "sida": "sid", "vsd": "vsd", "rcm": "rcm", "tdm": "tdm"}
 GUIDED = {**SCORE, "consistency": "consistency", "progressive": "progressive", "add": "add", "scm": "scm",
           "meanflow": "meanflow"}
 for (t, m, k), (c, o) in list(RECIPES.items()):
@@ -92,7 +95,7 @@ def run_cell(teacher: str, method: str, steps: int, seed: int, minutes: float, n
         result.update(budget_s=None, budget_updates=updates, updates_from_seed=updates_from)
         budget = ["train.max_seconds=0", f"train.steps={updates}"]
     if recipe is None:
-        result["skipped"] = f"no {steps}-step recipe for {method} on {teacher} yet"
+        result["skipped"] = NOT_A_CELL.get((method, steps), f"no {steps}-step recipe for {method} on {teacher} yet")
         return result
     config, overrides = recipe
     shutil.rmtree(cell, ignore_errors=True)  # a cell killed half-way starts again

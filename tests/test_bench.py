@@ -26,11 +26,11 @@ def test_bench_gpu_runs_at_tiny_shapes(tmp_path: Path) -> None:
 
 def test_leaderboard_runs_a_cell_skips_it_when_done_and_says_why_a_cell_has_no_row(tmp_path: Path) -> None:
     """One 1-step DMD2 cell on the digits teacher under a 2-second budget, the teacher's curve, the table and the plot;
-    a second call runs nothing again (the cell's result.json is kept as it was), and a method with no recipe gets a
-    row that says so."""
+    a second call runs nothing again (the cell's result.json is kept as it was), and a method with no recipe, or a cell
+    a method cannot be (TDM at one step), gets a row that says so."""
     board = BENCH.parent / "leaderboard.py"
     cmd = [sys.executable, str(board), "--teacher", "digits", "--minutes", str(2 / 60), "--seeds", "0",
-           "--methods", "dmd2", "nosuchmethod", "--steps", "1", "--num-samples", "40", "--out", str(tmp_path)]
+           "--methods", "dmd2", "nosuchmethod", "tdm", "--steps", "1", "--num-samples", "40", "--out", str(tmp_path)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     cell = tmp_path / "cells" / "dmd2_1step_seed0" / "result.json"
@@ -39,6 +39,7 @@ def test_leaderboard_runs_a_cell_skips_it_when_done_and_says_why_a_cell_has_no_r
     assert "fid_pca" in result["row"] and not (cell.parent / "run" / "checkpoints").exists()
     board_md = (tmp_path / "leaderboard.md").read_text()
     assert "| dmd2 | 1 | 1 |" in board_md and "no 1-step recipe for nosuchmethod" in board_md
+    assert "TDM at one step is DMD2" in board_md  # a cell a method cannot be says why
     assert (tmp_path / "leaderboard.png").read_bytes()[:4] == b"\x89PNG"
     stamp = cell.stat().st_mtime_ns
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

@@ -1,13 +1,13 @@
 """The known-answer teacher: the exact denoiser of a class-conditional Gaussian mixture.
 
-Data: class k has x0 ~ N(mu_k, s^2 I) in any dimension d, class k drawn with probability w_k (equal by default). Under x_t = a x0 + sigma eps,
-x_t | k ~ N(a mu_k, v I) with v = a^2 s^2 + sigma^2, so the posterior mean (Tweedie) is
+Data: class k has x0 ~ N(mu_k, s^2 I) in any dimension d, class k drawn with probability w_k (equal by default).
+Under x_t = a x0 + sigma eps, x_t | k ~ N(a mu_k, v I) with v = a^2 s^2 + sigma^2, so the posterior mean (Tweedie) is
 
     E[x0 | x_t, k] = mu_k + (a s^2 / v) (x_t - a mu_k)
 
 and without a class, E[x0 | x_t] = sum_k p(k | x_t) E[x0 | x_t, k] with p(k | x_t) a softmax of
-log w_k - |x_t - a mu_k|^2 / (2 v). This is the exact score of the data under the same `NoiseProcess` a real teacher uses, so a
-distilled student can be compared with true samples: the one place where the right answer is known.
+log w_k - |x_t - a mu_k|^2 / (2 v). This is the exact score of the data under the same `NoiseProcess` a real teacher
+uses, so a distilled student can be compared with true samples: the one place where the right answer is known.
 
 Students and critics are this teacher plus a small MLP correction whose last layer starts at zero, so both start equal
 to the teacher (and the 1-step student starts as the teacher's 1-step DDIM).
@@ -87,7 +87,7 @@ class MixtureDenoiserNet(nn.Module):
     def __init__(self, mixture: GaussianMixture, process: NoiseProcess):
         super().__init__()
         self.register_buffer("means", mixture.means.clone())
-        log_w = mixture.weights.double().log() if mixture.weighted else torch.zeros(mixture.classes, dtype=torch.float64)
+        log_w = mixture.weights.double().log() if mixture.weighted else torch.zeros(mixture.classes).double()
         self.register_buffer("log_weights", log_w, persistent=False)  # equal weights: exactly the unweighted form
         self.std = mixture.std
         self.process = process

@@ -227,3 +227,28 @@ def test_each_student_loss_takes_the_f_weight_per_sample(method: str, monkeypatc
     h = logits.exp().clamp(0.1, 20)
     h = h / h.mean()
     torch.testing.assert_close(grads["forward_kl"], grads["reverse_kl"] * h[:, None], atol=1e-7, rtol=1e-5)
+
+
+def test_a_weighted_unconditional_mixture_draws_and_denoises_by_its_weights() -> None:
+    """The classes are drawn by their weights; at x_t = 0 (equidistant from both means) the exact posterior mean is the
+    weighted mean shrunk by (1 - a * gain); an unconditional task hands every role the null class, its real samples
+    keeping the weights."""
+    from distill_diffusion.gmm import GaussianMixture, MixtureDenoiserNet
+
+    trainer = Trainer(make_config("dmd2", args={"f_divergence": "js", "gan_critic_weight": 1e-2}, model={
+        "gmm_classes": 2, "gmm_radius": 2.0, "gmm_std": 0.5, "gmm_weights": [0.8, 0.2], "gmm_unconditional": True}))
+    mixture = trainer.models.mixture
+    assert isinstance(mixture, GaussianMixture) and not mixture.conditional
+    labels = mixture.draw_labels(20000, torch.Generator().manual_seed(0))
+    assert abs(float((labels == 1).float().mean()) - 0.2) < 0.01
+    batch = trainer.data.sample(4000, torch.Generator().manual_seed(1))
+    assert bool((batch.cond.labels == -1).all()) and abs(float((batch.real[:, 0] < 0).float().mean()) - 0.2) < 0.03
+    exact = MixtureDenoiserNet(mixture, trainer.models.process)
+    t = torch.tensor([300, 700])
+    x0 = exact(torch.zeros(2, 2), t, Cond(labels=torch.full((2,), -1)))
+    a, sigma = trainer.models.process.alpha_sigma(t, torch.zeros(2, 1, dtype=torch.float64))
+    gain = a * 0.25 / (a**2 * 0.25 + sigma**2)
+    want = (1 - a * gain) * (0.8 * mixture.means[0] + 0.2 * mixture.means[1]).double()
+    torch.testing.assert_close(x0.double(), want, atol=1e-5, rtol=1e-5)
+    equal = MixtureDenoiserNet(GaussianMixture.ring(2, 2.0, 0.5), trainer.models.process)
+    assert float(equal(torch.zeros(2, 2), t, Cond(labels=torch.full((2,), -1))).abs().max()) < 1e-6

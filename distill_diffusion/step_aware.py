@@ -44,9 +44,13 @@ def time_embedding(net: nn.Module) -> tuple[nn.Module, int]:
     embed = getattr(net, "time_text_embed", None)  # SD3 / SD3.5, Flux.1, Qwen-Image: (B, inner_dim)
     if embed is not None and hasattr(embed, "timestep_embedder"):
         return embed, embed.timestep_embedder.linear_2.out_features
+    embed = getattr(net, "time_embed", None)  # SANA: AdaLayerNormSingle (its .emb) or SANA-Sprint's guidance embedding
+    embed = getattr(embed, "emb", embed)
+    if embed is not None and hasattr(embed, "timestep_embedder"):  # what the size / guidance embeddings are added to
+        return embed.timestep_embedder, embed.timestep_embedder.linear_2.out_features
     raise ConfigError(f"a step-aware critic (critic_steps: conditioned) adds its step to the network's time "
                       f"embedding, which {type(net).__name__} does not expose; supported: UNet2DConditionModel, SD3 / "
-                      f"Flux / Qwen-Image transformers, the mixture MLP; or use step_times: own")
+                      f"Flux / SANA / Qwen-Image transformers, the mixture MLP; or use step_times: own")
 
 
 class StepEmbedding(nn.Module):

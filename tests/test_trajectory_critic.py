@@ -28,7 +28,7 @@ def mixture_trainer(method: str = "dmd2", timesteps: list[int] = FOUR, **args: o
     return Trainer(make_config(method, args={"critic_updates": 1, **args}, model={"timesteps": timesteps}))
 
 
-@pytest.mark.parametrize("kind", ["sd15", "sdxl", "sd3", "flux", "sd15-lora"])
+@pytest.mark.parametrize("kind", ["sd15", "sdxl", "sd3", "flux", "sana", "sd15-lora"])
 def test_a_step_aware_critic_starts_as_its_network_and_reads_the_step(kind: str, tiny_dirs: dict[str, str]) -> None:
     base = kind.removesuffix("-lora")
     vp = base in ("sd15", "sdxl")

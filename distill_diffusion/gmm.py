@@ -144,6 +144,11 @@ class ResidualMLP(nn.Module):
             p.requires_grad_(False)
         self.end_time: nn.Linear | None = None  # a flow-map student's second time (`add_end_time`)
 
+    @property
+    def time_embedding(self) -> nn.Linear:
+        """Where the time features enter (the input layer, (B, hidden)): a step-aware critic adds its step here."""
+        return self.inp
+
     def add_end_time(self) -> None:
         """Read ``cond.end_timestep`` too (a flow-map student): its noise-angle harmonics through a layer that starts
         at zero (the correction's output layer is zero at start as well)."""

@@ -33,14 +33,11 @@ from .errors import ConfigError
 
 def time_embedding(net: nn.Module) -> tuple[nn.Module, int]:
     """(the module whose (B, width) output is the network's time embedding, width) for ``net``."""
-    from diffusers import UNet2DConditionModel
-
-    from .gmm import ResidualMLP
-
-    if isinstance(net, UNet2DConditionModel):
-        return net.time_embedding, net.time_embedding.linear_2.out_features
-    if isinstance(net, ResidualMLP):  # its time features enter through the input layer
-        return net.inp, net.inp.out_features
+    embed = getattr(net, "time_embedding", None)  # UNet2DConditionModel; the mixture MLP names its input layer so
+    if isinstance(embed, nn.Linear):
+        return embed, embed.out_features
+    if embed is not None and hasattr(embed, "linear_2"):
+        return embed, embed.linear_2.out_features
     embed = getattr(net, "time_text_embed", None)  # SD3 / SD3.5, Flux.1, Qwen-Image: (B, inner_dim)
     if embed is not None and hasattr(embed, "timestep_embedder"):
         return embed, embed.timestep_embedder.linear_2.out_features

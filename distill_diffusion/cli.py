@@ -221,7 +221,8 @@ def _eval_sweep(args: argparse.Namespace) -> None:
     prompts = _read_prompt_args(args) if args.prompts else None
     solvers = [check_solver(s) for s in args.solvers.split(",")]
     run_sweep(args.models, args.ref, args.nfe, solvers, args.guidance, args.num_samples, args.out,
-              features=args.features, batch_size=args.batch_size, prompts=prompts, cache_dir=args.cache_dir)
+              features=args.features, batch_size=args.batch_size, prompts=prompts, cache_dir=args.cache_dir,
+              extra_features=args.extra_features)
     print((Path(args.out) / "sweep.md").read_text())
 
 
@@ -320,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--num-samples", type=count, default=1000)
     sw.add_argument("--features", default="auto", help="auto (digits classifier for --ref digits, else clean), "
                     "clean, torchmetrics")
+    sw.add_argument("--extra-features", type=lambda v: [x for x in v.split(",") if x], default=[],
+                    help="further feature spaces beside the primary and pixel PCA, comma-separated: dinov2, clip, or "
+                    "dinov2:NAME_OR_DIR / clip:NAME_OR_DIR (FD_DINOv2, FD_CLIP; weights from the hub or a local copy)")
     sw.add_argument("--prompts", help="prompt file (required unless --ref digits)")
     sw.add_argument("--prompt", action="append", help=argparse.SUPPRESS)
     sw.add_argument("--batch-size", type=count, default=250)

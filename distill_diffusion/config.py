@@ -59,6 +59,10 @@ class ModelConfig:
     # time_cond_proj_dim
     cfg_embedding_dim: int | None = field(
         default=None, metadata={"help": "width of the student's CFG-scale embedding (LCM: 256); null = baked in"})
+    # a student whose sinusoidal time features stop at this frequency (continuous-time methods: time_lowpass.py)
+    student_time_max_freq: float | None = field(default=None, metadata={
+        "help": "switch off the student's timestep features above this many rad per timestep (the continuous-time "
+                "methods' tangent; 0.3 drops the top two of a UNet's); null = the teacher's own"})
 
     def __post_init__(self) -> None:
         if self.gmm_process not in ("vp", "flow"):
@@ -73,6 +77,11 @@ class ModelConfig:
         if self.cfg_embedding_dim is not None and self.student_lora_rank is not None:
             raise ConfigError("model.cfg_embedding_dim needs a full-weight student (its embedding is new weights in "
                               "the UNet); a LoRA student bakes one CFG scale in: drop one of the two")
+        if self.student_time_max_freq is not None and (self.student_time_max_freq <= 0
+                                                       or self.student_lora_rank is not None):
+            raise ConfigError(f"model.student_time_max_freq needs a full-weight student (model.student_lora_rank "
+                              f"null) and a value > 0 rad per timestep, got {self.student_time_max_freq} with "
+                              f"student_lora_rank {self.student_lora_rank}")
         if self.student_lora_rank is not None and self.student_lora_rank < 1:
             raise ConfigError(f"model.student_lora_rank must be >= 1 (or null for a full-weight student), "
                               f"got {self.student_lora_rank}")
@@ -181,6 +190,8 @@ class EvalConfig:
     solvers: list[str] = field(default_factory=lambda: ["ddim"])
     teacher_cfg: list[float] = field(default_factory=lambda: [1.0], metadata={"help": "teacher CFG scales swept"})
     features: str = "auto"
+    extra_features: list[str] = field(default_factory=list, metadata={
+        "help": "further feature spaces: dinov2 | clip | dinov2:NAME_OR_DIR | clip:NAME_OR_DIR (eval/backbones.py)"})
     batch_size: int = 250
     grid_prompts: int = 10
     grid_seeds: int = 4

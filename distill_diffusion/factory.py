@@ -25,6 +25,7 @@ from .process import NoiseProcess
 from .roles import Models, Needs, Student, Teacher
 from .teachers import load_pipeline
 from .text import PipelineTextConditioner, TextConditioner
+from .time_lowpass import lowpass_time_input
 from .two_time import with_end_time
 
 
@@ -67,6 +68,9 @@ def _mixture_models(cfg: ModelConfig, needs: Needs, student_cfg: float | None, c
     correction on the frozen exact teacher)."""
     from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
+    if cfg.student_time_max_freq is not None:
+        raise ConfigError("model.student_time_max_freq low-passes a diffusers network's sinusoidal time input; the "
+                          "mixture MLP's smooth time features are model.mlp_smooth")
     if cfg.student_lora_rank is not None or (cfg.critic_lora_rank or 0) > 0:
         raise ConfigError("LoRA roles (model.student_lora_rank, model.critic_lora_rank) need a diffusers teacher; "
                           "a mixture critic already is a small correction on the frozen exact teacher")
@@ -181,6 +185,8 @@ def _image_models(cfg: ModelConfig, pipe: Any, net: Any, student_net: Any, needs
         with torch.random.fork_rng():  # the new embedding's first layer is seeded, the global generator untouched
             torch.manual_seed(seed + 7)
             student_net = with_end_time(student_net)
+    if cfg.student_time_max_freq is not None:  # full-weight student (config checks)
+        lowpass_time_input(student_net, cfg.student_time_max_freq)
     teacher, student, critic_denoiser = _network_roles(net, student_net, process, cfg, critic, critic_rank, seed)
     side = image_size(pipe, cfg.resolution) // vae_factor(pipe)
     if family in FLOW_BUILDERS.values() and side % 2:

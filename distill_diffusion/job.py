@@ -90,7 +90,7 @@ def run_job(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bo
     t0 = time.time()
     rows = run_sweep([str(export_dir), teacher], ec.ref, ec.nfe, ec.solvers, ec.teacher_cfg, ec.num_samples,
                      run_dir / "sweep", features=ec.features, batch_size=ec.batch_size, prompts=prompts,
-                     cache_dir=run_dir / "sweep", progress=progress)
+                     cache_dir=run_dir / "sweep", progress=progress, extra_features=ec.extra_features)
     times["sweep_s"] = time.time() - t0
     sweep_md = table(rows)
     # the model card gets this student's table (rewritten in place: the export is already complete)

@@ -7,8 +7,9 @@ the digits teacher, prompt accuracy (share of images the digits classifier reads
 Every row is measured in two feature spaces where the reference is a set of images: the primary one (the digits
 classifier's for ``--ref digits``, Inception's otherwise) and pixel-space PCA of the reference (`PixelPCA`, trained on
 nothing), each with FID, KID (on features standardised by the reference, with its spread over subsets) and
-precision / recall. One feature space is not enough to tell which of two models is better; `verdicts` says in words
-where the two disagree.
+precision / recall; ``extra_features`` adds DINOv2 and / or CLIP spaces (`eval.backbones`, for image teachers where
+their weights are at hand). One feature space is not enough to tell which of two models is better; `verdicts` says
+in words where they disagree.
 
 Writes ``sweep.json`` (all rows), ``sweep.md`` (the table) and ``fid_vs_nfe.png`` (log-x, one line per
 model / solver / guidance; one panel per feature space) into the output directory.
@@ -30,6 +31,7 @@ from distill_diffusion.errors import ConfigError
 from distill_diffusion.files import check_out_dir
 from distill_diffusion.zoo.digits_data import PROMPTS, TEACHER_SIZE, digits_split, label_of_prompt
 
+from .backbones import Backbone, parse_spec
 from .fid import (
     FeatureStats,
     PixelPCA,
@@ -90,6 +92,12 @@ def _settings(model: EvalModel, nfes: list[int], solvers: list[str], teacher_cfg
 
 
 SECOND = "pca"  # the second feature space's key suffix in rows (fid_pca, precision_pca, ...)
+SPACES = {"_pca": "pixel PCA", "_dinov2": "DINOv2", "_clip": "CLIP"}  # every further space's suffix and name
+
+
+def further_spaces(rows: list[dict]) -> list[str]:
+    """The suffixes of the feature spaces beyond the primary one that ``rows`` were measured in, in a fixed order."""
+    return [sfx for sfx in SPACES if any(f"fid{sfx}" in r for r in rows)]
 
 
 def space_metrics(features: np.ndarray | torch.Tensor, reference: FeatureStats, suffix: str = "") -> dict:
@@ -106,7 +114,7 @@ def space_metrics(features: np.ndarray | torch.Tensor, reference: FeatureStats, 
 def run_sweep(models: list[str], ref: str, nfes: list[int], solvers: list[str], teacher_cfgs: list[float],
               num_samples: int, out_dir: str | Path, features: str = "auto", batch_size: int = 250,
               prompts: list[str] | None = None, cache_dir: str | Path | None = None,
-              progress: bool = True) -> list[dict]:
+              progress: bool = True, extra_features: list[str] | None = None) -> list[dict]:
     out_dir = Path(out_dir)
     digits = ref == "digits"
     # everything a user passed is checked before anything is computed or written
@@ -118,9 +126,15 @@ def run_sweep(models: list[str], ref: str, nfes: list[int], solvers: list[str], 
     check_out_dir(out_dir)
     if cache_dir is not None:
         check_out_dir(cache_dir, "--cache-dir")
+    extra = [parse_spec(spec) for spec in extra_features or []]
+    if extra and images is None:
+        raise ConfigError("further feature spaces (dinov2, clip) need the reference images, not a .npz of statistics")
+    if len({kind for kind, _ in extra}) != len(extra):
+        raise ConfigError(f"each further feature space may be named once, got {extra_features}")
     classifier = zoo.load("digits_classifier") if digits else None
     backend = classifier if features == "auto" and digits else ("clean" if features == "auto" else features)
-    feat = feature_backend(backend)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # feature networks run where the generator does
+    feat = feature_backend(backend, device)
     if images is None:
         reference = FeatureStats.load(ref)
     else:
@@ -133,6 +147,11 @@ def run_sweep(models: list[str], ref: str, nfes: list[int], solvers: list[str], 
     if images is not None:  # pixel PCA needs the reference images themselves (a .npz has only primary features)
         pca = PixelPCA(images)
         spaces["_" + SECOND] = (pca, FeatureStats.from_features(extract(images, pca)))
+    for kind, name in extra:
+        net = Backbone(f"{kind}:{name}").to(device)
+        key = cache_key(ref, kind, net, images.shape, hashlib.sha1(images.tobytes()).hexdigest())
+        stats = cached_stats(images, net, None if cache_dir is None else Path(cache_dir) / f"ref_{key}.npz")
+        spaces["_" + kind] = (net, stats)
     out_dir.mkdir(parents=True, exist_ok=True)
     if prompts is None:
         prompts = digit_prompts(num_samples)
@@ -160,9 +179,9 @@ def run_sweep(models: list[str], ref: str, nfes: list[int], solvers: list[str], 
 
 def table(rows: list[dict]) -> str:
     acc = any("prompt_accuracy" in r for r in rows)
-    second = any(f"fid_{SECOND}" in r for r in rows)
+    further = further_spaces(rows)
     head = "| model | solver | CFG | steps | NFE | FID | KID (std) | precision | recall | "
-    head += f"FID {SECOND} | precision {SECOND} | recall {SECOND} | " if second else ""
+    head += "".join(f"FID {sfx[1:]} | precision {sfx[1:]} | recall {sfx[1:]} | " for sfx in further)
     head += "prompt acc. | " if acc else ""
     head += "ms / image | images / s |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -171,8 +190,8 @@ def table(rows: list[dict]) -> str:
         cells = [Path(r["model"]).name or r["model"], r["solver"], f"{r['guidance']:g}", str(r["steps"]),
                  str(r["nfe"]), f"{r['fid']:.3f}", f"{r['kid']:.4f} ({r.get('kid_std', nan):.4f})",
                  f"{r.get('precision', nan):.3f}", f"{r.get('recall', nan):.3f}"]
-        if second:
-            cells += [f"{r.get(f'{k}_{SECOND}', nan):.3f}" for k in ("fid", "precision", "recall")]
+        for sfx in further:
+            cells += [f"{r.get(f'{k}{sfx}', nan):.3f}" for k in ("fid", "precision", "recall")]
         if acc:
             cells.append(f"{r.get('prompt_accuracy', nan):.3f}")
         cells += [f"{r['ms_per_image']:.2f}", f"{r['images_per_s']:.1f}"]
@@ -187,7 +206,8 @@ def label(r: dict) -> str:
 
 def verdicts(a: dict, b: dict) -> list[str]:
     """Which of rows ``a`` and ``b`` each feature space finds better (lower FID), and whether they agree."""
-    names = {"": f"{a.get('space', 'primary')} FID", f"_{SECOND}": f"pixel-{SECOND.upper()} FID"}
+    names = {"": f"{a.get('space', 'primary')} FID", f"_{SECOND}": f"pixel-{SECOND.upper()} FID",
+             **{sfx: f"{name} FID" for sfx, name in SPACES.items() if sfx != f"_{SECOND}"}}
     better = {sfx: a[f"fid{sfx}"] < b[f"fid{sfx}"] for sfx in names if f"fid{sfx}" in a and f"fid{sfx}" in b}
     parts = [f"{names[sfx]} {a[f'fid{sfx}']:.3f} vs {b[f'fid{sfx}']:.3f}" for sfx in better]
     if len(set(better.values())) == 1:
@@ -205,7 +225,7 @@ def write_outputs(rows: list[dict], out_dir: Path, reference_n: int) -> None:
 
     (out_dir / "sweep.json").write_text(json.dumps({"reference_n": reference_n, "rows": rows}, indent=1))
     (out_dir / "sweep.md").write_text(table(rows) + "\n")
-    suffixes = [""] + ([f"_{SECOND}"] if any(f"fid_{SECOND}" in r for r in rows) else [])
+    suffixes = [""] + further_spaces(rows)
     fig, axes = plt.subplots(1, len(suffixes), figsize=(6 * len(suffixes), 4), dpi=120, squeeze=False)
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -217,7 +237,7 @@ def write_outputs(rows: list[dict], out_dir: Path, reference_n: int) -> None:
             ax.plot([r["nfe"] for r in rs], [r[f"fid{sfx}"] for r in rs], style, label=f"{model} {solver} CFG {w:g}")
         ax.set_xscale("log")
         ax.set_xlabel("NFE (network evaluations per image)")
-        ax.set_ylabel("FID, pixel PCA" if sfx else "FID")
+        ax.set_ylabel(f"FID, {SPACES[sfx]}" if sfx else "FID")
         ax.legend(fontsize=6)
         ax.grid(alpha=0.3)
     fig.tight_layout()

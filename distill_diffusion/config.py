@@ -62,7 +62,7 @@ class ModelConfig:
     # a student whose sinusoidal time features stop at this frequency (continuous-time methods: time_lowpass.py)
     student_time_max_freq: float | None = field(default=None, metadata={
         "help": "switch off the student's timestep features above this many rad per timestep (the continuous-time "
-                "methods' tangent; 0.3 drops the top two of a UNet's); null = the teacher's own"})
+                "methods' tangent; 0.3 drops a UNet's top three); null = the teacher's own"})
 
     def __post_init__(self) -> None:
         if self.gmm_process not in ("vp", "flow"):

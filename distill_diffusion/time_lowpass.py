@@ -4,18 +4,20 @@ Every diffusers network here reads its timestep (0 .. 1000) through sinusoids ``
 f_k = 10000^(-k / half) rad per timestep, up to 1 rad per timestep, and was trained at integer timesteps only. The
 continuous-time methods (sCM, rCM, MeanFlow) differentiate the student in its time input, through a map whose slope
 is hundreds of timesteps per unit of their own time (TrigFlow's t, MeanFlow's s), so the tangent is dominated by the
-highest-frequency features: measured on the embedded digits UNet, the exact derivative in tau is 2.5-3x the secant
-over 10 timesteps, and the two highest frequencies (1 and 0.56 rad per timestep) carry most of the difference while
-changing the network's output by 0.3% (``docs/BENCHMARKS.md``). The student then learns to chase its own
+highest-frequency features: measured on the embedded digits UNet (``python bench/time_input.py``), the exact
+derivative in tau is 2-4x the secant over +-10 timesteps, and switching off the three highest frequencies (1, 0.56
+and 0.32 rad per timestep, 6 of 32 channels) brings it to the secant while moving the output by 0.1-0.4%; the flow
+teacher's transformer alike (2x, 0.2-0.6%; ``docs/BENCHMARKS.md``). The student then learns to chase its own
 high-frequency wiggle in t and the target grows without bound (the digits sCM / MeanFlow cells diverged).
 
-sCM (Lu & Song 2025, Sec. 4.1) and SANA-Sprint (Chen et al. 2025, Sec. 3.2, "dense time embedding") meet the same
-failure and remove it by feeding the network c_noise(t) = t instead of 1000 t, which needs the teacher fine-tuned to
-the new time scale first. This module does the cheaper thing that keeps the network a stock diffusers one: the input
-channels of the time MLP's first layer whose frequency is above ``max_freq`` are zeroed (their weight columns set to
-zero and their inputs masked, so they stay zero through training and the exported weights compute the same function
-in plain diffusers). The student starts a hair away from the teacher (0.3% at the default on the digits UNet) and the
-distillation loss corrects the rest. A full-weight student only: a LoRA student shares the teacher's base weights.
+sCM (Lu & Song 2025, Sec. 4.1) and SANA-Sprint (Chen et al. 2025, Sec. 3.2, "dense time embedding"; NVlabs/Sana's
+``scheduler.timestep_norm_scale_factor``) meet the same failure and remove it by feeding the network c_noise(t) = t
+instead of 1000 t, which needs the teacher fine-tuned to the new time scale first. This module does the cheaper thing
+that keeps the network a stock diffusers one: the input channels of the time MLP's first layer whose frequency is
+above ``max_freq`` are zeroed (their weight columns set to zero and their inputs masked, so they stay zero through
+training and the exported weights compute the same function in plain diffusers). The student starts a hair away
+from the teacher (under 0.6% at 0.3 on both digits teachers) and the distillation loss corrects the rest. A
+full-weight student only: a LoRA student shares the teacher's base weights.
 """
 
 from __future__ import annotations

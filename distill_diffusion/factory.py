@@ -23,7 +23,7 @@ from .latents import latent_channels
 from .lora import SharedDenoiser, add_lora
 from .process import NoiseProcess
 from .roles import Models, Needs, Student, Teacher
-from .teachers import load_pipeline
+from .teachers import load_pipeline, unet_with_config
 from .text import PipelineTextConditioner, TextConditioner
 from .time_lowpass import lowpass_time_input
 from .two_time import with_end_time
@@ -257,9 +257,7 @@ def with_cfg_embedding(unet: Any, dim: int) -> Any:
     (diffusers' ``time_cond_proj_dim``) whose projection is exactly zero, so it computes what ``unet`` computes. The
     student that reads its CFG scale starts from it; exports of students without one get it
     (`pipelines.export.export_unet`)."""
-    from diffusers import UNet2DConditionModel
-
-    plain = UNet2DConditionModel.from_config(dict(unet.config, time_cond_proj_dim=dim))
+    plain = unet_with_config(unet, time_cond_proj_dim=dim)
     missing, unexpected = plain.load_state_dict(unet.state_dict(), strict=False)
     if unexpected or set(missing) != {"time_embedding.cond_proj.weight"}:
         raise RuntimeError(f"UNet does not fit a CFG-scale embedding: missing {missing}, unexpected {unexpected}")

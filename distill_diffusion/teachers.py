@@ -71,3 +71,15 @@ def _from_hub(repo: str) -> Any:
         raise ConfigError(f"teacher {repo!r} is not a local directory and could not be loaded from the Hugging Face "
                           f"hub ({reason}); download it where there is network, or give a local pipeline "
                           "directory") from None
+
+
+def unet_with_config(unet: Any, **changes: Any) -> Any:
+    """A new ``UNet2DConditionModel`` of ``unet``'s config with ``changes`` (random weights; the caller loads them).
+
+    diffusers' ``from_config`` drops every key listed in the config's ``_use_default_values`` (those its config.json
+    did not state: SD 1.5's hub config, written by diffusers 0.6, states neither ``time_cond_proj_dim`` nor
+    ``class_embed_type``), so a change to one of them would be silently ignored; the list is left out here."""
+    from diffusers import UNet2DConditionModel
+
+    config = {k: v for k, v in unet.config.items() if k != "_use_default_values"}
+    return UNet2DConditionModel.from_config({**config, **changes})

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .teachers import unet_with_config
 
 PROJ_DIM = 256  # the sinusoidal width every diffusers time embedding of these families uses
 
@@ -52,12 +53,10 @@ def reads_end_time(net: Any) -> bool:
 
 
 def _unet_with_end_time(unet: Any) -> Any:
-    from diffusers import UNet2DConditionModel
-
     if unet.config.class_embed_type is not None or unet.config.num_class_embeds is not None:
         raise ConfigError(f"this UNet already has a class embedding ({unet.config.class_embed_type}); a flow-map "
                           "student reads its second time through that slot")
-    plain = UNet2DConditionModel.from_config(dict(unet.config, class_embed_type="timestep"))
+    plain = unet_with_config(unet, class_embed_type="timestep")
     missing, unexpected = plain.load_state_dict(unet.state_dict(), strict=False)
     if unexpected or not all(k.startswith("class_embedding.") for k in missing):
         raise RuntimeError(f"UNet does not fit a second time embedding: missing {missing}, unexpected {unexpected}")

@@ -166,14 +166,26 @@ def test_lora_student_exports_merged_and_as_lora(tmp_path: Path, tiny_dirs: dict
     assert np.abs(mine - applied).max() <= 1e-4
 
 
-@pytest.mark.parametrize("method, lora", [("scm", 4), ("rcm", None)])
+@pytest.mark.parametrize("method, lora, max_freq", [("scm", 4, None), ("rcm", None, 0.12)])
 def test_continuous_time_student_exports_like_a_consistency_student(tmp_path: Path, tiny_dirs: dict[str, str],
-                                                                    method: str, lora: int | None) -> None:
+                                                                    method: str, lora: int | None,
+                                                                    max_freq: float | None) -> None:
     """An sCM / rCM student of a VP teacher samples as consistency students do (x0, re-noise on the teacher's grid):
     a stock LCMScheduler export (merged and as LoRA weights) reproduces it in plain diffusers; its learned
-    log-variance w(t) is a training device and stays out of the export."""
-    run = distill(tmp_path / "run", tiny_dirs["sd15"], [999, 499], lora_rank=lora, method=method)
+    log-variance w(t) is a training device and stays out of the export. A student with a low-passed time input
+    (`model.student_time_max_freq`) exports as a stock UNet whose switched-off columns are zero."""
+    run = distill(tmp_path / "run", tiny_dirs["sd15"], [999, 499], lora_rank=lora, method=method,
+                  model_args={"student_time_max_freq": max_freq})
     full = export(run, tmp_path / "export")
+    if max_freq is not None:
+        from diffusers import UNet2DConditionModel
+
+        from distill_diffusion.time_lowpass import frequencies
+
+        unet = UNet2DConditionModel.from_pretrained(full / "unet")
+        off = frequencies(unet.time_proj) > max_freq
+        assert off.any() and unet.time_embedding.linear_1.weight[:, off].abs().max() == 0
+        assert unet.time_embedding.linear_1.weight[:, ~off].abs().min() > 0
     mine = student_images(run)
     merged, meta = plain_diffusers(tmp_path, "full", str(full))
     assert meta["scheduler"] == "LCMScheduler"

@@ -126,3 +126,15 @@ def test_the_factory_lowpasses_the_student_only() -> None:
     off = frequencies(student.time_proj) > 0.3
     assert student.time_embedding.linear_1.weight[:, off].abs().max() == 0
     assert teacher.time_embedding.linear_1.weight[:, off].abs().min() > 0
+
+
+def test_a_flow_map_students_second_time_is_lowpassed_too() -> None:
+    """MeanFlow's UNet student reads where its step ends through the UNet's own sinusoidal projection (class
+    embedding "timestep"), so that input is low-passed as well."""
+    cfg = make_config("meanflow", "tiny:sd15", model={"student_time_max_freq": 0.3})
+    from distill_diffusion.methods import METHODS
+
+    student = build_models(cfg.model, METHODS["meanflow"].needs(cfg.method_args)).student.denoiser.net
+    off = frequencies(student.time_proj) > 0.3
+    for linear in (student.time_embedding.linear_1, student.class_embedding.linear_1):
+        assert linear.weight[:, off].abs().max() == 0 and linear._time_lowpass is not None

@@ -167,3 +167,17 @@ def test_unknown_kind() -> None:
     with pytest.raises(ValueError, match="sd15") as info:
         tiny_pipeline("sd4")
     assert str(info.value) == "unknown tiny model kind 'sd4'; choose one of: sd15, sd21, sdxl, sd3, flux, sana, qwen"
+
+
+def test_new_unet_inputs_take_on_a_config_that_does_not_state_them() -> None:
+    """A UNet whose config.json never stated ``time_cond_proj_dim`` or ``class_embed_type`` (SD 1.5's hub config,
+    written by diffusers 0.6; the in-memory tiny UNet lists them in ``_use_default_values`` alike) still gets a
+    CFG-scale embedding and a second time input: diffusers' ``from_config`` would drop both changes silently."""
+    from distill_diffusion.factory import with_cfg_embedding
+    from distill_diffusion.teachers import load_pipeline
+    from distill_diffusion.two_time import with_end_time
+
+    unet = load_pipeline("tiny:sd15").unet
+    assert {"time_cond_proj_dim", "class_embed_type"} <= set(unet.config["_use_default_values"])
+    assert with_cfg_embedding(unet, 8).config.time_cond_proj_dim == 8
+    assert with_end_time(unet).config.class_embed_type == "timestep"

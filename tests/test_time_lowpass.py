@@ -36,9 +36,12 @@ def _time_features(net):  # noqa: ANN001, ANN202
         net.time_text_embed.time_proj, net.time_text_embed.timestep_embedder.linear_1)
 
 
-@pytest.mark.parametrize("kind", ["sd15", "sd3"])
+@pytest.mark.parametrize("kind", ["sd15", "sd3", "shifted"])
 def test_channel_frequencies_are_diffusers_own(kind: str) -> None:
-    proj, _ = _time_features(_net(kind))
+    from diffusers.models.embeddings import Timesteps
+
+    # "shifted": a projection with diffusers' other settings (sin first, frequency shift 1, scale 2)
+    proj = Timesteps(32, False, 1, scale=2) if kind == "shifted" else _time_features(_net(kind))[0]
     f = frequencies(proj).float()
     tau = torch.tensor([0.0, 3.7, 250.25, 999.0])
     emb = proj(tau)
@@ -47,7 +50,7 @@ def test_channel_frequencies_are_diffusers_own(kind: str) -> None:
     first, second = (phase.cos(), phase.sin()) if proj.flip_sin_to_cos else (phase.sin(), phase.cos())
     torch.testing.assert_close(emb[:, :half], first, atol=2e-4, rtol=0)
     torch.testing.assert_close(emb[:, half:2 * half], second, atol=2e-4, rtol=0)
-    assert float(f.max()) == pytest.approx(1.0)
+    assert float(f.max()) == pytest.approx(proj.scale)
 
 
 def _call(net, x, tau):  # noqa: ANN001, ANN202

@@ -23,59 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import shutil
 import sys
 from pathlib import Path
 
+from .cli_args import Parser, count, counts, names, non_negative, positive, scale, scales
 from .errors import ConfigError, RunError
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line, like every other error of the tool (argparse prints the usage first)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"distill-diffusion: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
-def _number(kind: type, low: float, text: str, strict: bool = False) -> float:
-    try:
-        value = kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-    if not math.isfinite(value) or value < low or (strict and value == low):
-        raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low:g}, got {text}")
-    return value
-
-
-def count(text: str) -> int:
-    """An option that counts something: an integer >= 1."""
-    return _number(int, 1, text)
-
-
-def non_negative(text: str) -> int:
-    """A seed or a size that may be 0: an integer >= 0."""
-    return _number(int, 0, text)
-
-
-def scale(text: str) -> float:
-    """A CFG scale: a finite number >= 0 (1 = no guidance)."""
-    return _number(float, 0, text)
-
-
-def positive(text: str) -> float:
-    return _number(float, 0, text, strict=True)
-
-
-def counts(text: str) -> list[int]:
-    """A comma-separated list of integers >= 1, e.g. 1,2,4,8."""
-    return [count(v) for v in text.split(",")]
-
-
-def scales(text: str) -> list[float]:
-    return [scale(v) for v in text.split(",")]
 
 
 def _out_dir(path: str, option: str = "--out") -> Path:
@@ -278,7 +232,7 @@ def _zoo_train_classifier(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="distill-diffusion", description="Few-step diffusion distillation.")
+    parser = Parser(prog="distill-diffusion", description="Few-step diffusion distillation.")
     sub = parser.add_subparsers(dest="command", metavar="{run,distill,export,sample,eval,data,zoo}")
     sub.required = True
     for name, func, helptext in (
@@ -321,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--num-samples", type=count, default=1000)
     sw.add_argument("--features", default="auto", help="auto (digits classifier for --ref digits, else clean), "
                     "clean, torchmetrics")
-    sw.add_argument("--extra-features", type=lambda v: [x for x in v.split(",") if x], default=[],
+    sw.add_argument("--extra-features", type=names, default=[],
                     help="further feature spaces beside the primary and pixel PCA, comma-separated: dinov2, clip, or "
                     "dinov2:NAME_OR_DIR / clip:NAME_OR_DIR (FD_DINOv2, FD_CLIP; weights from the hub or a local copy)")
     sw.add_argument("--prompts", help="prompt file (required unless --ref digits)")

@@ -82,6 +82,9 @@ class ModelConfig:
             raise ConfigError(f"model.student_time_max_freq needs a full-weight student (model.student_lora_rank "
                               f"null) and a value > 0 rad per timestep, got {self.student_time_max_freq} with "
                               f"student_lora_rank {self.student_lora_rank}")
+        if self.student_time_max_freq is not None and self.teacher == "gmm":
+            raise ConfigError("model.student_time_max_freq low-passes a diffusers network's sinusoidal time input; "
+                              "the mixture MLP's smooth time features are model.mlp_smooth")
         if self.student_lora_rank is not None and self.student_lora_rank < 1:
             raise ConfigError(f"model.student_lora_rank must be >= 1 (or null for a full-weight student), "
                               f"got {self.student_lora_rank}")
@@ -206,6 +209,12 @@ class EvalConfig:
             raise ConfigError(f"eval.nfe must be a non-empty list of positive integers, got {self.nfe}")
         if any(w < 0 for w in [*self.teacher_cfg, self.grid_teacher_cfg]):
             raise ConfigError("eval.teacher_cfg and eval.grid_teacher_cfg must be >= 0 (1 = no guidance)")
+        if self.extra_features:  # refused at load, not after the distillation (the module imports torch: here only)
+            from .eval.backbones import parse_spec
+
+            kinds = [parse_spec(spec)[0] for spec in self.extra_features]
+            if len(set(kinds)) != len(kinds):
+                raise ConfigError(f"eval.extra_features names a space twice: {self.extra_features}")
 
 
 @dataclass

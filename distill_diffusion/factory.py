@@ -68,9 +68,6 @@ def _mixture_models(cfg: ModelConfig, needs: Needs, student_cfg: float | None, c
     correction on the frozen exact teacher)."""
     from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-    if cfg.student_time_max_freq is not None:
-        raise ConfigError("model.student_time_max_freq low-passes a diffusers network's sinusoidal time input; the "
-                          "mixture MLP's smooth time features are model.mlp_smooth")
     if cfg.student_lora_rank is not None or (cfg.critic_lora_rank or 0) > 0:
         raise ConfigError("LoRA roles (model.student_lora_rank, model.critic_lora_rank) need a diffusers teacher; "
                           "a mixture critic already is a small correction on the frozen exact teacher")

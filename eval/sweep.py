@@ -92,7 +92,7 @@ def _settings(model: EvalModel, nfes: list[int], solvers: list[str], teacher_cfg
 
 
 SECOND = "pca"  # the second feature space's key suffix in rows (fid_pca, precision_pca, ...)
-SPACES = {"_pca": "pixel PCA", "_dinov2": "DINOv2", "_clip": "CLIP"}  # every further space's suffix and name
+SPACES = {"_pca": "pixel-PCA", "_dinov2": "DINOv2", "_clip": "CLIP"}  # every further space's suffix and name
 
 
 def further_spaces(rows: list[dict]) -> list[str]:
@@ -206,8 +206,7 @@ def label(r: dict) -> str:
 
 def verdicts(a: dict, b: dict) -> list[str]:
     """Which of rows ``a`` and ``b`` each feature space finds better (lower FID), and whether they agree."""
-    names = {"": f"{a.get('space', 'primary')} FID", f"_{SECOND}": f"pixel-{SECOND.upper()} FID",
-             **{sfx: f"{name} FID" for sfx, name in SPACES.items() if sfx != f"_{SECOND}"}}
+    names = {"": f"{a.get('space', 'primary')} FID", **{sfx: f"{name} FID" for sfx, name in SPACES.items()}}
     better = {sfx: a[f"fid{sfx}"] < b[f"fid{sfx}"] for sfx in names if f"fid{sfx}" in a and f"fid{sfx}" in b}
     parts = [f"{names[sfx]} {a[f'fid{sfx}']:.3f} vs {b[f'fid{sfx}']:.3f}" for sfx in better]
     if len(set(better.values())) == 1:

@@ -55,6 +55,12 @@ def test_backbone_specs_and_errors_are_one_line(tmp_path: Path) -> None:
     assert parse_spec("clip:/x/y") == ("clip", "/x/y")
     with pytest.raises(ConfigError, match="unknown feature backbone 'inception'"):
         parse_spec("inception")
+    from distill_diffusion.config import EvalConfig
+
+    with pytest.raises(ConfigError, match="unknown feature backbone"):  # a run's config: refused at load
+        EvalConfig(extra_features=["dinov2", "inception"])
+    with pytest.raises(ConfigError, match="twice"):
+        EvalConfig(extra_features=["dinov2", "dinov2:/x"])
     with pytest.raises(ConfigError, match="could not be loaded") as e:
         Backbone(f"dinov2:{tmp_path / 'missing'}")
     assert "\n" not in str(e.value)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -46,6 +47,17 @@ def teacher_rows(cfg, n: int) -> list[dict]:
     return rows
 
 
+def control_forward_kl(kind: str) -> None:
+    """Replace forward KL's weight h(r) = r for this process (docs/BENCHMARKS.md, f-distill's controls)."""
+    from distill_diffusion.methods import score
+
+    if kind == "flipped":
+        score.F_WEIGHTS["forward_kl"] = lambda r: 1 / r
+    else:
+        gen = torch.Generator().manual_seed(0)
+        score.F_WEIGHTS["forward_kl"] = lambda r: r[torch.randperm(len(r), generator=gen).to(r.device)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/gmm_dmd2.yaml")
@@ -55,8 +67,18 @@ def main() -> None:
                     help="also sample each trained student at these step counts")
     ap.add_argument("--per-step", action="store_true",
                     help="also measure each step's output of a multi-step student (its x0 at every step)")
-    ap.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    args = ap.parse_args()
+    ap.add_argument("--f-weight-control", choices=["flipped", "shuffled"], default=None,
+                    help="f-distill controls: forward KL's weight h(r) = r replaced by 1 / r, or by r shuffled across "
+                         "the batch (the same weights, not tied to the samples)")
+    ap.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (before or after the options)")
+    # key=value words anywhere on the line are overrides: `--seeds 0 1 dmd2.f_divergence=js` would otherwise hand the
+    # override to --seeds as a seed
+    argv = sys.argv[1:]
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    args = ap.parse_args([a for a in argv if a not in overrides])
+    args.overrides = [*args.overrides, *overrides]
+    if args.f_weight_control is not None:
+        control_forward_kl(args.f_weight_control)
     torch.set_num_threads(1)  # tiny MLPs: one thread is faster than two on a 2-core machine
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -69,7 +91,7 @@ def main() -> None:
         m = trainer.train()
         steps = len(run_cfg.model.timesteps)
         rows.append({"model": f"{cfg.method} student (seed {seed})", "steps": steps,
-                     **{k: m[k] for k in ("energy_distance", "std_ratio", "coverage")},
+                     **{k: m[k] for k in ("energy_distance", "std_ratio", "coverage", "share_error") if k in m},
                      "seconds": round(time.time() - t0, 1)})
         student, mixture = trainer.models.student, trainer.models.mixture
         if args.per_step:
@@ -82,10 +104,13 @@ def main() -> None:
             x = student_samples(trainer.models, Cond(labels=labels), len(labels))
             rows.append({"model": f"{cfg.method} student (seed {seed}), sampled at {k}", "steps": k,
                          **mixture_metrics(x, labels, mixture), "seconds": 0.0})
-    lines = ["| model | steps | energy distance | std ratio | coverage | seconds |", "|---|---|---|---|---|---|"]
+    shares = any("share_error" in r for r in rows)  # a mixture of unequal classes: each class's share of the samples
+    lines = ["| model | steps | energy distance | std ratio | coverage |" + (" share error |" if shares else "")
+             + " seconds |", "|---|---|---|---|---|" + ("---|" if shares else "") + "---|"]
     for r in rows:
+        share = (f" {r['share_error']:.4f} |" if "share_error" in r else " - |") if shares else ""
         lines.append(f"| {r['model']} | {r['steps']} | {r['energy_distance']:.4f} | {r['std_ratio']:.3f} | "
-                     f"{r['coverage']:.3f} | {r['seconds']} |")
+                     f"{r['coverage']:.3f} |{share} {r['seconds']} |")
     table = "\n".join(lines)
     print(table)
     (out / "known_answer.json").write_text(json.dumps(rows, indent=1))

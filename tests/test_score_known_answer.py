@@ -297,23 +297,28 @@ def decoupled_run(tmp_path: Path, method: str | None = None) -> dict[str, float]
                                               f"{section}.cfg_times=decoupled"), 2.0)
 
 
-def follows_guidance(m: dict[str, float]) -> bool:
-    """Near the guided ODE and sharper than the data, as guidance makes it (measured, python bench/decoupled.py,
-    seeds 0 / 1: ED to the guided DDIM-50 0.0164 / 0.0124, class spread 0.159 / 0.160 against the ODE's 0.21 and the
-    data's 0.42; DMD2's shared noise level: 0.0108 / 0.0130, 0.169 / 0.167)."""
-    return m["ed_to_guided_ode"] <= 0.025 and m["spread"] < 0.5 * m["true_spread"]
+def keeps_guidance(m: dict[str, float]) -> bool:
+    """Guided the right way: sharper than the data, class means not pulled inward, near the guided ODE. Measured
+    (python bench/decoupled.py, seeds 0 / 1, 1000 updates): decoupled ED to the guided DDIM-50 0.0164 / 0.0124, class
+    spread 0.159 / 0.160 (the ODE's 0.21, the data's 0.42), class-mean radius 4.00 / 4.02 (the data's 4.01, the ODE's
+    4.19); DMD2's shared level 0.0108 / 0.0130, 0.169 / 0.167, 4.04 / 4.03. Neither reaches the guided ODE (an
+    untrained student, the teacher's own 4-step DDIM, scores 0.0144 / 0.157 / 4.01), so this pins the guidance
+    term's direction, not that decoupling helps (docs/BENCHMARKS.md)."""
+    return (m["ed_to_guided_ode"] <= 0.025 and m["spread"] < 0.5 * m["true_spread"]
+            and m["radius"] > m["true_radius"] - 0.05)
 
 
 @pytest.mark.slow
-def test_decoupled_guidance_student_follows_the_guided_teacher(tmp_path: Path) -> None:
+def test_decoupled_guidance_student_keeps_the_guided_direction(tmp_path: Path) -> None:
     m = decoupled_run(tmp_path)
-    assert follows_guidance(m), m
+    assert keeps_guidance(m), m
 
 
 @pytest.mark.slow
 def test_decoupled_guidance_with_its_guidance_term_flipped_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                                                  ) -> None:
-    """The falsification (measured seeds 0 / 1: ED 0.033 / 0.034, spread 1.02 / 0.57, wider than the data)."""
+    """The falsification (measured seeds 0 / 1: ED 0.033 / 0.034, spread 1.02 / 0.57, wider than the data's, class
+    means pulled inward to radius 3.81 / 3.89)."""
     monkeypatch.setitem(METHODS, "tdm_flipped_guidance", flipped_guidance(METHODS["tdm"]))
     m = decoupled_run(tmp_path, "tdm_flipped_guidance")
-    assert not follows_guidance(m), m
+    assert not keeps_guidance(m), m

@@ -23,7 +23,7 @@ from conftest import CONFIGS, trainer_for
 
 from distill_diffusion import step_aware
 from distill_diffusion.config import load_config
-from distill_diffusion.eval.mixture import per_step_metrics
+from distill_diffusion.eval.mixture import energy_distance, per_step_metrics, std_ratio
 from distill_diffusion.methods import DMD2, METHODS
 
 FAMILY = ["dmd2", "sid", "vsd"]
@@ -256,10 +256,9 @@ def flipped_guidance(cls: type) -> type:
     return Flipped
 
 
-def class_spread(x: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean over classes of the RMS distance of a class's samples to their own mean."""
-    return torch.stack([(x[labels == c] - x[labels == c].mean(0)).pow(2).sum(1).mean().sqrt()
-                        for c in labels.unique()]).mean().item()
+def class_spread(x: torch.Tensor, labels: torch.Tensor, mixture) -> float:  # noqa: ANN001
+    """Mean over classes of the RMS distance of a class's samples to their own mean (`std_ratio` in data units)."""
+    return std_ratio(x, labels, mixture) * mixture.std * mixture.dim**0.5
 
 
 def class_radius(x: torch.Tensor, labels: torch.Tensor) -> float:
@@ -272,22 +271,17 @@ def guided_student_metrics(trainer, w: float) -> dict[str, float]:  # noqa: ANN0
     """Train, then measure the student's samples against the guided teacher's 50-step DDIM (the guided ODE has no
     closed form; fixed noise and labels, as the w-conditioned rows of test_trajectory_known_answer.py) and against
     true samples: energy distances, and the per-class spread and class-mean radius of each."""
-    from test_trajectory_known_answer import guided_cond, guided_ddim
-
-    from distill_diffusion.eval.mixture import energy_distance
+    from test_trajectory_known_answer import guided_cond, student_and_guided_ode
 
     trainer.train()
-    models = trainer.models
-    cond = guided_cond(models, w)
-    ode = guided_ddim(models, lambda x, t, c, w: models.teacher.x0(x, t, c, w), 50, w)
-    noise = torch.randn(4000, models.mixture.dim, generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        x = models.student.sample(noise, cond, torch.Generator().manual_seed(6))
-    true = models.mixture.sample(cond.labels, torch.Generator().manual_seed(7))
+    models, mix = trainer.models, trainer.models.mixture
+    labels = guided_cond(models, w).labels
+    x, ode = student_and_guided_ode(models, w)
+    true = mix.sample(labels, torch.Generator().manual_seed(7))
     return {"ed_to_guided_ode": energy_distance(x, ode), "ed_to_data": energy_distance(x, true),
-            "spread": class_spread(x, cond.labels), "ode_spread": class_spread(ode, cond.labels),
-            "true_spread": class_spread(true, cond.labels), "radius": class_radius(x, cond.labels),
-            "ode_radius": class_radius(ode, cond.labels), "true_radius": class_radius(true, cond.labels)}
+            "spread": class_spread(x, labels, mix), "ode_spread": class_spread(ode, labels, mix),
+            "true_spread": class_spread(true, labels, mix), "radius": class_radius(x, labels),
+            "ode_radius": class_radius(ode, labels), "true_radius": class_radius(true, labels)}
 
 
 def decoupled_run(tmp_path: Path, method: str | None = None) -> dict[str, float]:

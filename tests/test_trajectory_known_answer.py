@@ -165,18 +165,20 @@ def test_guided_progressive_student_that_cannot_read_w_fails(tmp_path: Path, mon
     assert not all(student < 0.3 * teacher_half for student, teacher_half in gaps), gaps
 
 
+def student_and_guided_ode(models, w: float) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+    """The student's samples (fixed noise, `guided_cond` labels and scale w) and the guided teacher's DDIM-50: the
+    answer for a guided student, which has no closed form."""
+    ode = guided_ddim(models, lambda x, t, c, w: models.teacher.x0(x, t, c, w), 50, w)
+    noise = torch.randn(4000, models.mixture.dim, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        x = models.student.sample(noise, guided_cond(models, w), torch.Generator().manual_seed(6))
+    return x, ode
+
+
 def w_conditioned_lcm_distances(trainer: Trainer) -> list[float]:
     """Per w in (1.5, 2, 2.5): energy distance of the 1-step student's samples to the guided teacher's DDIM-50."""
     trainer.train()
-    models = trainer.models
-    out = []
-    for w in (1.5, 2.0, 2.5):
-        ode = guided_ddim(models, lambda x, t, c, w: models.teacher.x0(x, t, c, w), 50, w)
-        noise = torch.randn(4000, models.mixture.dim, generator=torch.Generator().manual_seed(5))
-        with torch.no_grad():
-            x = models.student.sample(noise, guided_cond(models, w), torch.Generator().manual_seed(6))
-        out.append(energy_distance(x, ode))
-    return out
+    return [energy_distance(*student_and_guided_ode(trainer.models, w)) for w in (1.5, 2.0, 2.5)]
 
 
 W_LCM = ("model.cfg_embedding_dim=64", "consistency.teacher_cfg=1.0", "consistency.teacher_cfg_max=3.0",

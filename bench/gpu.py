@@ -3,6 +3,7 @@ SD3.5-Large (1024 px) and Flux.1-dev (1024 px) shapes.
 
     python bench/gpu.py [--shapes sd15 sdxl sd35l flux] [--methods dmd2 sid ...] [--roles full lora] [--batch 1]
                         [--steps 6] [--precision bf16] [--optimizer adamw8bit] [--attention xformers]
+                        [--jvp autograd finite_difference]
                         [--checkpointing] [--out runs/bench_gpu]
     python bench/gpu.py --shapes tiny          # on CPU: the tiny SD, SD3 and Flux shapes, so the script stays tested
 
@@ -15,11 +16,12 @@ on the teacher's one frozen base. Every run gets a folder of random images at th
 encoded once into a latent cache (`data encode-images`; the adversarial terms, consistency and progressive train on
 it; the others ignore it). After ``--warmup`` steps
 (both roles' optimizer states exist), ``--steps`` steps are timed; images/s counts student samples per second of
-training (the global batch per step). ``--precision`` (default bf16 on a GPU, fp32 on CPU) also stores the frozen
-weights in that precision (``train.half_frozen``); ``--optimizer adamw8bit`` keeps Adam's moments in 8 bits. Peak
-memory is
-``torch.cuda.max_memory_allocated`` on a GPU, else the process's peak resident memory during the timed steps (reset
-after warmup through ``/proc/self/clear_refs``) above its post-import level.
+training (the global batch per step). ``--methods scm rcm meanflow`` (not in the default list) add the continuous-time
+family, one row per ``--jvp`` tangent (torch.func.jvp, or a central finite difference, which the config refuses under
+mixed precision: give those rows ``--precision no``). ``--precision`` (default bf16 on a GPU, fp32 on CPU) also stores
+the frozen weights in that precision (``train.half_frozen``); ``--optimizer adamw8bit`` keeps Adam's moments in 8
+bits. Peak memory is ``torch.cuda.max_memory_allocated`` on a GPU, else the process's peak resident memory during the
+timed steps (reset after warmup through ``/proc/self/clear_refs``) above its post-import level.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ SD_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per
           "block_out_channels": [128, 256, 512, 512],
           "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4}
 METHODS = ["dmd2", "sid", "vsd", "consistency", "progressive", "ladd", "add"]
+# the continuous-time family: a tangent per step, by torch.func.jvp or a central finite difference (`--jvp`)
+JVP_METHODS = ["scm", "rcm", "meanflow"]
 # stabilityai/stable-diffusion-3.5-large and black-forest-labs/FLUX.1-dev transformer/config.json
 SD35L_TRANSFORMER = {"sample_size": 128, "patch_size": 2, "in_channels": 16, "num_layers": 38,
                      "attention_head_dim": 64, "num_attention_heads": 38, "joint_attention_dim": 4096,
@@ -157,7 +161,8 @@ def random_images(folder: Path, size: int, n: int = 4) -> str:
 
 
 def one(shape: str, method: str, roles: str, args: argparse.Namespace) -> dict:
-    """In this process: build the trainer, warm up, time ``args.steps`` steps, report memory and throughput."""
+    """In this process: build the trainer, warm up, time ``args.steps`` steps, report memory and throughput.
+    ``method`` is a name, or ``name:jvp`` for the continuous-time family (autograd or finite_difference)."""
     import torch
 
     from distill_diffusion.config import parse_config
@@ -174,7 +179,10 @@ def one(shape: str, method: str, roles: str, args: argparse.Namespace) -> dict:
     flow = shape.split(":")[-1] in ("sd3", "flux", *FLOW_SHAPES)
     two = [1000.0, 500.0] if flow else [999, 499]  # the teacher's trailing 2-step grid
     timesteps = two if method in ("consistency", "progressive") else two[:1]
+    method, _, jvp = method.partition(":")
     method_args = {"progressive": {"start_steps": 4}}.get(method, {})
+    if jvp:  # the tangent from step one (no warm-up), as in most of a run
+        method_args = {"jvp": jvp, **({"tangent_warmup": 0} if method != "meanflow" else {})}
     raw = {"method": method, method: method_args,
            "model": {"teacher": teacher, "timesteps": timesteps, "student_lora_rank": lora,
                      "critic_lora_rank": 64 if roles == "lora" else 0},
@@ -188,7 +196,7 @@ def one(shape: str, method: str, roles: str, args: argparse.Namespace) -> dict:
         encode_images(parse_config(raw), Path(tmp) / "latents", device="cuda" if cuda else "cpu", workers=0,
                       pipeline=pipe)
         raw["data"] = {"real_cache": str(Path(tmp) / "latents")}
-        if method in ("consistency", "progressive"):  # no critic: one role, the student
+        if method in ("consistency", "progressive", "scm", "meanflow"):  # no critic: one role, the student
             raw["model"].pop("critic_lora_rank")
         trainer = Trainer(parse_config(raw), Path(tmp) / "run", pipeline=pipe)
         for _ in range(args.warmup):
@@ -207,7 +215,7 @@ def one(shape: str, method: str, roles: str, args: argparse.Namespace) -> dict:
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else \
         (status_kib("VmHWM") - base) / 2**20
     device = torch.cuda.get_device_name() if cuda else "cpu"
-    return {"shape": shape, "method": method, "roles": roles, "device": device,
+    return {"shape": shape, "method": method + (f" ({jvp})" if jvp else ""), "roles": roles, "device": device,
             "precision": {"no": "fp32"}.get(args.precision, args.precision), "optimizer": args.optimizer,
             "batch": args.batch,
             "images_per_s": round(args.batch * args.steps / seconds, 3), "s_per_step": round(seconds / args.steps, 3),
@@ -217,7 +225,9 @@ def one(shape: str, method: str, roles: str, args: argparse.Namespace) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="*", default=["sd15", "sdxl"], choices=["tiny", "sd15", "sdxl", *FLOW_SHAPES])
-    ap.add_argument("--methods", nargs="*", default=METHODS, choices=METHODS)
+    ap.add_argument("--methods", nargs="*", default=METHODS, choices=METHODS + JVP_METHODS)
+    ap.add_argument("--jvp", nargs="*", default=["autograd"], choices=["autograd", "finite_difference"],
+                    help="the tangent of scm / rcm / meanflow, one row each (finite_difference needs --precision no)")
     ap.add_argument("--roles", nargs="*", default=["full", "lora"], choices=["full", "lora"])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=4)
@@ -243,7 +253,8 @@ def main() -> None:
                                         ("attention", args.attention))] + ["--checkpointing"] * args.checkpointing
     rows = []
     for shape in shapes:
-        for method in args.methods:
+        for method in [m + (f":{j}" if m in JVP_METHODS else "") for m in args.methods
+                       for j in (args.jvp if m in JVP_METHODS else [""])]:
             for roles in args.roles:
                 done = subprocess.run([sys.executable, __file__, *passed, "--one", shape, method, roles],
                                       capture_output=True, text=True)

@@ -65,7 +65,8 @@ class ScoreConfig(MethodConfig):
     step_times: str = "full"
     # f-distill (Xu et al. 2025, arXiv:2502.15681): the distribution-matching gradient of each sample weighted by
     # h(r), r = p_data / q_student at its noised sample estimated by the GAN head (r = exp(logit)): reverse_kl (h = 1,
-    # DMD) | forward_kl (r) | js (r / (1 + r)) | hellinger (sqrt r, squared Hellinger). Needs the GAN head trained on
+    # DMD) | forward_kl (r) | js (r / (1 + r)) | hellinger (sqrt r, squared Hellinger) | neyman (1 / r, Neyman
+    # chi^2: more mode-seeking than reverse KL; FastGen's `neyman`). Needs the GAN head trained on
     # real images (gan_critic_weight > 0); until gan_start the weight is 1
     # decoupled: DMD's two terms re-noised apart (Decoupled DMD, Liu et al. 2025): the distribution-matching term at
     # the ranges above, the CFG-augmentation term (w - 1)(x0_c - x0_u) at its own tau ~ U[t_min, t_k], never noisier
@@ -127,6 +128,7 @@ F_WEIGHTS = {
     "forward_kl": lambda r: r,
     "js": lambda r: r / (1 + r),
     "hellinger": lambda r: r.sqrt(),
+    "neyman": lambda r: 1 / r,
 }
 
 

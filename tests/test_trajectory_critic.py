@@ -112,7 +112,7 @@ def test_own_step_times_stay_inside_each_steps_interval(kind: str, shift: float)
     assert t.max() > 900  # step_times full: every step over the whole range (DMD2)
 
 
-@pytest.mark.parametrize("name", ["reverse_kl", "forward_kl", "js", "hellinger"])
+@pytest.mark.parametrize("name", ["reverse_kl", "forward_kl", "js", "hellinger", "neyman"])
 def test_each_f_weight_is_f_second_derivative_times_r_squared(name: str) -> None:
     """h(r) = f''(r) r^2 up to a constant (f-distill, Table 1): f of each divergence, differentiated twice here."""
     fs = {
@@ -120,6 +120,7 @@ def test_each_f_weight_is_f_second_derivative_times_r_squared(name: str) -> None
         "forward_kl": lambda r: r * r.log(),
         "js": lambda r: r * r.log() - (r + 1) * ((r + 1) / 2).log(),
         "hellinger": lambda r: (r.sqrt() - 1) ** 2,
+        "neyman": lambda r: (1 - r) ** 2 / r,
     }
     r = torch.linspace(0.1, 20, 50, dtype=torch.float64, requires_grad=True)
     (d1,) = torch.autograd.grad(fs[name](r).sum(), r, create_graph=True)

@@ -262,7 +262,9 @@ def main() -> None:
                     row = json.loads(done.stdout.strip().splitlines()[-1])
                 else:  # out of memory is a result too
                     tail = (done.stderr.strip().splitlines() or ["?"])[-1][:160]
-                    row = {"shape": shape, "method": method, "roles": roles, "failed": tail}
+                    name, _, jvp = method.partition(":")
+                    row = {"shape": shape, "method": name + (f" ({jvp})" if jvp else ""), "roles": roles,
+                           "failed": tail}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     lines = ["| shape | method | roles | device | precision | optimizer | batch | images/s | s/step | peak GiB |",

@@ -96,7 +96,7 @@ class DMD2(ScoreMethod):
             grad = grad.to(x.dtype)
         # 5. a surrogate whose gradient with respect to x is `grad`
         loss = 0.5 * F.mse_loss(x.float(), (x - grad).detach().float())
-        logs = {"loss_dm": loss.item(), "dm_grad_norm": grad.flatten(1).norm(dim=1).mean().item()}
+        logs = {"loss_dm": loss.item(), "dm_grad_norm": grad.flatten(1).norm(dim=1).mean().item(), **self.f_logs}
         return self.add_gan_student(loss, logs, x, batch, generator), logs  # 6. the GAN head, when on
 
     def teacher_pair(self, x_t: Tensor, t: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:

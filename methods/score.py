@@ -239,12 +239,15 @@ class ScoreMethod(AlternatingMethod):
         """f-distill's per-sample weight h(r) / mean h(r) at the noised student samples ``x_t`` (B,), or None (h = 1:
         reverse KL, or the GAN head not yet on). r = exp(logit) of the head (logit clamped to [-10, 10]), clipped to
         ``f_ratio_clip``, divided by its batch mean within each of ``f_ratio_bins`` bins of t (FastGen's
-        ``ratio_normalization`` with its EMA rate 0: the batch's own means); no gradient."""
+        ``ratio_normalization`` with its EMA rate 0: the batch's own means); no gradient. Its range and the logit's
+        spread are kept in ``f_logs`` for the step's logs."""
         cfg = self.cfg
+        self.f_logs: dict[str, float] = {}
         if cfg.f_divergence == "reverse_kl" or not self._gan_now:
             return None
         with torch.no_grad():
-            r = gan.logits(self.models.critic, x_t, t, cond).float().clamp(-10, 10).exp()
+            logit = gan.logits(self.models.critic, x_t, t, cond).float().clamp(-10, 10)
+            r = logit.exp()
             r = r.clamp(*cfg.f_ratio_clip)
             if cfg.f_ratio_bins > 1:
                 frac = t.float() / self.models.process.num_train_timesteps
@@ -254,7 +257,11 @@ class ScoreMethod(AlternatingMethod):
                 count = torch.zeros(cfg.f_ratio_bins, device=r.device).index_add_(0, bins, torch.ones_like(r))
                 r = r / (total / count.clamp_min(1))[bins]
             h = F_WEIGHTS[cfg.f_divergence](r)
-            return h / h.mean().clamp_min(1e-6)
+            h = h / h.mean().clamp_min(1e-6)
+        # what the weighting does (FastGen logs h's range too): a head that cannot tell the student from the data has
+        # a logit spread near 0 and h near 1, i.e. reverse KL whatever f_divergence says (docs/methods.md)
+        self.f_logs = {"f_h_min": h.min().item(), "f_h_max": h.max().item(), "f_logit_std": logit.std().item()}
+        return h
 
     def real_x0(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         return self.models.teacher.x0(x_t, t, cond, self.cfg.teacher_cfg)

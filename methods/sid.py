@@ -96,7 +96,7 @@ class SiD(ScoreMethod):
         if h is not None:
             per_sample = per_sample * h[ok]
         logs = {"loss_sid": per_sample.mean().item() if len(per_sample) else 0.0, "sid_dropped": float((~ok).sum()),
-                "score_gap": diff.flatten(1).norm(dim=1).mean().item() if len(diff) else 0.0}
+                "score_gap": diff.flatten(1).norm(dim=1).mean().item() if len(diff) else 0.0, **self.f_logs}
         if d is not None:  # 5. SiDA: fool the head at the same x_t, in SiD's per-sample units
             gan_per_sample = F.softplus(-d[ok].clamp(-10, 10)) * x[0].numel() / w.flatten()
             logs["loss_gan_student"] = gan_per_sample.mean().item() if len(per_sample) else 0.0

@@ -84,5 +84,5 @@ class VSD(ScoreMethod):
             h = self.f_weight(x_t, t, batch.cond)  # f-distill's density-ratio weight; None for reverse KL
             grad = grad if h is None else grad * h.to(grad.dtype).reshape(-1, *([1] * (grad.ndim - 1)))
         loss = 0.5 * F.mse_loss(x.float(), (x - grad).detach().float())
-        logs = {"loss_vsd": loss.item(), "vsd_grad_norm": grad.flatten(1).norm(dim=1).mean().item()}
+        logs = {"loss_vsd": loss.item(), "vsd_grad_norm": grad.flatten(1).norm(dim=1).mean().item(), **self.f_logs}
         return self.add_gan_student(loss, logs, x, batch, generator), logs  # 6. the GAN head, when on

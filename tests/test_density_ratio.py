@@ -18,7 +18,8 @@ def test_noised_mixture_density_is_a_normalised_mixture_of_gaussians() -> None:
     one = GaussianMixture(torch.tensor([[1.0, -2.0]]), std=0.5)
     x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     v = a**2 * 0.25 + sigma**2
-    want = -((x - a * torch.tensor([1.0, -2.0], dtype=torch.float64)) ** 2).sum(1) / (2 * v) - torch.log(2 * math.pi * v)
+    mean = a * torch.tensor([1.0, -2.0], dtype=torch.float64)
+    want = -((x - mean) ** 2).sum(1) / (2 * v) - torch.log(2 * math.pi * v)
     torch.testing.assert_close(log_noised_mixture(x, one, a, sigma), want)
     four = GaussianMixture.ring(4, radius=2.0, std=0.5, weights=[0.6, 0.25, 0.1, 0.05])
     g = torch.linspace(-6, 6, 241, dtype=torch.float64)
@@ -37,7 +38,8 @@ def test_kernel_estimate_of_true_samples_matches_the_exact_density() -> None:
     x0 = mix.sample(labels, gen)
     a, sigma = torch.tensor(0.9, dtype=torch.float64), torch.tensor(0.4, dtype=torch.float64)
     probe_labels = mix.draw_labels(2000, gen)
-    probe = a * mix.sample(probe_labels, gen).double() + sigma * torch.randn(2000, 2, generator=gen, dtype=torch.float64)
+    noise = torch.randn(2000, 2, generator=gen, dtype=torch.float64)
+    probe = a * mix.sample(probe_labels, gen).double() + sigma * noise
     log_r = log_noised_mixture(probe, mix, a, sigma) - log_noised_samples(probe, x0, a, sigma)
     assert abs(log_r.mean().item()) < 0.03 and log_r.std().item() < 0.1, (log_r.mean(), log_r.std())
     without_3 = x0[labels != 3]

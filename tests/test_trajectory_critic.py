@@ -144,8 +144,11 @@ def test_f_weight_reads_the_gan_heads_ratio_normalised(monkeypatch: pytest.Monke
     r = logits.exp().clamp(0.1, 20)
     r = torch.cat([r[:3] / r[:3].mean(), r[3:] / r[3:].mean()])
     torch.testing.assert_close(h, r / r.mean())
+    want = {"f_h_min": (r / r.mean()).min().item(), "f_h_max": (r / r.mean()).max().item(),
+            "f_logit_std": logits.std().item()}  # the step's logs: what the weighting does
+    assert method.f_logs == pytest.approx(want)
     method._gan_now = False  # before the head trains (gan_start): DMD's weight
-    assert method.f_weight(torch.zeros(6, 2), t, Cond(labels=torch.zeros(6))) is None
+    assert method.f_weight(torch.zeros(6, 2), t, Cond(labels=torch.zeros(6))) is None and method.f_logs == {}
 
 
 def test_decoupled_guidance_at_one_noise_level_is_dmd2(monkeypatch: pytest.MonkeyPatch) -> None:

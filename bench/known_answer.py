@@ -68,8 +68,9 @@ def main() -> None:
     ap.add_argument("--per-step", action="store_true",
                     help="also measure each step's output of a multi-step student (its x0 at every step)")
     ap.add_argument("--f-weight-control", choices=["flipped", "shuffled"], default=None,
-                    help="f-distill controls: forward KL's weight h(r) = r replaced by 1 / r, or by r shuffled across "
-                         "the batch (the same weights, not tied to the samples)")
+                    help="f-distill controls: forward KL's weight h(r) = r replaced by 1 / r (the same as "
+                         "dmd2.f_divergence=neyman), or by r shuffled across the batch (the same weights, not tied to "
+                         "the samples)")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (before or after the options)")
     # key=value words anywhere on the line are overrides: `--seeds 0 1 dmd2.f_divergence=js` would otherwise hand the
     # override to --seeds as a seed

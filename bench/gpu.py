@@ -18,10 +18,12 @@ it; the others ignore it). After ``--warmup`` steps
 (both roles' optimizer states exist), ``--steps`` steps are timed; images/s counts student samples per second of
 training (the global batch per step). ``--methods scm rcm meanflow`` (not in the default list) add the continuous-time
 family, one row per ``--jvp`` tangent (torch.func.jvp, or a central finite difference, which the config refuses under
-mixed precision: give those rows ``--precision no``). ``--precision`` (default bf16 on a GPU, fp32 on CPU) also stores
-the frozen weights in that precision (``train.half_frozen``); ``--optimizer adamw8bit`` keeps Adam's moments in 8
-bits. Peak memory is ``torch.cuda.max_memory_allocated`` on a GPU, else the process's peak resident memory during the
-timed steps (reset after warmup through ``/proc/self/clear_refs``) above its post-import level.
+mixed precision: give those rows ``--precision no``; the timed window must hold a student step: rCM makes 4 critic
+steps first, so ``--warmup 4 --steps 1`` times its student step alone). ``--precision`` (default bf16 on a GPU, fp32
+on CPU) also stores the frozen weights in that precision (``train.half_frozen``); ``--optimizer adamw8bit`` keeps
+Adam's moments in 8 bits. Peak memory is ``torch.cuda.max_memory_allocated`` on a GPU, else the process's peak
+resident memory during the timed steps (reset after warmup through ``/proc/self/clear_refs``) above its post-import
+level.
 """
 
 from __future__ import annotations
@@ -160,6 +162,12 @@ def random_images(folder: Path, size: int, n: int = 4) -> str:
     return str(folder)
 
 
+def label(method: str) -> str:
+    """``scm:autograd`` -> ``scm (autograd)``; a plain name as it is."""
+    name, _, jvp = method.partition(":")
+    return name + (f" ({jvp})" if jvp else "")
+
+
 def one(shape: str, method: str, roles: str, args: argparse.Namespace) -> dict:
     """In this process: build the trainer, warm up, time ``args.steps`` steps, report memory and throughput.
     ``method`` is a name, or ``name:jvp`` for the continuous-time family (autograd or finite_difference)."""
@@ -179,7 +187,7 @@ def one(shape: str, method: str, roles: str, args: argparse.Namespace) -> dict:
     flow = shape.split(":")[-1] in ("sd3", "flux", *FLOW_SHAPES)
     two = [1000.0, 500.0] if flow else [999, 499]  # the teacher's trailing 2-step grid
     timesteps = two if method in ("consistency", "progressive") else two[:1]
-    method, _, jvp = method.partition(":")
+    spec, (method, _, jvp) = method, method.partition(":")
     method_args = {"progressive": {"start_steps": 4}}.get(method, {})
     if jvp:  # the tangent from step one (no warm-up), as in most of a run
         method_args = {"jvp": jvp, **({"tangent_warmup": 0} if method != "meanflow" else {})}
@@ -215,7 +223,7 @@ def one(shape: str, method: str, roles: str, args: argparse.Namespace) -> dict:
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else \
         (status_kib("VmHWM") - base) / 2**20
     device = torch.cuda.get_device_name() if cuda else "cpu"
-    return {"shape": shape, "method": method + (f" ({jvp})" if jvp else ""), "roles": roles, "device": device,
+    return {"shape": shape, "method": label(spec), "roles": roles, "device": device,
             "precision": {"no": "fp32"}.get(args.precision, args.precision), "optimizer": args.optimizer,
             "batch": args.batch,
             "images_per_s": round(args.batch * args.steps / seconds, 3), "s_per_step": round(seconds / args.steps, 3),
@@ -262,9 +270,7 @@ def main() -> None:
                     row = json.loads(done.stdout.strip().splitlines()[-1])
                 else:  # out of memory is a result too
                     tail = (done.stderr.strip().splitlines() or ["?"])[-1][:160]
-                    name, _, jvp = method.partition(":")
-                    row = {"shape": shape, "method": name + (f" ({jvp})" if jvp else ""), "roles": roles,
-                           "failed": tail}
+                    row = {"shape": shape, "method": label(method), "roles": roles, "failed": tail}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     lines = ["| shape | method | roles | device | precision | optimizer | batch | images/s | s/step | peak GiB |",

@@ -26,6 +26,9 @@ from distill_diffusion.config import load_config
 from distill_diffusion.eval.density_ratio import ratio_agreement
 from distill_diffusion.trainer import Trainer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from known_answer import control_forward_kl, parse_with_overrides  # noqa: E402
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -35,17 +38,11 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench_density_ratio")
     ap.add_argument("--f-weight-control", choices=["shuffled"], default=None,
                     help="forward KL's weight r shuffled across the batch (known_answer.py's control)")
-    ap.add_argument("overrides", nargs="*", metavar="key=value")
-    argv = sys.argv[1:]
-    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
-    args = ap.parse_args([a for a in argv if a not in overrides])
+    args = parse_with_overrides(ap)
     if args.f_weight_control is not None:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from known_answer import control_forward_kl
-
         control_forward_kl(args.f_weight_control)
     torch.set_num_threads(1)
-    cfg = load_config(args.config, [*args.overrides, *overrides, f"train.seed={args.seed}", "train.progress=false"])
+    cfg = load_config(args.config, [*args.overrides, f"train.seed={args.seed}", "train.progress=false"])
     if cfg.model.teacher != "gmm":
         raise SystemExit(f"density_ratio.py needs the mixture teacher (model.teacher: gmm), got {cfg.model.teacher}")
     out = Path(args.out)

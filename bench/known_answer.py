@@ -58,6 +58,17 @@ def control_forward_kl(kind: str) -> None:
         score.F_WEIGHTS["forward_kl"] = lambda r: r[torch.randperm(len(r), generator=gen).to(r.device)]
 
 
+def parse_with_overrides(ap: argparse.ArgumentParser) -> argparse.Namespace:
+    """``ap``'s options, and ``args.overrides``: every key=value word on the line, wherever it stands (`--seeds 0 1
+    dmd2.f_divergence=js` would otherwise hand the override to --seeds as a seed)."""
+    ap.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (before or after the options)")
+    argv = sys.argv[1:]
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    args = ap.parse_args([a for a in argv if a not in overrides])
+    args.overrides = [*args.overrides, *overrides]
+    return args
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/gmm_dmd2.yaml")
@@ -71,13 +82,7 @@ def main() -> None:
                     help="f-distill controls: forward KL's weight h(r) = r replaced by 1 / r (the same as "
                          "dmd2.f_divergence=neyman), or by r shuffled across the batch (the same weights, not tied to "
                          "the samples)")
-    ap.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (before or after the options)")
-    # key=value words anywhere on the line are overrides: `--seeds 0 1 dmd2.f_divergence=js` would otherwise hand the
-    # override to --seeds as a seed
-    argv = sys.argv[1:]
-    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
-    args = ap.parse_args([a for a in argv if a not in overrides])
-    args.overrides = [*args.overrides, *overrides]
+    args = parse_with_overrides(ap)
     if args.f_weight_control is not None:
         control_forward_kl(args.f_weight_control)
     torch.set_num_threads(1)  # tiny MLPs: one thread is faster than two on a 2-core machine

@@ -145,6 +145,8 @@ def drop_prompts(cond: Cond, p: float, generator: torch.Generator) -> Cond:
 class ScoreMethod(AlternatingMethod):
     """Critic updates and student updates in the ratio ``critic_updates`` : 1; subclasses give `student_loss`."""
 
+    f_logs: dict[str, float] = {}  # what the last `f_weight` did, for the step's logs (replaced, never mutated)
+
     config_class = ScoreConfig
 
     @classmethod
@@ -242,13 +244,12 @@ class ScoreMethod(AlternatingMethod):
         ``ratio_normalization`` with its EMA rate 0: the batch's own means); no gradient. Its range and the logit's
         spread are kept in ``f_logs`` for the step's logs."""
         cfg = self.cfg
-        self.f_logs: dict[str, float] = {}
+        self.f_logs = {}
         if cfg.f_divergence == "reverse_kl" or not self._gan_now:
             return None
         with torch.no_grad():
             logit = gan.logits(self.models.critic, x_t, t, cond).float().clamp(-10, 10)
-            r = logit.exp()
-            r = r.clamp(*cfg.f_ratio_clip)
+            r = logit.exp().clamp(*cfg.f_ratio_clip)
             if cfg.f_ratio_bins > 1:
                 frac = t.float() / self.models.process.num_train_timesteps
                 width = max(cfg.t_max - cfg.t_min, 1e-8)  # the bins split the student loss's range, as FastGen's

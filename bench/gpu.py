@@ -187,7 +187,8 @@ def one(shape: str, method: str, roles: str, args: argparse.Namespace) -> dict:
     flow = shape.split(":")[-1] in ("sd3", "flux", *FLOW_SHAPES)
     two = [1000.0, 500.0] if flow else [999, 499]  # the teacher's trailing 2-step grid
     timesteps = two if method in ("consistency", "progressive") else two[:1]
-    spec, (method, _, jvp) = method, method.partition(":")
+    spec = method
+    method, _, jvp = spec.partition(":")
     method_args = {"progressive": {"start_steps": 4}}.get(method, {})
     if jvp:  # the tangent from step one (no warm-up), as in most of a run
         method_args = {"jvp": jvp, **({"tangent_warmup": 0} if method != "meanflow" else {})}

@@ -335,8 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # bitsandbytes (train.optimizer adamw8bit) warns at import about a 4-bit CPU kernel this tool never uses
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # bitsandbytes (train.optimizer adamw8bit) fetches a 4-bit CPU kernel this tool never uses at import, through the
+    # `kernels` package (a transformers dependency since 5.25), and both warn about it when the Hub is offline
+    for name in ("bitsandbytes.backends.cpu.ops", "kernels"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come before or after options such as --out

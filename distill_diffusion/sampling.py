@@ -51,8 +51,22 @@ def multistep(
     """Few-step student sampling (DMD2, LCM): predict x0, re-noise it with fresh noise to the next timestep; the
     last prediction is the sample. The first input is pure noise at ``timesteps[0]``, as DMD2 and diffusers'
     ``LCMScheduler`` do."""
-    x = renoised(x0_fn, noise, timesteps, process, generator, len(timesteps) - 1, noise_fn)
-    return x0_fn(x, timestep_batch(timesteps[-1], x))
+    return multistep_outputs(x0_fn, noise, timesteps, process, generator, noise_fn)[-1]
+
+
+def multistep_outputs(
+    x0_fn: X0Fn, noise: Tensor, timesteps: Sequence[float], process: NoiseProcess,
+    generator: torch.Generator | list[torch.Generator], noise_fn: NoiseFn = randn,
+) -> list[Tensor]:
+    """Every step's x0 prediction of `multistep`, in order (the same draws; the last is its sample): what a
+    trajectory-aware method matches step by step."""
+    x, out = noise, []
+    for i, t in enumerate(timesteps):
+        x0 = x0_fn(x, timestep_batch(t, x))
+        out.append(x0)
+        if i + 1 < len(timesteps):
+            x = process.add_noise(x0, noise_fn(x0.shape, generator, x0), timestep_batch(timesteps[i + 1], x))
+    return out
 
 
 X0EndFn = Callable[[Tensor, Tensor, Tensor], Tensor]

@@ -63,22 +63,16 @@ def per_step_metrics(models, n: int, seed: int = 5) -> list[dict[str, float]]:  
     re-noising sampler, `distill_diffusion.sampling.multistep`), on n class-balanced samples from fixed noise. Each
     step's input follows the forward marginal when the rollout is right, so each step's output should be data."""
     from distill_diffusion.denoiser import Cond
-    from distill_diffusion.sampling import timestep_batch
+    from distill_diffusion.sampling import multistep_outputs
 
-    student, process, mixture = models.student, models.process, models.mixture
+    student, mixture = models.student, models.mixture
     labels = mixture.balanced_labels(n)
     cond = Cond(labels=labels)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, mixture.dim, generator=g)
-    out = []
     with torch.no_grad():
-        for i, t in enumerate(student.timesteps):
-            x0 = student(x, timestep_batch(t, x), cond)
-            out.append(mixture_metrics(x0, labels, mixture))
-            if i + 1 < len(student.timesteps):
-                t_next = timestep_batch(student.timesteps[i + 1], x)
-                x = process.add_noise(x0, torch.randn(x0.shape, generator=g), t_next)
-    return out
+        outputs = multistep_outputs(lambda x_t, t: student(x_t, t, cond), x, student.timesteps, models.process, g)
+    return [mixture_metrics(x0, labels, mixture) for x0 in outputs]
 
 
 def unconditional_metrics(samples: Tensor, mixture: GaussianMixture, seed: int = 12345) -> dict[str, float]:

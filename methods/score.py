@@ -61,7 +61,8 @@ class ScoreConfig(MethodConfig):
     critic_steps: str = "shared"
     # the noise levels a step-k sample is drawn at, in the student's and the critic's losses: full (the ranges
     # above, DMD2) | own (only inside that step's own interval [t_{k+1}, t_k], t_K = 0, within those ranges: TDM's
-    # --use_separate, which makes even a shared critic step-aware through time)
+    # --use_separate, which makes even a shared critic step-aware through time) | above (from that step's end up,
+    # [t_{k+1}, T]: the last step's output is matched over the full range, as the sample it is)
     step_times: str = "full"
     # f-distill (Xu et al. 2025, arXiv:2502.15681): the distribution-matching gradient of each sample weighted by
     # h(r), r = p_data / q_student at its noised sample estimated by the GAN head (r = exp(logit)): reverse_kl (h = 1,
@@ -102,8 +103,8 @@ class ScoreConfig(MethodConfig):
             raise ConfigError(f"{name}.gan_student_weight, gan_critic_weight and gan_start must be >= 0")
         if self.critic_steps not in ("shared", "conditioned"):
             raise ConfigError(f"unknown {name}.critic_steps {self.critic_steps!r}; choose one of: shared, conditioned")
-        if self.step_times not in ("full", "own"):
-            raise ConfigError(f"unknown {name}.step_times {self.step_times!r}; choose one of: full, own")
+        if self.step_times not in ("full", "own", "above"):
+            raise ConfigError(f"unknown {name}.step_times {self.step_times!r}; choose one of: full, own, above")
         if self.cfg_times not in ("shared", "decoupled"):
             raise ConfigError(f"unknown {name}.cfg_times {self.cfg_times!r}; choose one of: shared, decoupled")
         if self.cfg_times == "decoupled" and name in ("sid", "vsd"):
@@ -176,8 +177,9 @@ class ScoreMethod(AlternatingMethod):
                 for critic in (False, True):
                     lo, hi = self.step_range(k, critic)
                     if lo > hi:
-                        raise ConfigError(f"{name}.step_times own: student step {k} (t = {steps[k]}) leaves no "
-                                          f"timesteps inside its {'critic_' if critic else ''}t_min .. t_max range")
+                        raise ConfigError(f"{name}.step_times {cfg.step_times}: student step {k} (t = {steps[k]}) "
+                                          f"leaves no timesteps inside its {'critic_' if critic else ''}t_min .. "
+                                          "t_max range")
 
     def student_updates(self, step: int) -> int:
         """How many student updates come before train step ``step``."""
@@ -219,7 +221,9 @@ class ScoreMethod(AlternatingMethod):
     def step_range(self, k: int, critic: bool = False) -> tuple[float, float]:
         """The fractions of T a step-k sample is noised at: the student loss's [t_min, t_max] (the critic's
         [critic_t_min, critic_t_max] with ``critic``), narrowed with ``step_times: own`` to the step's own interval
-        [t_{k+1}, t_k] (t_K = 0; TDM ``train_tdm_demo.py``, ``--use_separate``). On a shifted flow path the interval
+        [t_{k+1}, t_k] (t_K = 0; TDM ``train_tdm_demo.py``, ``--use_separate``), with ``above`` to [t_{k+1}, t_max]
+        (a step's output is right when its noisy marginal at t_{k+1}, where the next step reads it, is the teacher's,
+        and then so is every noisier one; the last step's range is the full one). On a shifted flow path the interval
         is mapped back through the shift, so the drawn timesteps themselves fall inside it."""
         cfg = self.cfg
         lo, hi = (cfg.critic_t_min, cfg.critic_t_max) if critic else (cfg.t_min, cfg.t_max)
@@ -229,7 +233,7 @@ class ScoreMethod(AlternatingMethod):
         T, s = self.models.process.num_train_timesteps, cfg.t_shift
         end = [float(steps[k]) / T, float(steps[k + 1]) / T if k + 1 < len(steps) else 0.0]
         top, bottom = (f / (s - (s - 1) * f) for f in end)  # the inverse of s u / (1 + (s - 1) u)
-        return max(lo, bottom), min(hi, top)
+        return max(lo, bottom), hi if cfg.step_times == "above" else min(hi, top)
 
     def noised_at(self, x: Tensor, k: int, generator: torch.Generator, critic: bool = False
                   ) -> tuple[Tensor, Tensor, Tensor]:

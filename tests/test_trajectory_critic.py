@@ -4,6 +4,7 @@
   exactly the network it was copied from, reads the step once its embedding is non-zero, leaves a LoRA critic's
   shared teacher untouched, and the score family hands it the step of each sample;
 - ``step_times: own``: each step's noise levels lie in its own interval [t_{k+1}, t_k] (through a flow shift too);
+  ``above``: in [t_{k+1}, t_max];
 - f-distill: each h(r) is f''(r) r^2 of its divergence, up to a constant; the weight DMD2's gradient takes;
 - decoupled guidance: at one shared noise level the two terms add up to DMD2's gradient exactly; the guidance
   term's sign and its (w - 1) weight are checked against the teacher's own guided estimate.
@@ -88,10 +89,12 @@ def test_the_score_family_gives_the_critic_the_step_of_each_sample(monkeypatch: 
     assert [s for s, _, _ in seen] == drawn and len(set(drawn)) > 1
 
 
+@pytest.mark.parametrize("times", ["own", "above"])
 @pytest.mark.parametrize(("kind", "shift"), [("vp", 1.0), ("flow", 1.0), ("flow", 3.0)])
-def test_own_step_times_stay_inside_each_steps_interval(kind: str, shift: float) -> None:
+def test_own_step_times_stay_inside_each_steps_interval(kind: str, shift: float, times: str) -> None:
+    """own: [t_{k+1}, t_k]; above: [t_{k+1}, t_max], each within the loss's own range."""
     timesteps = FOUR if kind == "vp" else [1000, 750, 500, 250]
-    trainer = Trainer(make_config("dmd2", args={"step_times": "own", "t_shift": shift},
+    trainer = Trainer(make_config("dmd2", args={"step_times": times, "t_shift": shift},
                                   model={"timesteps": timesteps, "gmm_process": kind}))
     method, gen = trainer.method, torch.Generator().manual_seed(0)
     x = torch.zeros(4000, 2)
@@ -104,7 +107,8 @@ def test_own_step_times_stay_inside_each_steps_interval(kind: str, shift: float)
         for critic in (False, True):
             _, t, _ = method.noised_at(x, k, gen, critic=critic)
             lo = max(ends[k + 1], shifted(0.0 if critic else 0.02))
-            hi = min(ends[k], shifted(1.0 if critic else 0.98))
+            hi = shifted(1.0 if critic else 0.98)
+            hi = min(ends[k], hi) if times == "own" else hi
             assert t.min() >= lo - 1e-3 and t.max() <= hi + 1e-3, (k, critic, t.min(), t.max())
             assert t.min() < lo + 0.05 * (hi - lo) and t.max() > hi - 0.05 * (hi - lo)  # and fill it
     full = Trainer(make_config("dmd2", model={"timesteps": timesteps, "gmm_process": kind}))
@@ -256,3 +260,24 @@ def test_a_weighted_unconditional_mixture_draws_and_denoises_by_its_weights() ->
     torch.testing.assert_close(x0.double(), want, atol=1e-5, rtol=1e-5)
     equal = MixtureDenoiserNet(GaussianMixture.ring(2, 2.0, 0.5), trainer.models.process)
     assert float(equal(torch.zeros(2, 2), t, Cond(labels=torch.full((2,), -1))).abs().max()) < 1e-6
+
+
+def test_multistep_outputs_are_each_steps_prediction_of_the_sampler() -> None:
+    """`multistep_outputs` (bench/digits_steps.py, the mixture's per-step metrics): step k's entry is the student's x0
+    at the input its rollout gives step k with the same draws, and the last is its sample."""
+    from distill_diffusion.sampling import multistep_outputs
+
+    models = mixture_trainer().models
+    student = models.student
+    torch.nn.init.normal_(next(student.parameters()), 0, 0.3, generator=torch.Generator().manual_seed(3))
+    cond = Cond(labels=models.mixture.balanced_labels(8))
+    noise = torch.randn(8, models.mixture.dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = multistep_outputs(lambda x, t: student(x, t, cond), noise, student.timesteps, models.process,
+                                torch.Generator().manual_seed(2))
+        assert len(out) == 4
+        for k in range(4):
+            x, t = student.rollout(noise, cond, k, torch.Generator().manual_seed(2))
+            torch.testing.assert_close(out[k], student(x, t, cond))
+        torch.testing.assert_close(out[-1], student.sample(noise, cond, torch.Generator().manual_seed(2)))
+    assert (out[0] - out[1]).abs().max() > 1e-3  # the steps differ: not one prediction repeated

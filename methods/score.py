@@ -62,7 +62,7 @@ class ScoreConfig(MethodConfig):
     # the noise levels a step-k sample is drawn at, in the student's and the critic's losses: full (the ranges
     # above, DMD2) | own (only inside that step's own interval [t_{k+1}, t_k], t_K = 0, within those ranges: TDM's
     # --use_separate, which makes even a shared critic step-aware through time) | above (from that step's end up,
-    # [t_{k+1}, T]: the last step's output is matched over the full range, as the sample it is)
+    # [t_{k+1}, t_max]; an ablation: it misses the mixture's known answer, docs/methods.md)
     step_times: str = "full"
     # f-distill (Xu et al. 2025, arXiv:2502.15681): the distribution-matching gradient of each sample weighted by
     # h(r), r = p_data / q_student at its noised sample estimated by the GAN head (r = exp(logit)): reverse_kl (h = 1,

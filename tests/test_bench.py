@@ -54,3 +54,22 @@ def test_leaderboard_runs_a_cell_skips_it_when_done_and_says_why_a_cell_has_no_r
     missing = [*cmd[:cmd.index("--seeds") + 1], "2", *cmd[cmd.index("--seeds") + 2:], "--updates-from", "7"]
     done = subprocess.run(missing, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0 and "no finished seed-7 cell" in (tmp_path / "leaderboard.md").read_text()
+
+
+def test_digits_steps_reads_each_step_of_a_finished_run(tmp_path: Path) -> None:
+    """bench/digits_steps.py on a 4-step digits TDM run of a few updates: one row per student step, the last step's
+    FID per class."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "distill_diffusion.cli", "distill", "configs/digits_tdm.yaml", "--out", str(run),
+           "train.steps=5", "tdm.critic_updates=1", "train.progress=false"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=BENCH.parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = tmp_path / "steps.json"
+    cmd = [sys.executable, str(BENCH.parent / "digits_steps.py"), str(run), "--num-samples", "40", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert [(r["step"], r["t"]) for r in rows] == [(1, 999.0), (2, 749.0), (3, 499.0), (4, 249.0)]
+    assert all(r["fid"] > r["mean_term"] >= 0 and 0 <= r["prompt_accuracy"] <= 1 for r in rows)
+    assert len(rows[-1]["fid_per_class"]) == 10 and "fid_per_class" not in rows[0]
+    assert "| run | step |" in done.stdout

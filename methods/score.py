@@ -33,6 +33,7 @@ from . import gan
 from .base import AlternatingMethod, MethodConfig, noised
 
 CRITIC_TARGETS = ("native", "epsilon", "v_prediction", "sample", "flow")
+STEP_TIMES = ("full", "own", "above", "own_last_full")
 
 
 @dataclass
@@ -62,7 +63,8 @@ class ScoreConfig(MethodConfig):
     # the noise levels a step-k sample is drawn at, in the student's and the critic's losses: full (the ranges
     # above, DMD2) | own (only inside that step's own interval [t_{k+1}, t_k], t_K = 0, within those ranges: TDM's
     # --use_separate, which makes even a shared critic step-aware through time) | above (from that step's end up,
-    # [t_{k+1}, t_max]; an ablation: it misses the mixture's known answer, docs/methods.md)
+    # [t_{k+1}, t_max]; an ablation: it misses the mixture's known answer, docs/methods.md) | own_last_full (own,
+    # but the last step, whose output is the sample, over the full range)
     step_times: str = "full"
     # f-distill (Xu et al. 2025, arXiv:2502.15681): the distribution-matching gradient of each sample weighted by
     # h(r), r = p_data / q_student at its noised sample estimated by the GAN head (r = exp(logit)): reverse_kl (h = 1,
@@ -103,8 +105,8 @@ class ScoreConfig(MethodConfig):
             raise ConfigError(f"{name}.gan_student_weight, gan_critic_weight and gan_start must be >= 0")
         if self.critic_steps not in ("shared", "conditioned"):
             raise ConfigError(f"unknown {name}.critic_steps {self.critic_steps!r}; choose one of: shared, conditioned")
-        if self.step_times not in ("full", "own", "above"):
-            raise ConfigError(f"unknown {name}.step_times {self.step_times!r}; choose one of: full, own, above")
+        if self.step_times not in STEP_TIMES:
+            raise ConfigError(f"unknown {name}.step_times {self.step_times!r}; choose one of: {', '.join(STEP_TIMES)}")
         if self.cfg_times not in ("shared", "decoupled"):
             raise ConfigError(f"unknown {name}.cfg_times {self.cfg_times!r}; choose one of: shared, decoupled")
         if self.cfg_times == "decoupled" and name in ("sid", "vsd"):
@@ -228,7 +230,8 @@ class ScoreMethod(AlternatingMethod):
         cfg = self.cfg
         lo, hi = (cfg.critic_t_min, cfg.critic_t_max) if critic else (cfg.t_min, cfg.t_max)
         steps = self.models.student.timesteps
-        if cfg.step_times == "full" or len(steps) == 1:
+        last = k == len(steps) - 1
+        if cfg.step_times == "full" or len(steps) == 1 or (last and cfg.step_times == "own_last_full"):
             return lo, hi
         T, s = self.models.process.num_train_timesteps, cfg.t_shift
         end = [float(steps[k]) / T, float(steps[k + 1]) / T if k + 1 < len(steps) else 0.0]

@@ -24,7 +24,6 @@ from distill_diffusion.eval.fid import FeatureStats, extract, feature_backend, f
 from distill_diffusion.eval.generate import load_model
 from distill_diffusion.eval.sweep import digit_prompts, reference_images
 from distill_diffusion.latents import decode
-from distill_diffusion.sampling import multistep_outputs
 from distill_diffusion.zoo.digits_data import TEACHER_SIZE, digits_split, label_of_prompt
 
 
@@ -38,16 +37,13 @@ def step_rows(run: str, n: int, feat, ref_features: np.ndarray, ref_labels: np.n
               ref_mean: float) -> list[dict]:
     models = load_model(run).run.models
     student = models.student
-    if student.sampler != "multistep":
-        raise SystemExit(f"{run}: a {student.sampler} student; this script follows the re-noising (multistep) sampler")
     prompts = digit_prompts(n)
     labels = np.array([label_of_prompt(p) for p in prompts])
     with torch.no_grad():
         cond = models.text.encode(prompts)
         gens = [torch.Generator().manual_seed(k) for k in range(n)]  # per-image seeds, as `eval.generate`
         noise = torch.cat([torch.randn((1, *models.sample_shape), generator=g) for g in gens])
-        outputs = multistep_outputs(lambda x, t: student(x, t, cond), noise, student.timesteps, models.process, gens,
-                                    student.denoiser.noise)
+        outputs = student.step_outputs(noise, cond, gens)
     ref = FeatureStats.from_features(ref_features)
     classifier = zoo.load("digits_classifier")
     rows = []

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .denoiser import Cond, Denoiser, cfg_x0
 from .gmm import GaussianMixture
 from .process import NoiseProcess
-from .sampling import ddim, flow_map, multistep, renoised, timestep_batch
+from .sampling import ddim, flow_map, multistep, multistep_outputs, renoised, timestep_batch
 
 SAMPLERS = ("multistep", "ddim", "flowmap")
 CRITICS = ("copy", "lora", "teacher")
@@ -133,17 +133,35 @@ class Student(nn.Module):
             return ddim(lambda x, t: self(x, t, cond), noise, self.timesteps, self.process)
         if self.sampler == "flowmap":
             return flow_map(lambda x, t, end: self.x0_to(x, t, end, cond), noise, self.timesteps, self.process)
-        if isinstance(generator, list) and self.denoiser.renoise_from_global_rng:
-            generator = [torch.Generator(g.device).manual_seed(g.initial_seed()) for g in generator]
-        return multistep(lambda x, t: self(x, t, cond), noise, self.timesteps, self.process, generator,
-                         self.denoiser.noise)
+        return multistep(lambda x, t: self(x, t, cond), noise, self.timesteps, self.process,
+                         self._renoise_generator(generator), self.denoiser.noise)
 
-    def rollout(self, noise: Tensor, cond: Cond, k: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    def step_outputs(self, noise: Tensor, cond: Cond, generator: torch.Generator | list[torch.Generator]
+                     ) -> list[Tensor]:
+        """Every step's x0 prediction of the re-noising sampler, with `sample`'s draws (the last entry is its
+        sample): each step's output distribution, which a trajectory-aware method matches step by step."""
+        if self.sampler != "multistep":
+            raise ValueError(f"step outputs follow the re-noising (multistep) sampler; this student's: {self.sampler}")
+        return multistep_outputs(lambda x, t: self(x, t, cond), noise, self.timesteps, self.process,
+                                 self._renoise_generator(generator), self.denoiser.noise)
+
+    def _renoise_generator(self, generator: torch.Generator | list[torch.Generator]
+                           ) -> torch.Generator | list[torch.Generator]:
+        if isinstance(generator, list) and self.denoiser.renoise_from_global_rng:
+            return [torch.Generator(g.device).manual_seed(g.initial_seed()) for g in generator]
+        return generator
+
+    def rollout(self, noise: Tensor, cond: Cond, k: int | Tensor, generator: torch.Generator
+                ) -> tuple[Tensor, Tensor]:
         """The student's own input at step k of its sampler, and that step's timestep (no gradient).
 
         DMD2's backward simulation (``sample_backward`` in tianweiy/DMD2 ``main/sd_unified_model.py``): roll the
         student out k steps from pure noise so training sees the inputs inference will see. k = 0 is pure noise.
+        ``k`` a (B,) tensor: each row its own step (TDM ``train_tdm_demo.py``'s per-sample ``ind_t``); a row is
+        evaluated only while its rollout lasts, so the cost is that of the rows' own steps.
         """
+        if isinstance(k, Tensor):
+            return self._rollout_rows(noise, cond, k, generator)
         with torch.no_grad():
             if self.sampler == "flowmap":
                 x = flow_map(lambda x, t, end: self.x0_to(x, t, end, cond), noise, self.timesteps, self.process, k)
@@ -151,6 +169,24 @@ class Student(nn.Module):
             x = renoised(lambda x, t: self(x, t, cond), noise, self.timesteps, self.process, generator, k,
                          self.denoiser.noise)
         return x.detach(), timestep_batch(self.timesteps[k], x)
+
+    def _rollout_rows(self, noise: Tensor, cond: Cond, k: Tensor, generator: torch.Generator
+                      ) -> tuple[Tensor, Tensor]:
+        """`rollout` with a step per row: at each step the rows still rolling out take one more re-noising step."""
+        if self.sampler != "multistep":
+            raise ValueError(f"a step per row rolls out the re-noising (multistep) sampler; this student's: "
+                             f"{self.sampler}")
+        k = k.to(noise.device)
+        x = noise.clone()
+        with torch.no_grad():
+            for i in range(int(k.max())):
+                rows = k > i
+                part_cond = cond[rows]
+                part = renoised(lambda x, t, c=part_cond: self(x, t, c), x[rows], self.timesteps[i:i + 2],
+                                self.process, generator, 1, self.denoiser.noise)
+                x[rows] = part.to(x.dtype)
+        t = torch.tensor([float(v) for v in self.timesteps], device=noise.device)[k]
+        return x.detach(), t.long() if all(float(v) == int(v) for v in self.timesteps) else t
 
 
 @dataclass

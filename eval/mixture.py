@@ -63,7 +63,6 @@ def per_step_metrics(models, n: int, seed: int = 5) -> list[dict[str, float]]:  
     re-noising sampler, `distill_diffusion.sampling.multistep`), on n class-balanced samples from fixed noise. Each
     step's input follows the forward marginal when the rollout is right, so each step's output should be data."""
     from distill_diffusion.denoiser import Cond
-    from distill_diffusion.sampling import multistep_outputs
 
     student, mixture = models.student, models.mixture
     labels = mixture.balanced_labels(n)
@@ -71,7 +70,7 @@ def per_step_metrics(models, n: int, seed: int = 5) -> list[dict[str, float]]:  
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, mixture.dim, generator=g)
     with torch.no_grad():
-        outputs = multistep_outputs(lambda x_t, t: student(x_t, t, cond), x, student.timesteps, models.process, g)
+        outputs = student.step_outputs(x, cond, g)
     return [mixture_metrics(x0, labels, mixture) for x0 in outputs]
 
 

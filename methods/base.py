@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -91,6 +92,24 @@ def noised(process: NoiseProcess, x: Tensor, lo: float, hi: float, generator: to
     """(x_t, t, eps): x noised at t uniform over the fractions [lo, hi] of training time (shifted on a flow path:
     `NoiseProcess.sample_timesteps`; t drawn first, then eps); x_t keeps x's graph."""
     t = process.sample_timesteps(len(x), lo, hi, generator, shift=shift)
+    eps = draws.randn(x.shape, generator, x)
+    return process.add_noise(x, eps, t), t, eps
+
+
+def noised_groups(process: NoiseProcess, x: Tensor, groups: int | Tensor,
+                  bounds: Callable[[int], tuple[float, float]], generator: torch.Generator, shift: float = 1.0
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """`noised` where the range of t depends on each row's group (a student step): ``bounds(g)`` gives the fractions
+    [lo, hi] for group g; ``groups`` an int (every row in it: exactly `noised`) or a (B,) tensor."""
+    if isinstance(groups, int):
+        return noised(process, x, *bounds(groups), generator, shift)
+    t = None
+    for g in groups.unique().tolist():
+        rows = groups == g
+        t_g = process.sample_timesteps(int(rows.sum()), *bounds(int(g)), generator, shift=shift)
+        if t is None:
+            t = torch.empty(len(x), dtype=t_g.dtype, device=t_g.device)
+        t[rows.to(t.device)] = t_g
     eps = draws.randn(x.shape, generator, x)
     return process.add_noise(x, eps, t), t, eps
 

@@ -40,7 +40,7 @@ from distill_diffusion.denoiser import Cond
 from distill_diffusion.errors import ConfigError
 from distill_diffusion.roles import Batch
 
-from .base import noised
+from .base import noised_groups
 from .score import ScoreConfig, ScoreMethod, per_sample_mean_abs
 
 
@@ -109,16 +109,20 @@ class DMD2(ScoreMethod):
         x0 = self.models.teacher.x0(torch.cat([x_t, x_t]), torch.cat([t, t]), both).double()
         return x0.chunk(2)
 
-    def guidance_term(self, x: Tensor, k: int, batch: Batch, generator: torch.Generator) -> Tensor:
+    def guidance_term(self, x: Tensor, k: int | Tensor, batch: Batch, generator: torch.Generator) -> Tensor:
         """Decoupled DMD's CFG-augmentation term (Liu et al. 2025, arXiv:2511.22677, Eq. 8 and Algorithm 1): the
         guided teacher's pull -(w - 1)(x0_c - x0_u) at its own noise level tau ~ U[t_min, t_k] (never noisier than
         the student step's own input t_k; the whole range for a 1-step student), normalised like DMD's term by the
         mean distance to the guided estimate there. At tau = the DM term's t this plus that term is DMD2's gradient."""
         m, cfg = self.models, self.cfg
-        top = float(m.student.timesteps[k]) / m.process.num_train_timesteps
         s = cfg.t_shift
-        top = top / (s - (s - 1) * top)  # back through a flow path's shift, as `step_range`
-        x_t, t, _ = noised(m.process, x, cfg.t_min, max(cfg.t_min, min(cfg.t_max, top)), generator, s)
+
+        def bounds(j: int) -> tuple[float, float]:
+            top = float(m.student.timesteps[j]) / m.process.num_train_timesteps
+            top = top / (s - (s - 1) * top)  # back through a flow path's shift, as `step_range`
+            return cfg.t_min, max(cfg.t_min, min(cfg.t_max, top))
+
+        x_t, t, _ = noised_groups(m.process, x, k, bounds, generator, s)
         x0_u, x0_c = self.teacher_pair(x_t, t, batch)
         x0_guided = x0_u + cfg.teacher_cfg * (x0_c - x0_u)
         norm = per_sample_mean_abs(x.double() - x0_guided)

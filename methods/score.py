@@ -30,7 +30,7 @@ from distill_diffusion.errors import ConfigError
 from distill_diffusion.roles import Batch, Needs
 
 from . import gan
-from .base import AlternatingMethod, MethodConfig, noised
+from .base import AlternatingMethod, MethodConfig, noised, noised_groups
 
 CRITIC_TARGETS = ("native", "epsilon", "v_prediction", "sample", "flow")
 STEP_TIMES = ("full", "own", "above", "own_last_full")
@@ -66,6 +66,10 @@ class ScoreConfig(MethodConfig):
     # [t_{k+1}, t_max]; an ablation: it misses the mixture's known answer, docs/methods.md) | own_last_full (own,
     # but the last step, whose output is the sample, over the full range)
     step_times: str = "full"
+    # which student step each sample of a batch comes from: batch (one step k drawn for the whole batch, DMD2's
+    # backward simulation) | sample (the batch split evenly over the steps, each row rolled out to its own: every
+    # update sees every step; TDM's per-sample ind_t, stratified)
+    step_draw: str = "batch"
     # f-distill (Xu et al. 2025, arXiv:2502.15681): the distribution-matching gradient of each sample weighted by
     # h(r), r = p_data / q_student at its noised sample estimated by the GAN head (r = exp(logit)): reverse_kl (h = 1,
     # DMD) | forward_kl (r) | js (r / (1 + r)) | hellinger (sqrt r, squared Hellinger) | neyman (1 / r, Neyman
@@ -107,6 +111,8 @@ class ScoreConfig(MethodConfig):
             raise ConfigError(f"unknown {name}.critic_steps {self.critic_steps!r}; choose one of: shared, conditioned")
         if self.step_times not in STEP_TIMES:
             raise ConfigError(f"unknown {name}.step_times {self.step_times!r}; choose one of: {', '.join(STEP_TIMES)}")
+        if self.step_draw not in ("batch", "sample"):
+            raise ConfigError(f"unknown {name}.step_draw {self.step_draw!r}; choose one of: batch, sample")
         if self.cfg_times not in ("shared", "decoupled"):
             raise ConfigError(f"unknown {name}.cfg_times {self.cfg_times!r}; choose one of: shared, decoupled")
         if self.cfg_times == "decoupled" and name in ("sid", "vsd"):
@@ -168,11 +174,15 @@ class ScoreMethod(AlternatingMethod):
         if self.use_gan:
             gan.attach_head(models.critic, seed=models.seed + 2)
         steps = models.student.timesteps
-        if (cfg.critic_steps != "shared" or cfg.step_times != "full") and len(steps) > 1:
+        aware = cfg.critic_steps != "shared" or cfg.step_times != "full" or cfg.step_draw != "batch"
+        if aware and len(steps) > 1:
             name = type(cfg).__name__.removesuffix("Config").lower()
             if not cfg.backward_simulation:
-                raise ConfigError(f"{name}.critic_steps / step_times tell the critic which student step made its "
-                                  "sample; without backward_simulation every sample comes from step 0")
+                raise ConfigError(f"{name}.critic_steps / step_times / step_draw tell the critic which student step "
+                                  "made its sample; without backward_simulation every sample comes from step 0")
+            if cfg.step_draw == "sample" and models.student.sampler != "multistep":
+                raise ConfigError(f"{name}.step_draw sample rolls out the re-noising sampler; this student's is "
+                                  f"{models.student.sampler}: use step_draw batch")
             if cfg.critic_steps == "conditioned":
                 step_aware.attach(models.critic, len(steps))
             for k in range(len(steps)):  # every step's interval must meet both ranges
@@ -211,7 +221,22 @@ class ScoreMethod(AlternatingMethod):
         logs["loss_gan_student"] = loss_gan.item()
         return loss + self.cfg.gan_student_weight * loss_gan
 
-    def score_sample(self, batch: Batch, generator: torch.Generator, grad: bool) -> tuple[Tensor, Cond, int]:
+    def sample_step(self, batch: Batch, generator: torch.Generator, grad: bool) -> tuple[Tensor, int | Tensor]:
+        """With ``step_draw: sample`` the rows of the batch split evenly over the student's steps, in order (row i of
+        n from step i K // n), each rolled out to its own step: every update sees every step; else one step for the
+        batch (`AlternatingMethod.sample_step`)."""
+        student = self.models.student
+        K = len(student.timesteps)
+        if self.cfg.step_draw != "sample" or K == 1:
+            return super().sample_step(batch, generator, grad)
+        n = len(batch.noise)
+        k = torch.arange(n, device=batch.noise.device) * K // n
+        x_in, t_in = student.rollout(batch.noise, batch.cond, k, generator)
+        with torch.set_grad_enabled(grad):
+            return student(x_in, t_in, batch.cond), k
+
+    def score_sample(self, batch: Batch, generator: torch.Generator, grad: bool
+                     ) -> tuple[Tensor, Cond, int | Tensor]:
         """(x = G(input) at a random student step k, the conditioning the critic reads for it, k): with
         ``critic_steps: conditioned`` that conditioning carries k (`step_aware.with_student_step`)."""
         x, k = self.sample_step(batch, generator, grad)
@@ -238,11 +263,11 @@ class ScoreMethod(AlternatingMethod):
         top, bottom = (f / (s - (s - 1) * f) for f in end)  # the inverse of s u / (1 + (s - 1) u)
         return max(lo, bottom), hi if cfg.step_times == "above" else min(hi, top)
 
-    def noised_at(self, x: Tensor, k: int, generator: torch.Generator, critic: bool = False
+    def noised_at(self, x: Tensor, k: int | Tensor, generator: torch.Generator, critic: bool = False
                   ) -> tuple[Tensor, Tensor, Tensor]:
-        """(x_t, t, eps) for a sample of student step ``k``, t over `step_range`."""
-        lo, hi = self.step_range(k, critic)
-        return noised(self.models.process, x, lo, hi, generator, self.cfg.t_shift)
+        """(x_t, t, eps) for samples of student step ``k`` (one for all, or (B,) one per row), t over `step_range`."""
+        return noised_groups(self.models.process, x, k, lambda j: self.step_range(j, critic), generator,
+                             self.cfg.t_shift)
 
     def f_weight(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor | None:
         """f-distill's per-sample weight h(r) / mean h(r) at the noised student samples ``x_t`` (B,), or None (h = 1:
@@ -291,7 +316,7 @@ class ScoreMethod(AlternatingMethod):
             logs.update(loss_gan_critic=loss_gan.item(), d_real=d_real.mean().item(), d_fake=d_fake.mean().item())
         return loss, logs
 
-    def critic_denoising_loss(self, x: Tensor, cond: Cond, generator: torch.Generator, k: int = 0
+    def critic_denoising_loss(self, x: Tensor, cond: Cond, generator: torch.Generator, k: int | Tensor = 0
                               ) -> tuple[Tensor, dict[str, float]]:
         """The critic's denoising loss on the (detached) student samples ``x`` of step ``k``, t uniform over the
         fractions [critic_t_min, critic_t_max] of T (all of [0, T) by default; `step_range`)."""

@@ -4,7 +4,8 @@
   exactly the network it was copied from, reads the step once its embedding is non-zero, leaves a LoRA critic's
   shared teacher untouched, and the score family hands it the step of each sample;
 - ``step_times: own``: each step's noise levels lie in its own interval [t_{k+1}, t_k] (through a flow shift too);
-  ``above``: in [t_{k+1}, t_max];
+  ``above``: in [t_{k+1}, t_max]; ``step_draw: sample``: each row rolled out to its own step, every update seeing
+  every step;
 - f-distill: each h(r) is f''(r) r^2 of its divergence, up to a constant; the weight DMD2's gradient takes;
 - decoupled guidance: at one shared noise level the two terms add up to DMD2's gradient exactly; the guidance
   term's sign and its (w - 1) weight are checked against the teacher's own guided estimate.
@@ -87,6 +88,62 @@ def test_the_score_family_gives_the_critic_the_step_of_each_sample(monkeypatch: 
         batch = trainer.data.sample(64, gen)
         method.loss(method.phase(step), batch, gen, step)
     assert [s for s, _, _ in seen] == drawn and len(set(drawn)) > 1
+
+
+def test_a_step_per_row_rolls_each_row_out_to_its_own_step() -> None:
+    """`Student.rollout` with a (B,) step tensor: every row at one step k is exactly the one-step-for-all rollout; in
+    a mixed batch a step-0 row stays pure noise, every row carries its own step's timestep, and a step-j row is its
+    step-(j-1) input's x0 re-noised, with the draws of the rows still rolling out."""
+    trainer = mixture_trainer()
+    student, process = trainer.models.student, trainer.models.process
+    batch = trainer.data.sample(8, torch.Generator().manual_seed(1))
+    for k in range(4):
+        want = student.rollout(batch.noise, batch.cond, k, torch.Generator().manual_seed(2))
+        got = student.rollout(batch.noise, batch.cond, torch.full((8,), k), torch.Generator().manual_seed(2))
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+        assert torch.equal(got[1], want[1])
+    ks = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    x, t = student.rollout(batch.noise, batch.cond, ks, torch.Generator().manual_seed(2))
+    assert torch.equal(t, torch.tensor(FOUR)[ks])
+    torch.testing.assert_close(x[:2], batch.noise[:2], rtol=0, atol=0)
+    gen = torch.Generator().manual_seed(2)  # replay: step 0 moves rows 2..7, step 1 rows 4..7, step 2 rows 6, 7
+    eps = torch.randn((6, 2), generator=gen)
+    with torch.no_grad():
+        x0 = student(batch.noise[2:], torch.full((6,), FOUR[0]), batch.cond[2:])
+    step1 = process.add_noise(x0, eps, torch.full((6,), FOUR[1]))
+    torch.testing.assert_close(x[2:4], step1[:2])
+    eps = torch.randn((4, 2), generator=gen)
+    with torch.no_grad():
+        x0 = student(step1[2:], torch.full((4,), FOUR[1]), batch.cond[4:])
+    torch.testing.assert_close(x[4:6], process.add_noise(x0, eps, torch.full((4,), FOUR[2]))[:2])
+
+
+@pytest.mark.parametrize("method", ["dmd2", "sid", "vsd"])
+def test_step_draw_sample_gives_every_update_every_step_each_in_its_interval(
+        method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``step_draw: sample``: every critic call of every update (the critic's loss and the student's) sees all four
+    steps in equal shares, each row read at its own step and noised inside that step's own interval."""
+    trainer = mixture_trainer(method, critic_steps="conditioned", step_times="own", step_draw="sample")
+    method_, critic = trainer.method, trainer.models.critic
+    ends = [*FOUR, 0]
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+    forward = type(critic).forward
+
+    def spy(self, x_t, t, cond):  # noqa: ANN001, ANN202
+        if self is critic and cond.student_step is not None:
+            calls.append((cond.student_step.clone(), t.clone()))
+        return forward(self, x_t, t, cond)
+
+    monkeypatch.setattr(type(critic), "forward", spy)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(4):
+        method_.loss(method_.phase(step), trainer.data.sample(64, gen), gen, step)
+    assert len(calls) >= 4
+    for steps, t in calls:
+        assert torch.equal(steps.bincount(minlength=4), torch.full((4,), len(t) // 4))
+        lo = torch.tensor(ends[1:])[steps].clamp_min(0)
+        hi = torch.tensor(ends[:4])[steps]
+        assert bool(((t >= lo) & (t <= hi)).all()), (steps, t)
 
 
 @pytest.mark.parametrize("times", ["own", "above", "own_last_full"])
@@ -194,6 +251,7 @@ def test_decoupled_guidance_at_one_noise_level_is_dmd2(monkeypatch: pytest.Monke
     {"critic_steps": "per_step"},
     {"step_times": "mine"},
     {"cfg_times": "apart"},
+    {"step_draw": "row"},
     {"f_divergence": "tv"},
     {"f_divergence": "js"},  # no GAN head to estimate r
     {"f_ratio_clip": [2.0, 20.0], "f_divergence": "js", "gan_critic_weight": 1e-2},
@@ -264,18 +322,16 @@ def test_a_weighted_unconditional_mixture_draws_and_denoises_by_its_weights() ->
 
 
 def test_multistep_outputs_are_each_steps_prediction_of_the_sampler() -> None:
-    """`multistep_outputs` (bench/digits_steps.py, the mixture's per-step metrics): step k's entry is the student's x0
-    at the input its rollout gives step k with the same draws, and the last is its sample."""
-    from distill_diffusion.sampling import multistep_outputs
-
+    """`Student.step_outputs` (`sampling.multistep_outputs`; bench/digits_steps.py, the mixture's per-step metrics):
+    step k's entry is the student's x0 at the input its rollout gives step k with the same draws, and the last is its
+    sample."""
     models = mixture_trainer().models
     student = models.student
     torch.nn.init.normal_(next(student.parameters()), 0, 0.3, generator=torch.Generator().manual_seed(3))
     cond = Cond(labels=models.mixture.balanced_labels(8))
     noise = torch.randn(8, models.mixture.dim, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        out = multistep_outputs(lambda x, t: student(x, t, cond), noise, student.timesteps, models.process,
-                                torch.Generator().manual_seed(2))
+        out = student.step_outputs(noise, cond, torch.Generator().manual_seed(2))
         assert len(out) == 4
         for k in range(4):
             x, t = student.rollout(noise, cond, k, torch.Generator().manual_seed(2))

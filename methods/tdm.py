@@ -20,7 +20,8 @@ decoupled guidance). Checked against Luo-Yihong/TDM ``train_tdm_demo.py`` (``gen
 k, t_mid / ``--use_separate`` intervals, the CFG target split into guidance and matching parts, AdamW betas (0, 0.95),
 the student's learning rate a fifth of the critic's, one critic update per student update). Deviations: the rollout
 re-noises (DMD2 / LCM's sampler, so the export is the same LCMScheduler pipeline) where TDM's is a deterministic
-DDIM with the student's own eps; one step k per batch, not per sample; the student loss is DMD's MSE surrogate, not
+DDIM with the student's own eps; one step k per batch, not per sample (``step_draw: sample`` gives each row its
+own, stratified over the steps); the student loss is DMD's MSE surrogate, not
 TDM's Huber (c = 1e-3, which makes the update nearly sign-like); the critic's loss is DMD2's denoising loss, without
 TDM's min(SNR, 5) weight and importance weight for its two-move noising.
 """

@@ -231,7 +231,7 @@ def test_decoupled_guidance_at_one_noise_level_is_dmd2(monkeypatch: pytest.Monke
         t = torch.full((32,), 600)
         fixed = (x_t, t, x_t)
         monkeypatch.setattr(type(method), "noised_at", lambda self, x, k, g, critic=False, fixed=fixed: fixed)
-        monkeypatch.setattr(dmd2_module, "noised", lambda *a, fixed=fixed: fixed)
+        monkeypatch.setattr(dmd2_module, "noised_groups", lambda *a, fixed=fixed: fixed)
         x = trainer.models.student(batch.noise, torch.full((32,), 999), batch.cond).detach().requires_grad_(True)
         monkeypatch.setattr(type(method), "score_sample", lambda self, b, g, grad, x=x: (x, b.cond, 0))
         loss, _ = method.student_loss(batch, gen)
@@ -245,6 +245,33 @@ def test_decoupled_guidance_at_one_noise_level_is_dmd2(monkeypatch: pytest.Monke
             torch.testing.assert_close(term, -(2.5 - 1) * (x0_c - x0_u) / norm, atol=1e-5, rtol=1e-5)
         monkeypatch.undo()
     torch.testing.assert_close(grads["decoupled"], grads["shared"], atol=1e-7, rtol=1e-6)
+
+
+def test_decoupled_guidance_is_never_noisier_than_each_rows_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guidance term's own level tau ~ U[t_min, t_k] for each row's step k (one k for the batch, or one per row
+    with ``step_draw: sample``), filling that range."""
+    trainer = mixture_trainer(cfg_times="decoupled", teacher_cfg=2.0)
+    method, teacher = trainer.method, trainer.models.teacher
+    seen: list[torch.Tensor] = []
+    x0 = type(teacher).x0
+
+    def spy(self, x_t, t, cond, cfg_scale=1.0):  # noqa: ANN001, ANN202
+        seen.append(t.clone())
+        return x0(self, x_t, t, cond, cfg_scale)
+
+    monkeypatch.setattr(type(teacher), "x0", spy)
+    gen = torch.Generator().manual_seed(0)
+    batch = trainer.data.sample(4000, gen)
+    ks = torch.arange(4000) * 4 // 4000
+    for k in (ks, 3):
+        seen.clear()
+        method.guidance_term(batch.noise, k, batch, gen)
+        t = seen[0][:4000]  # the unconditional half; the conditional half repeats it
+        tops = torch.tensor(FOUR)[ks] if isinstance(k, torch.Tensor) else torch.full((4000,), FOUR[k])
+        assert bool(((t >= 20) & (t <= tops)).all())
+        for top in tops.unique():
+            rows = t[tops == top]
+            assert rows.min() < 20 + 0.05 * (top - 20) and rows.max() > top - 0.05 * (top - 20)
 
 
 @pytest.mark.parametrize("bad", [

@@ -180,9 +180,6 @@ class ScoreMethod(AlternatingMethod):
             if not cfg.backward_simulation:
                 raise ConfigError(f"{name}.critic_steps / step_times / step_draw tell the critic which student step "
                                   "made its sample; without backward_simulation every sample comes from step 0")
-            if cfg.step_draw == "sample" and models.student.sampler != "multistep":
-                raise ConfigError(f"{name}.step_draw sample rolls out the re-noising sampler; this student's is "
-                                  f"{models.student.sampler}: use step_draw batch")
             if cfg.critic_steps == "conditioned":
                 step_aware.attach(models.critic, len(steps))
             for k in range(len(steps)):  # every step's interval must meet both ranges

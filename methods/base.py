@@ -170,13 +170,18 @@ class AlternatingMethod(Method):
         tianweiy/DMD2 ``main/sd_unified_model.py`` ``sample_backward``), so training sees the inputs inference sees."""
         return self.sample_step(batch, generator, grad)[0]
 
-    def sample_step(self, batch: Batch, generator: torch.Generator, grad: bool) -> tuple[Tensor, int]:
-        """`student_sample` and the index k of the student step that produced it (0 for a 1-step student, and for
-        every sample without backward simulation)."""
+    def draw_step(self, batch: Batch, generator: torch.Generator) -> int | Tensor:
+        """The student step the batch's samples come from: one random step for the batch with backward simulation,
+        else 0 (a method may give one per row, as a (B,) tensor)."""
+        steps = len(self.models.student.timesteps)
+        if steps > 1 and self.cfg.backward_simulation:
+            return int(torch.randint(0, steps, (1,), generator=generator, device=generator.device))
+        return 0
+
+    def sample_step(self, batch: Batch, generator: torch.Generator, grad: bool) -> tuple[Tensor, int | Tensor]:
+        """`student_sample` and the index k of the student step that produced it (`draw_step`)."""
         student = self.models.student
-        k = 0
-        if len(student.timesteps) > 1 and self.cfg.backward_simulation:
-            k = int(torch.randint(0, len(student.timesteps), (1,), generator=generator, device=generator.device))
+        k = self.draw_step(batch, generator)
         x_in, t_in = student.rollout(batch.noise, batch.cond, k, generator)
         with torch.set_grad_enabled(grad):
             return student(x_in, t_in, batch.cond), k

@@ -218,19 +218,14 @@ class ScoreMethod(AlternatingMethod):
         logs["loss_gan_student"] = loss_gan.item()
         return loss + self.cfg.gan_student_weight * loss_gan
 
-    def sample_step(self, batch: Batch, generator: torch.Generator, grad: bool) -> tuple[Tensor, int | Tensor]:
+    def draw_step(self, batch: Batch, generator: torch.Generator) -> int | Tensor:
         """With ``step_draw: sample`` the rows of the batch split evenly over the student's steps, in order (row i of
         n from step i K // n), each rolled out to its own step: every update sees every step; else one step for the
-        batch (`AlternatingMethod.sample_step`)."""
-        student = self.models.student
-        K = len(student.timesteps)
+        batch (`AlternatingMethod.draw_step`)."""
+        K, n = len(self.models.student.timesteps), len(batch.noise)
         if self.cfg.step_draw != "sample" or K == 1:
-            return super().sample_step(batch, generator, grad)
-        n = len(batch.noise)
-        k = torch.arange(n, device=batch.noise.device) * K // n
-        x_in, t_in = student.rollout(batch.noise, batch.cond, k, generator)
-        with torch.set_grad_enabled(grad):
-            return student(x_in, t_in, batch.cond), k
+            return super().draw_step(batch, generator)
+        return torch.arange(n, device=batch.noise.device) * K // n
 
     def score_sample(self, batch: Batch, generator: torch.Generator, grad: bool
                      ) -> tuple[Tensor, Cond, int | Tensor]:

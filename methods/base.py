@@ -179,10 +179,12 @@ class AlternatingMethod(Method):
         return 0
 
     def sample_step(self, batch: Batch, generator: torch.Generator, grad: bool) -> tuple[Tensor, int | Tensor]:
-        """`student_sample` and the index k of the student step that produced it (`draw_step`)."""
+        """`student_sample` and the index k of the student step that produced it (`draw_step`). The step's input
+        (x_{t_k}, t_k) stays in ``student_input`` for a term that reads it (`ScoreMethod.trajectory_term`)."""
         student = self.models.student
         k = self.draw_step(batch, generator)
         x_in, t_in = student.rollout(batch.noise, batch.cond, k, generator)
+        self.student_input = (x_in, t_in)
         with torch.set_grad_enabled(grad):
             return student(x_in, t_in, batch.cond), k
 

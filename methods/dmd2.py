@@ -97,7 +97,8 @@ class DMD2(ScoreMethod):
         # 5. a surrogate whose gradient with respect to x is `grad`
         loss = 0.5 * F.mse_loss(x.float(), (x - grad).detach().float())
         logs = {"loss_dm": loss.item(), "dm_grad_norm": grad.flatten(1).norm(dim=1).mean().item(), **self.f_logs}
-        return self.add_gan_student(loss, logs, x, batch, generator), logs  # 6. the GAN head, when on
+        loss = self.trajectory_term(loss, logs, x, k, batch)  # 6. the teacher's ODE from the same input, when on
+        return self.add_gan_student(loss, logs, x, batch, generator), logs  # 7. the GAN head, when on
 
     def teacher_pair(self, x_t: Tensor, t: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
         """The teacher's unconditional and conditional x0 at (x_t, t), float64, in one batch."""

@@ -28,6 +28,7 @@ from distill_diffusion import draws, step_aware
 from distill_diffusion.denoiser import Cond, cfg_x0
 from distill_diffusion.errors import ConfigError
 from distill_diffusion.roles import Batch, Needs
+from distill_diffusion.sampling import ddim
 
 from . import gan
 from .base import AlternatingMethod, MethodConfig, noised, noised_groups
@@ -80,6 +81,14 @@ class ScoreConfig(MethodConfig):
     # than the student step's input (`DMD2.guidance_term`); shared: one noised sample for both (DMD2). dmd2 / rcm only
     cfg_times: str = "shared"
     f_divergence: str = "reverse_kl"
+    # trajectory regression (issue 27; DMD's regression loss, Yin et al. 2024 Eq. 9, moved onto the student's own
+    # trajectory): a step-k sample (k >= ode_from_step) is also pulled toward the guided teacher's deterministic DDIM
+    # solution from the same input x_{t_k} in ode_steps steps, ode_weight * mean (G(x_{t_k}) - ODE(x_{t_k}))^2. It
+    # keeps what the step's input already carries, which distribution matching inside a late step's low-noise interval
+    # re-decides (docs/methods.md, TDM). 0 = off
+    ode_weight: float = 0.0
+    ode_steps: int = 4
+    ode_from_step: int = 1
     f_ratio_clip: tuple[float, float] = (0.1, 20.0)  # r clipped to this range (NVlabs/FastGen's ratio_lower / upper)
     f_ratio_bins: int = 10  # r divided by its batch mean within this many bins of t (FastGen's ratio_normalization)
 
@@ -124,6 +133,12 @@ class ScoreConfig(MethodConfig):
         if self.f_divergence != "reverse_kl" and self.gan_critic_weight <= 0:
             raise ConfigError(f"{name}.f_divergence {self.f_divergence} weights by the density ratio the GAN head "
                               f"estimates: set {name}.gan_critic_weight > 0 (the head then trains on real images)")
+        if self.ode_weight > 0 and name == "sid":
+            raise ConfigError("sid.ode_weight: SiD's loss is a per-sample sum in its own units, where a mean squared "
+                              "distance has no matching scale; the trajectory regression is for dmd2 / tdm / vsd")
+        if self.ode_weight < 0 or self.ode_steps < 1 or self.ode_from_step < 0:
+            raise ConfigError(f"{name} needs ode_weight >= 0, ode_steps >= 1 and ode_from_step >= 0, got "
+                              f"{self.ode_weight}, {self.ode_steps}, {self.ode_from_step}")
         lo, hi = self.f_ratio_clip
         if not 0 < lo <= 1 <= hi or self.f_ratio_bins < 0:
             raise ConfigError(f"{name}.f_ratio_clip must be (lo, hi) with 0 < lo <= 1 <= hi and f_ratio_bins >= 0 "
@@ -174,6 +189,11 @@ class ScoreMethod(AlternatingMethod):
         if self.use_gan:
             gan.attach_head(models.critic, seed=models.seed + 2)
         steps = models.student.timesteps
+        if cfg.ode_weight > 0 and not (cfg.backward_simulation and cfg.ode_from_step < len(steps)):
+            name = type(cfg).__name__.removesuffix("Config").lower()
+            raise ConfigError(f"{name}.ode_weight regresses student steps ode_from_step.. on their own rollout: it "
+                              f"needs backward_simulation and ode_from_step ({cfg.ode_from_step}) below the "
+                              f"student's {len(steps)} step(s)")
         aware = cfg.critic_steps != "shared" or cfg.step_times != "full" or cfg.step_draw != "batch"
         if aware and len(steps) > 1:
             name = type(cfg).__name__.removesuffix("Config").lower()
@@ -236,6 +256,42 @@ class ScoreMethod(AlternatingMethod):
         if self.cfg.critic_steps == "conditioned" and len(self.models.student.timesteps) > 1:
             cond = step_aware.with_student_step(cond, k, len(x))
         return x, cond, k
+
+    def trajectory_term(self, loss: Tensor, logs: dict[str, float], x: Tensor, k: int | Tensor, batch: Batch
+                        ) -> Tensor:
+        """``loss`` plus ``ode_weight`` times the mean over the batch of the per-sample squared distance between the
+        student's sample ``x`` (with gradient) and the guided teacher's DDIM solution from the same input (the
+        rollout's ``student_input``) to the clean end in ``ode_steps`` uniform steps, for rows of step k >=
+        ``ode_from_step`` (the others add 0). DMD (Yin et al. 2024, Sec. 3.3) regresses a 1-step student onto the
+        teacher's ODE output from pure noise, paired offline; here each late step is paired online with the ODE from
+        its own input, a few teacher steps from a low noise level."""
+        cfg = self.cfg
+        if cfg.ode_weight == 0:
+            return loss
+        x_in, t_in = self.student_input
+        k = k.to(x.device) if isinstance(k, Tensor) else torch.full((len(x),), int(k), device=x.device)
+        rows = k >= cfg.ode_from_step
+        if not rows.any():
+            logs["loss_ode"] = 0.0
+            return loss
+        with torch.no_grad():
+            target = torch.zeros_like(x_in)
+            for t0 in t_in[rows].unique():  # one DDIM grid per starting level
+                part = rows & (t_in == t0)
+                start = float(t0)
+                grid = [start * (1 - j / cfg.ode_steps) for j in range(cfg.ode_steps)]
+                grid = [round(t) for t in grid] if start == int(start) else grid
+                cond = batch.cond[part]
+                target[part] = ddim(lambda z, t, c=cond: self.models.teacher.x0(z, t, c, cfg.teacher_cfg),
+                                    x_in[part], grid, self.models.process).to(target.dtype)
+        diff = x.float() - target.float()
+        with torch.no_grad():  # DMD's per-sample normaliser (Eq. 8): a step whose output is already near its
+            norm = per_sample_mean_abs(diff)  # target is pulled as hard as a far one (TDM / iCT's pseudo-Huber)
+        per_sample = 0.5 * (diff.pow(2) / norm).flatten(1).mean(1)
+        loss_ode = (per_sample * rows).sum() / len(x)
+        logs["loss_ode"] = loss_ode.item()
+        logs["ode_distance"] = (diff.detach().abs().flatten(1).mean(1)[rows]).mean().item()
+        return loss + cfg.ode_weight * loss_ode
 
     def step_range(self, k: int, critic: bool = False) -> tuple[float, float]:
         """The fractions of T a step-k sample is noised at: the student loss's [t_min, t_max] (the critic's

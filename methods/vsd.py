@@ -85,4 +85,5 @@ class VSD(ScoreMethod):
             grad = grad if h is None else grad * h.to(grad.dtype).reshape(-1, *([1] * (grad.ndim - 1)))
         loss = 0.5 * F.mse_loss(x.float(), (x - grad).detach().float())
         logs = {"loss_vsd": loss.item(), "vsd_grad_norm": grad.flatten(1).norm(dim=1).mean().item(), **self.f_logs}
-        return self.add_gan_student(loss, logs, x, batch, generator), logs  # 6. the GAN head, when on
+        loss = self.trajectory_term(loss, logs, x, k, batch)  # 6. the teacher's ODE from the same input, when on
+        return self.add_gan_student(loss, logs, x, batch, generator), logs  # 7. the GAN head, when on

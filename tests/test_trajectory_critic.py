@@ -8,7 +8,9 @@
   every step;
 - f-distill: each h(r) is f''(r) r^2 of its divergence, up to a constant; the weight DMD2's gradient takes;
 - decoupled guidance: at one shared noise level the two terms add up to DMD2's gradient exactly; the guidance
-  term's sign and its (w - 1) weight are checked against the teacher's own guided estimate.
+  term's sign and its (w - 1) weight are checked against the teacher's own guided estimate;
+- the trajectory regression (``ode_weight``): its gradient, against the guided teacher's DDIM from each row's own
+  input written out by hand, on the rows of its steps only.
 """
 
 from __future__ import annotations
@@ -279,6 +281,8 @@ def test_decoupled_guidance_is_never_noisier_than_each_rows_step(monkeypatch: py
     {"step_times": "mine"},
     {"cfg_times": "apart"},
     {"step_draw": "row"},
+    {"ode_weight": -1.0},
+    {"ode_steps": 0},
     {"f_divergence": "tv"},
     {"f_divergence": "js"},  # no GAN head to estimate r
     {"f_ratio_clip": [2.0, 20.0], "f_divergence": "js", "gan_critic_weight": 1e-2},
@@ -296,6 +300,11 @@ def test_step_settings_a_student_cannot_use_are_refused() -> None:
         make_config("sid", args={"cfg_times": "decoupled"})
     with pytest.raises(ConfigError, match="no timesteps"):  # the last step's interval lies below t_min
         mixture_trainer(timesteps=[999, 10], step_times="own", t_min=0.05)
+    with pytest.raises(ConfigError, match="ode_weight"):  # SiD's loss has no scale a mean squared distance matches
+        make_config("sid", args={"ode_weight": 1.0})
+    for bad in ({"ode_from_step": 4}, {"backward_simulation": False}):  # no step of the student takes the term
+        with pytest.raises(ConfigError, match="ode_from_step"):
+            mixture_trainer(ode_weight=1.0, **bad)
 
 
 @pytest.mark.parametrize("method", ["dmd2", "sid", "vsd"])
@@ -365,3 +374,68 @@ def test_multistep_outputs_are_each_steps_prediction_of_the_sampler() -> None:
             torch.testing.assert_close(out[k], student(x, t, cond))
         torch.testing.assert_close(out[-1], student.sample(noise, cond, torch.Generator().manual_seed(2)))
     assert (out[0] - out[1]).abs().max() > 1e-3  # the steps differ: not one prediction repeated
+
+
+def hand_ode(teacher, x: torch.Tensor, t0: int, cond: Cond, w: float, n: int) -> torch.Tensor:  # noqa: ANN001
+    """The guided teacher's DDIM from (x, t0) to the clean end in n uniform steps, written out."""
+    from distill_diffusion.process import NoiseProcess
+
+    process: NoiseProcess = teacher.denoiser.process
+    grid = [round(t0 * (1 - j / n)) for j in range(n)] + [0]
+    for a, b in zip(grid[:-1], grid[1:]):
+        t = torch.full((len(x),), a)
+        x0 = teacher.x0(x, t, cond, w)
+        if b == 0:
+            return x0
+        alpha, sigma = process.alpha_sigma(t, x)
+        alpha_b, sigma_b = process.alpha_sigma(torch.full((len(x),), b), x)
+        x = alpha_b * x0 + sigma_b * (x - alpha * x0) / sigma
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize("method", ["dmd2", "vsd"])
+def test_the_trajectory_term_pulls_late_steps_toward_the_teachers_ode_from_their_input(method: str) -> None:
+    """``ode_weight``: the student gradient gains w_ode (x - ODE(x_in)) / mean|x - ODE(x_in)| / numel on the rows of
+    step k >= ode_from_step, ODE the guided teacher's DDIM from each row's own rollout input in ode_steps steps, and
+    nothing on the earlier rows; the rest of the student's loss is unchanged (the same draws)."""
+    grads, inputs = {}, {}
+    for weight in (0.0, 0.7):
+        trainer = mixture_trainer(method, teacher_cfg=2.0, step_draw="sample", ode_weight=weight, ode_steps=3,
+                                  ode_from_step=2)
+        with torch.no_grad():  # a student away from the teacher, the same in both runs
+            torch.nn.init.normal_(trainer.models.student.denoiser.net.out.weight, 0, 0.3,
+                                  generator=torch.Generator().manual_seed(2))
+        gen = torch.Generator().manual_seed(0)
+        batch = trainer.data.sample(16, gen)
+        method_ = trainer.method
+        x_seen = []
+        forward = type(trainer.models.student).forward
+
+        def keep(self, x_t, t, cond, forward=forward, x_seen=x_seen):  # noqa: ANN001, ANN202
+            out = forward(self, x_t, t, cond)
+            if torch.is_grad_enabled() and out.requires_grad:
+                out.retain_grad()
+                x_seen.append(out)
+            return out
+
+        type(trainer.models.student).forward = keep
+        try:
+            loss, logs = method_.student_loss(batch, gen)
+        finally:
+            type(trainer.models.student).forward = forward
+        (x,) = x_seen
+        loss.backward()
+        grads[weight] = x.grad.clone()
+        inputs[weight] = (x.detach(), *method_.student_input, batch, trainer.models.teacher)
+    x, x_in, t_in, batch, teacher = inputs[0.7]
+    torch.testing.assert_close(inputs[0.0][1], x_in, rtol=0, atol=0)  # the same rollout
+    ks = torch.arange(16) * 4 // 16
+    assert torch.equal(t_in, torch.tensor(FOUR)[ks])
+    want = torch.zeros_like(x)
+    for k in (2, 3):
+        rows = ks == k
+        target = hand_ode(teacher, x_in[rows], FOUR[k], batch.cond[rows], 2.0, 3)
+        diff = x[rows] - target
+        want[rows] = 0.7 * diff / diff.abs().mean(1, keepdim=True) / x.numel()
+    torch.testing.assert_close(grads[0.7] - grads[0.0], want, atol=1e-6, rtol=1e-4)
+    assert want[ks >= 2].abs().min() > 0

@@ -33,6 +33,8 @@ LADD_G, ADD_G, LADD_D = (A + "test_ladd_student_loss_is_the_reference_generator_
                          A + "test_add_student_loss_adds_the_alpha_weighted_distillation_term",
                          A + "test_ladd_discriminator_loss_is_the_reference_loss")
 ADV = "methods/adversarial.py"
+ODE = ("tests/test_trajectory_critic.py::"
+       "test_the_trajectory_term_pulls_late_steps_toward_the_teachers_ode_from_their_input")
 # name: (file, the text replaced, its replacement, the tests that must fail)
 PERTURBATIONS = {
     "dmd2_sign": ("methods/dmd2.py", "nan_to_num((x0_fake - x0_real)", "nan_to_num((x0_real - x0_fake)", DMD2),
@@ -90,6 +92,13 @@ PERTURBATIONS = {
     "ladd_same_t": (ADV, "self.d(real_t, t_r, batch.real_cond)", "self.d(real_t, t_f, batch.real_cond)", LADD_D),
     "r1_weight": (ADV, "loss = loss + cfg.r1_weight * r1", "loss = loss + r1", LADD_D),
     "r1_sigma": (ADV, "real_t + cfg.r1_sigma *", "real_t + 2 * cfg.r1_sigma *", LADD_D),
+    "ode_sign": ("methods/score.py", "return loss + cfg.ode_weight * loss_ode",
+                 "return loss - cfg.ode_weight * loss_ode", ODE),
+    "ode_weight": ("methods/score.py", "return loss + cfg.ode_weight * loss_ode", "return loss + loss_ode", ODE),
+    "ode_steps_taking_it": ("methods/score.py", "rows = k >= cfg.ode_from_step", "rows = k > cfg.ode_from_step", ODE),
+    "ode_teacher_cfg": ("methods/score.py", "teacher.x0(z, t, c, cfg.teacher_cfg)", "teacher.x0(z, t, c)", ODE),
+    "ode_grid": ("methods/score.py", "(1 - j / cfg.ode_steps)", "(1 - j / (cfg.ode_steps + 1))", ODE),
+    "ode_normaliser": ("methods/score.py", "norm = per_sample_mean_abs(diff)", "norm = per_sample_mean_abs(x)", ODE),
 }
 
 

@@ -92,6 +92,22 @@ def test_the_score_family_gives_the_critic_the_step_of_each_sample(monkeypatch: 
     assert [s for s, _, _ in seen] == drawn and len(set(drawn)) > 1
 
 
+@pytest.mark.parametrize("kind", ["sdxl", "sd3", "flux"])
+def test_a_step_per_row_trains_on_every_text_conditioned_network(kind: str, tiny_dirs: dict[str, str]) -> None:
+    """``step_draw: sample`` on the GPU TDM configs' networks: every row's conditioning (prompt embeddings, pooled
+    embeddings, SDXL's time ids) follows it through the per-row rollout, and one student and one critic update run."""
+    grid = FOUR if kind == "sdxl" else [1000, 750, 500, 250]
+    cfg = make_config("tdm", tiny_dirs[kind], args={"step_draw": "sample", "critic_updates": 1, "teacher_cfg": 2.0},
+                      model={"timesteps": grid}, data={"prompts": ["a red car", "a blue bird"]})
+    trainer = Trainer(cfg)
+    gen = torch.Generator().manual_seed(0)
+    batch = trainer.data.sample(4, gen)
+    for step in (0, 1):
+        loss, _ = trainer.method.loss(trainer.method.phase(step), batch, gen, step)
+        assert loss.isfinite()
+    assert torch.equal(trainer.method.draw_step(batch, gen), torch.arange(4))
+
+
 def test_a_step_per_row_rolls_each_row_out_to_its_own_step() -> None:
     """`Student.rollout` with a (B,) step tensor: every row at one step k is exactly the one-step-for-all rollout; in
     a mixed batch a step-0 row stays pure noise, every row carries its own step's timestep, and a step-j row is its

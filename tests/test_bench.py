@@ -65,10 +65,15 @@ def test_digits_steps_reads_each_step_of_a_finished_run(tmp_path: Path) -> None:
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=BENCH.parents[1])
     assert done.returncode == 0, done.stderr[-2000:]
     out = tmp_path / "steps.json"
-    cmd = [sys.executable, str(BENCH.parent / "digits_steps.py"), str(run), "--num-samples", "40", "--out", str(out)]
+    cmd = [sys.executable, str(BENCH.parent / "digits_steps.py"), str(run), "--num-samples", "40", "--out", str(out),
+           "--continuation", "2"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(out.read_text())
+    rows, continued = rows[:4], rows[4:]  # then, from steps 2-4's own inputs, the student and the teacher's DDIM-2
+    assert [(r["step"], r["who"]) for r in continued] == [
+        (k, who) for k in (2, 3, 4) for who in ("student", "teacher DDIM-2, CFG 2")]
+    assert all(r["fid"] > 0 and 0 < r["mean_pixel"] < 1 for r in continued)
     assert [(r["step"], r["t"]) for r in rows] == [(1, 999.0), (2, 749.0), (3, 499.0), (4, 249.0)]
     assert all(r["fid"] > r["mean_term"] >= 0 and 0 <= r["prompt_accuracy"] <= 1 for r in rows)
     assert len(rows[-1]["fid_per_class"]) == 10 and "fid_per_class" not in rows[0]

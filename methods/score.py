@@ -81,11 +81,11 @@ class ScoreConfig(MethodConfig):
     # than the student step's input (`DMD2.guidance_term`); shared: one noised sample for both (DMD2). dmd2 / rcm only
     cfg_times: str = "shared"
     f_divergence: str = "reverse_kl"
-    # trajectory regression (issue 27; DMD's regression loss, Yin et al. 2024 Eq. 9, moved onto the student's own
-    # trajectory): a step-k sample (k >= ode_from_step) is also pulled toward the guided teacher's deterministic DDIM
-    # solution from the same input x_{t_k} in ode_steps steps, ode_weight * mean (G(x_{t_k}) - ODE(x_{t_k}))^2. It
-    # keeps what the step's input already carries, which distribution matching inside a late step's low-noise interval
-    # re-decides (docs/methods.md, TDM). 0 = off
+    # trajectory regression (issue 27; DMD's regression loss, Yin et al. 2024, moved onto the student's own
+    # trajectory): a step-k sample x (k >= ode_from_step) is also pulled toward the guided teacher's deterministic
+    # DDIM solution y from the same input x_{t_k} in ode_steps steps: ode_weight * 0.5 mean (x - y)^2 / sg(mean
+    # |x - y|) (DMD's normaliser). It keeps what the step's input already carries, which distribution matching
+    # inside a late step's low-noise interval re-decides (docs/methods.md, TDM). 0 = off
     ode_weight: float = 0.0
     ode_steps: int = 4
     ode_from_step: int = 1
@@ -259,12 +259,13 @@ class ScoreMethod(AlternatingMethod):
 
     def trajectory_term(self, loss: Tensor, logs: dict[str, float], x: Tensor, k: int | Tensor, batch: Batch
                         ) -> Tensor:
-        """``loss`` plus ``ode_weight`` times the mean over the batch of the per-sample squared distance between the
-        student's sample ``x`` (with gradient) and the guided teacher's DDIM solution from the same input (the
-        rollout's ``student_input``) to the clean end in ``ode_steps`` uniform steps, for rows of step k >=
-        ``ode_from_step`` (the others add 0). DMD (Yin et al. 2024, Sec. 3.3) regresses a 1-step student onto the
-        teacher's ODE output from pure noise, paired offline; here each late step is paired online with the ODE from
-        its own input, a few teacher steps from a low noise level."""
+        """``loss`` plus ``ode_weight`` times the batch mean of 0.5 mean (x - y)^2 / sg(mean |x - y|) per sample (so
+        the gradient is (x - y) / mean |x - y| per element, DMD's normaliser), x the student's sample (with gradient)
+        and y the guided teacher's DDIM solution from the same input (the rollout's ``student_input``) to the clean
+        end in ``ode_steps`` uniform steps, on rows of step k >= ``ode_from_step`` (the others add 0). DMD (Yin et al.
+        2024, arXiv:2311.18828) regresses a 1-step student onto the teacher's ODE output from pure noise, paired
+        offline; here each late step is paired online with the ODE from its own input, a few teacher steps from a
+        noise level below T."""
         cfg = self.cfg
         if cfg.ode_weight == 0:
             return loss

@@ -74,14 +74,14 @@ def run_job(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bo
         if not prompts:
             raise ConfigError(f"eval.prompt_file {ec.prompt_file!r} has no non-blank line")
     times = {}
-    t0 = time.time()
     done = (run_dir / "final" / "student.safetensors").is_file() and resume
-    if not done:
+    if not done:  # a finished run's training time is in its logs.jsonl, not in this call: the report says so
+        t0 = time.time()
         trainer = Trainer(cfg, run_dir, resume=resume)
         trainer.train()
         if not trainer.is_main:  # data-parallel training is done; export, sweep and report are one process's work
             return None
-    times["distill_s"] = time.time() - t0
+        times["distill_s"] = time.time() - t0
 
     t0 = time.time()
     export_dir = export_run(run_dir, lora_student=cfg.model.student_lora_rank is not None)["export"]
@@ -146,7 +146,8 @@ def write_report(cfg: Config, run_dir: Path, rows: list[dict], times: dict[str, 
         f"# {cfg.method.upper()}: {steps}-step student of `{cfg.model.teacher}`",
         "",
         f"Student timesteps `{cfg.model.timesteps}`; {cfg.train.steps} training steps, batch {cfg.train.batch_size}, "
-        f"seed {cfg.train.seed}. Wall time: " + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in times.items()) + ".",
+        f"seed {cfg.train.seed}. Wall time: " + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in times.items())
+        + ("" if "distill_s" in times else " (trained before this call: its seconds are in logs.jsonl)") + ".",
         "",
         "## Result",
         "",

@@ -29,6 +29,7 @@ def test_run_job_end_to_end(tmp_path: Path) -> None:
     for name in ("grid_teacher.png", "grid_student.png", "sweep/fid_vs_nfe.png", "export/model_index.json"):
         assert (out / name).is_file(), name
     assert "| model | solver |" in report and "grid_student.png" in report and "pipe(prompt)" in report
+    assert "Wall time: distill " in report  # this call trained it (a --resume of a finished run says it did not)
     card = (out / "export" / "README.md").read_text()
     assert "| model | solver |" in card and "CreativeML" in card  # the card carries this student's sweep table
     info = json.loads((out / "export" / "export.json").read_text())
